@@ -1,0 +1,181 @@
+//! Chained chunk hashing (spec C.1).
+//!
+//! Only complete chunks are addressed. With `C` tokens per chunk, chunk `i` hashes to
+//! `h_i = blake3(h_{i-1} || be_u32(t_{iC}) || ... || be_u32(t_{iC+C-1}))` with `h_{-1}` =
+//! [`none_hash`], so a chunk's hash names its whole prefix. `none_hash` is the same function
+//! applied to the integer 0 (8-byte big-endian) and the single token 0.
+
+use crate::error::{CoreError, CoreResult};
+
+/// Bytes in a blake3 chunk hash.
+pub const HASH_LEN: usize = 32;
+
+/// One blake3 chunk hash.
+pub type Blake3Hash = [u8; HASH_LEN];
+
+/// A token id as it arrives from Python buffers (numpy / torch dtypes) or Rust callers.
+/// Every id must fit an unsigned 32-bit integer; anything else is an error, never truncated.
+pub trait TokenId: Copy + Send + Sync {
+    fn to_u32(self) -> Option<u32>;
+    fn widen(self) -> i128;
+}
+
+macro_rules! token_id {
+    ($($t:ty),*) => {$(
+        impl TokenId for $t {
+            #[inline(always)]
+            fn to_u32(self) -> Option<u32> {
+                u32::try_from(self).ok()
+            }
+            #[inline(always)]
+            fn widen(self) -> i128 {
+                self as i128
+            }
+        }
+    )*};
+}
+token_id!(u8, u16, u32, u64, i8, i16, i32, i64);
+
+/// `blake3(prev || be_u32 tokens)`; `scratch` is reused between calls to avoid allocation.
+fn hash_one<T: TokenId>(
+    prev: &[u8],
+    tokens: &[T],
+    offset: usize,
+    scratch: &mut Vec<u8>,
+) -> CoreResult<Blake3Hash> {
+    scratch.clear();
+    scratch.extend_from_slice(prev);
+    for (i, &t) in tokens.iter().enumerate() {
+        let v = t.to_u32().ok_or(CoreError::InvalidToken { position: offset + i, value: t.widen() })?;
+        scratch.extend_from_slice(&v.to_be_bytes());
+    }
+    Ok(*blake3::hash(scratch).as_bytes())
+}
+
+/// The chain's seed: blake3 of the 8-byte big-endian integer 0 followed by token 0.
+pub fn none_hash() -> Blake3Hash {
+    let mut scratch = Vec::with_capacity(12);
+    hash_one(&0i64.to_be_bytes(), &[0u32], 0, &mut scratch).expect("token 0 is valid")
+}
+
+/// Hashes every complete chunk of `tokens`, chaining from `prev` (pass [`none_hash`] to start
+/// a prompt, or a cached chain's last hash to extend it). Trailing partial tokens are ignored.
+pub fn hash_chunks<T: TokenId>(
+    prev: &Blake3Hash,
+    tokens: &[T],
+    chunk_size: usize,
+) -> CoreResult<Vec<Blake3Hash>> {
+    if chunk_size == 0 {
+        return Err(CoreError::InvalidArgument("chunk_size must be > 0".into()));
+    }
+    let n = tokens.len() / chunk_size;
+    let mut out = Vec::with_capacity(n);
+    let mut scratch = Vec::with_capacity(HASH_LEN + 4 * chunk_size);
+    let mut last = *prev;
+    for (i, chunk) in tokens.chunks_exact(chunk_size).enumerate() {
+        last = hash_one(&last, chunk, i * chunk_size, &mut scratch)?;
+        out.push(last);
+    }
+    Ok(out)
+}
+
+/// Spec C.1 as the server applies it to a request: the chain over `tokens[..end]` from token 0,
+/// returning the hashes of chunks `start / chunk_size ..` (`start` only selects what is returned).
+pub fn prefix_hashes<T: TokenId>(
+    tokens: &[T],
+    chunk_size: usize,
+    start: usize,
+    end: Option<usize>,
+) -> CoreResult<Vec<Blake3Hash>> {
+    let end = end.map_or(tokens.len(), |e| e.min(tokens.len()));
+    let mut all = hash_chunks(&none_hash(), &tokens[..end], chunk_size)?;
+    let first = (start / chunk_size).min(all.len());
+    all.drain(..first);
+    Ok(all)
+}
+
+/// Lower-case hex of a hash (for logs, file names and test vectors).
+pub fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Spec Appendix 1.
+    const NONE: &str = "7e3eff9ef7613a50340eb12677ee03b83ac759fcba9bb32705f07248d56d473b";
+    const C0: &str = "084547b6c40ed5b05ba8cd0305db5bf74d5617673948d9ed193ab7d6cbc484d4";
+    const C1: &str = "e5ffee45c2b9db326814c9692dc594369887ba3b0df5761817820b60f864c8e0";
+    const C16: &str = "32748aa00c5090e4f0e1f149078a07381f4f618d898c1cbac17e36521c3de48f";
+
+    #[test]
+    fn none_hash_vector() {
+        assert_eq!(to_hex(&none_hash()), NONE);
+    }
+
+    #[test]
+    fn chunk_256_vectors() {
+        let tokens: Vec<u32> = (0..600).collect();
+        let h = prefix_hashes(&tokens, 256, 0, None).unwrap();
+        assert_eq!(h.len(), 2);
+        assert_eq!(to_hex(&h[0]), C0);
+        assert_eq!(to_hex(&h[1]), C1);
+        let tail = prefix_hashes(&tokens, 256, 256, None).unwrap();
+        assert_eq!(tail.len(), 1);
+        assert_eq!(to_hex(&tail[0]), C1);
+    }
+
+    #[test]
+    fn chunk_16_vector() {
+        let tokens: Vec<i64> = (0..16).collect();
+        let h = prefix_hashes(&tokens, 16, 0, None).unwrap();
+        assert_eq!(h.len(), 1);
+        assert_eq!(to_hex(&h[0]), C16);
+    }
+
+    #[test]
+    fn dtype_does_not_change_hash() {
+        let a: Vec<u32> = (0..512).collect();
+        let b: Vec<i64> = (0..512).collect();
+        let c: Vec<i32> = (0..512).collect();
+        let ha = prefix_hashes(&a, 256, 0, None).unwrap();
+        assert_eq!(ha, prefix_hashes(&b, 256, 0, None).unwrap());
+        assert_eq!(ha, prefix_hashes(&c, 256, 0, None).unwrap());
+    }
+
+    #[test]
+    fn end_truncates_and_partial_chunks_are_ignored() {
+        let tokens: Vec<u32> = (0..600).collect();
+        assert_eq!(prefix_hashes(&tokens, 256, 0, Some(511)).unwrap().len(), 1);
+        assert_eq!(prefix_hashes(&tokens, 256, 0, Some(10_000)).unwrap().len(), 2);
+        assert!(prefix_hashes(&tokens[..255], 256, 0, None).unwrap().is_empty());
+    }
+
+    #[test]
+    fn chain_extends_incrementally() {
+        let tokens: Vec<u32> = (0..1024).map(|i| i * 7).collect();
+        let full = prefix_hashes(&tokens, 256, 0, None).unwrap();
+        let head = hash_chunks(&none_hash(), &tokens[..512], 256).unwrap();
+        let tail = hash_chunks(head.last().unwrap(), &tokens[512..], 256).unwrap();
+        assert_eq!([head, tail].concat(), full);
+    }
+
+    #[test]
+    fn out_of_range_tokens_are_errors() {
+        let bad: Vec<i64> = vec![1, -1, 3, 4];
+        assert_eq!(
+            hash_chunks(&none_hash(), &bad, 2),
+            Err(CoreError::InvalidToken { position: 1, value: -1 })
+        );
+        let big: Vec<u64> = vec![1 << 32, 0];
+        assert!(hash_chunks(&none_hash(), &big, 2).is_err());
+        assert!(hash_chunks(&none_hash(), &[1u32], 0).is_err());
+    }
+}

@@ -1,0 +1,1305 @@
+//! The L1 index (spec E.2–E.8): which object lives where in the arena, in which state, who
+//! holds it locked, and which object goes next when memory is needed.
+//!
+//! # Model
+//! Every object is one slab [`Entry`] in exactly one intrusive list:
+//! * **staging** — reserved by one writer (a `u64` tag), invisible to readers, write-lock TTL.
+//!   Several writers may stage the same key; the first `finish_write` wins, later ones drop their
+//!   copy and still succeed. Ordered by deadline (TTL is constant and refreshes move to the back).
+//! * **locked** — resident with a read-lock counter > 0 (lookup adds `num_kv_readers`,
+//!   `finish_read` subtracts). Ordered by deadline; an expired lock counts as unlocked and the
+//!   next lock restarts the counter.
+//! * **LRU** — resident and unlocked, the only evictable objects. One global list (`LRU`) or
+//!   one list per `cache_salt` (`IsolatedLRU`). Objects of one call enter in *reverse* key order,
+//!   so a request's last chunk is evicted first and prefixes stay intact (spec E.6). Unlock
+//!   returns an object to the recent end (a read is a use; LMCache leaves recency untouched).
+//!
+//! Because locked and staging objects are not in an LRU list, an eviction walk never skips
+//! anything: eviction costs O(objects evicted + salts), never O(objects held), and expired locks
+//! are found from the head of their deadline-ordered lists.
+//!
+//! # Accounting
+//! Per-salt bytes count every allocated byte of the salt (staging included), so
+//! `sum(salt bytes) == arena used` after every call ([`L1Index::check_invariants`]).
+//!
+//! # Concurrency
+//! One `parking_lot::Mutex` around [`Inner`]; every public method takes it once. The Python
+//! bindings call these methods with the GIL released and nothing here calls back into Python.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use foldhash::fast::RandomState;
+use parking_lot::Mutex;
+
+use crate::arena::{Allocation, Arena};
+use crate::clock::{secs_to_ns, Clock, MonotonicClock};
+use crate::error::{CoreError, CoreResult};
+use crate::key::{validate_salt, ChunkHash, KeyScope};
+use crate::list::{Linked, Links, List};
+
+/// Most readers one lookup may register per key (spec E.2 clamps `num_kv_readers` to 1..=128).
+pub const MAX_READERS: u32 = 128;
+
+/// Which objects go first when memory is needed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvictionPolicy {
+    /// One recency list for everything.
+    Lru,
+    /// One recency list per `cache_salt`; quotas (allowlist) decide whose objects go.
+    IsolatedLru,
+    /// Never evicts (objects leave only by delete, clear, or TTL of staging).
+    Noop,
+}
+
+impl EvictionPolicy {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Lru => "LRU",
+            Self::IsolatedLru => "IsolatedLRU",
+            Self::Noop => "noop",
+        }
+    }
+}
+
+impl FromStr for EvictionPolicy {
+    type Err = CoreError;
+    fn from_str(s: &str) -> CoreResult<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "lru" => Ok(Self::Lru),
+            "isolatedlru" | "isolated_lru" => Ok(Self::IsolatedLru),
+            "noop" => Ok(Self::Noop),
+            _ => Err(CoreError::InvalidArgument(format!(
+                "unknown eviction policy {s:?} (expected LRU, IsolatedLRU or noop)"
+            ))),
+        }
+    }
+}
+
+/// L1 settings (spec A.3 defaults).
+#[derive(Debug, Clone)]
+pub struct L1Config {
+    pub capacity_bytes: u64,
+    pub align_bytes: u64,
+    pub policy: EvictionPolicy,
+    /// used/capacity at which a cycle evicts (0 < w <= 1).
+    pub trigger_watermark: f64,
+    /// Fraction of the bytes in use (per salt under IsolatedLRU) a triggered cycle frees.
+    pub eviction_ratio: f64,
+    pub write_ttl_secs: f64,
+    pub read_ttl_secs: f64,
+    /// Evict on the allocation path when the arena is full (LMCache only evicts on its timer).
+    pub demand_eviction: bool,
+}
+
+impl L1Config {
+    pub fn new(capacity_bytes: u64) -> Self {
+        Self {
+            capacity_bytes,
+            align_bytes: 4096,
+            policy: EvictionPolicy::Lru,
+            trigger_watermark: 0.8,
+            eviction_ratio: 0.2,
+            write_ttl_secs: 600.0,
+            read_ttl_secs: 300.0,
+            demand_eviction: true,
+        }
+    }
+
+    pub fn validate(&self) -> CoreResult<()> {
+        let bad = |m: String| Err(CoreError::InvalidArgument(m));
+        if !(self.trigger_watermark > 0.0 && self.trigger_watermark <= 1.0) {
+            return bad(format!("trigger_watermark must be in (0, 1], got {}", self.trigger_watermark));
+        }
+        if !(0.0..=1.0).contains(&self.eviction_ratio) {
+            return bad(format!("eviction_ratio must be in [0, 1], got {}", self.eviction_ratio));
+        }
+        for (name, v) in [("write_ttl_secs", self.write_ttl_secs), ("read_ttl_secs", self.read_ttl_secs)] {
+            if !(v.is_finite() && v > 0.0) {
+                return bad(format!("{name} must be a positive number of seconds, got {v}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What `reserve_write` did for one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reserve {
+    /// Staged for this writer: copy the bytes to this range, then `finish_write`.
+    Reserved(Allocation),
+    /// Already resident; nothing to write.
+    AlreadyResident,
+    /// This writer is already staging the key (its write lock is live).
+    InFlight,
+    /// No space, even after demand eviction.
+    OutOfMemory,
+}
+
+/// What `finish_write` did for one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// The staged object is now resident.
+    Admitted,
+    /// Another writer finished first; the staged copy was dropped. Still a success.
+    AlreadyResident,
+    /// Nothing staged for this writer (never reserved, aborted, expired and reclaimed, cleared).
+    NotStaged,
+}
+
+/// Where a resident object's bytes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    pub alloc: Allocation,
+    /// Live read locks (0 when unlocked or when the lock expired).
+    pub read_locks: u32,
+    pub temporary: bool,
+}
+
+/// Why an object left L1 (for counters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reason {
+    Watermark,
+    Quota,
+    Demand,
+    Deleted,
+    Cleared,
+}
+
+/// Result of one eviction cycle.
+#[cfg_attr(feature = "python", derive(pyo3::IntoPyObject))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CycleReport {
+    pub expired_read_locks: u64,
+    pub expired_staging: u64,
+    pub quota_evicted_objects: u64,
+    pub quota_evicted_bytes: u64,
+    pub watermark_evicted_objects: u64,
+    pub watermark_evicted_bytes: u64,
+    /// usage was at or above the watermark when the cycle looked.
+    pub triggered: bool,
+    pub used_bytes: u64,
+}
+
+/// Objects and bytes removed by a clear.
+#[cfg_attr(feature = "python", derive(pyo3::IntoPyObject))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ClearReport {
+    pub objects: u64,
+    pub bytes: u64,
+}
+
+/// Per-salt view in a [`L1Stats`] snapshot. Counters restart when a salt holds nothing and has
+/// no quota (its entry is dropped to keep memory bounded).
+#[cfg_attr(feature = "python", derive(pyo3::IntoPyObject))]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SaltStats {
+    pub cache_salt: String,
+    pub objects: u64,
+    pub bytes: u64,
+    pub staging_bytes: u64,
+    pub quota_bytes: Option<u64>,
+    pub admitted_objects: u64,
+    pub admitted_bytes: u64,
+    pub evicted_objects: u64,
+    pub evicted_bytes: u64,
+}
+
+/// Monotonic counters since creation.
+#[cfg_attr(feature = "python", derive(pyo3::IntoPyObject))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counters {
+    pub reserved_objects: u64,
+    pub admitted_objects: u64,
+    pub admitted_bytes: u64,
+    pub duplicate_writes: u64,
+    pub aborted_writes: u64,
+    pub allocation_failures: u64,
+    pub lookups: u64,
+    pub lookup_keys: u64,
+    pub lookup_hit_keys: u64,
+    pub read_unlocks: u64,
+    pub evicted_watermark_objects: u64,
+    pub evicted_watermark_bytes: u64,
+    pub evicted_quota_objects: u64,
+    pub evicted_quota_bytes: u64,
+    pub evicted_demand_objects: u64,
+    pub evicted_demand_bytes: u64,
+    pub deleted_objects: u64,
+    pub cleared_objects: u64,
+    pub temporary_dropped: u64,
+    pub expired_read_locks: u64,
+    pub expired_staging: u64,
+    pub eviction_cycles: u64,
+    pub eviction_triggered: u64,
+}
+
+/// One consistent snapshot of the index (taken under its lock).
+#[cfg_attr(feature = "python", derive(pyo3::IntoPyObject))]
+#[derive(Debug, Clone, PartialEq)]
+pub struct L1Stats {
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub free_bytes: u64,
+    pub free_blocks: u64,
+    pub largest_free_block: u64,
+    pub usage_ratio: f64,
+    pub total_objects: u64,
+    pub resident_objects: u64,
+    pub read_locked_objects: u64,
+    pub staging_objects: u64,
+    pub staging_bytes: u64,
+    pub temporary_objects: u64,
+    pub counters: Counters,
+    pub salts: Vec<SaltStats>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct IKey {
+    hash: ChunkHash,
+    model: u32,
+    kv_rank: u32,
+    group: u32,
+    salt: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Free,
+    Staging,
+    Resident,
+    Locked,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    key: IKey,
+    alloc: Allocation,
+    state: State,
+    links: Links,
+    /// Write-lock deadline (staging) or read-lock deadline (locked), clock ns.
+    deadline: u64,
+    writer: u64,
+    readers: u32,
+    temporary: bool,
+}
+
+impl Linked for Entry {
+    fn links(&self) -> &Links {
+        &self.links
+    }
+    fn links_mut(&mut self) -> &mut Links {
+        &mut self.links
+    }
+}
+
+#[derive(Debug, Default)]
+struct SaltState {
+    name: Box<str>,
+    objects: u64,
+    bytes: u64,
+    staging_bytes: u64,
+    quota: Option<u64>,
+    /// Calls in progress that hold this salt's id across evictions (keeps it from being dropped).
+    pins: u32,
+    lru: List,
+    admitted_objects: u64,
+    admitted_bytes: u64,
+    evicted_objects: u64,
+    evicted_bytes: u64,
+}
+
+/// Name -> small id, with recycled ids; entries are dropped by their owner when unused.
+#[derive(Debug)]
+struct Table<T> {
+    ids: HashMap<Box<str>, u32, RandomState>,
+    slots: Vec<Option<T>>,
+    free: Vec<u32>,
+}
+
+impl<T> Default for Table<T> {
+    fn default() -> Self {
+        Self { ids: HashMap::default(), slots: Vec::new(), free: Vec::new() }
+    }
+}
+
+impl<T> Table<T> {
+    fn find(&self, name: &str) -> Option<u32> {
+        self.ids.get(name).copied()
+    }
+    fn get_or_insert_with(&mut self, name: &str, make: impl FnOnce() -> T) -> u32 {
+        if let Some(id) = self.find(name) {
+            return id;
+        }
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.slots[id as usize] = Some(make());
+                id
+            }
+            None => {
+                self.slots.push(Some(make()));
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.ids.insert(name.into(), id);
+        id
+    }
+    fn get(&self, id: u32) -> Option<&T> {
+        self.slots.get(id as usize).and_then(Option::as_ref)
+    }
+    fn at(&mut self, id: u32) -> &mut T {
+        self.slots[id as usize].as_mut().expect("live table id")
+    }
+    fn remove(&mut self, name: &str) {
+        if let Some(id) = self.ids.remove(name) {
+            self.slots[id as usize] = None;
+            self.free.push(id);
+        }
+    }
+    fn iter(&self) -> impl Iterator<Item = (u32, &T)> {
+        self.slots.iter().enumerate().filter_map(|(i, s)| s.as_ref().map(|t| (i as u32, t)))
+    }
+}
+
+#[derive(Debug, Default)]
+struct ModelState {
+    name: Box<str>,
+    refs: u64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    policy: EvictionPolicy,
+    watermark: f64,
+    ratio: f64,
+    write_ttl: u64,
+    read_ttl: u64,
+    demand_eviction: bool,
+    arena: Arena,
+    entries: Vec<Entry>,
+    free_ids: Vec<u32>,
+    resident: HashMap<IKey, u32, RandomState>,
+    staging: HashMap<(IKey, u64), u32, RandomState>,
+    staging_list: List,
+    locked_list: List,
+    global_lru: List,
+    models: Table<ModelState>,
+    salts: Table<SaltState>,
+    temporary_objects: u64,
+    counters: Counters,
+}
+
+/// The thread-safe L1 index. See the module documentation for the model.
+#[derive(Debug)]
+pub struct L1Index {
+    inner: Mutex<Inner>,
+    clock: Arc<dyn Clock>,
+    config: L1Config,
+}
+
+impl L1Index {
+    pub fn new(config: L1Config) -> CoreResult<Self> {
+        Self::with_clock(config, Arc::new(MonotonicClock::new()))
+    }
+
+    pub fn with_clock(config: L1Config, clock: Arc<dyn Clock>) -> CoreResult<Self> {
+        config.validate()?;
+        let arena = Arena::new(config.capacity_bytes, config.align_bytes)?;
+        let inner = Inner {
+            policy: config.policy,
+            watermark: config.trigger_watermark,
+            ratio: config.eviction_ratio,
+            write_ttl: secs_to_ns(config.write_ttl_secs),
+            read_ttl: secs_to_ns(config.read_ttl_secs),
+            demand_eviction: config.demand_eviction,
+            arena,
+            entries: Vec::new(),
+            free_ids: Vec::new(),
+            resident: HashMap::default(),
+            staging: HashMap::default(),
+            staging_list: List::default(),
+            locked_list: List::default(),
+            global_lru: List::default(),
+            models: Table::default(),
+            salts: Table::default(),
+            temporary_objects: 0,
+            counters: Counters::default(),
+        };
+        Ok(Self { inner: Mutex::new(inner), clock, config })
+    }
+
+    pub fn config(&self) -> &L1Config {
+        &self.config
+    }
+    /// Capacity after rounding down to the alignment.
+    pub fn capacity(&self) -> u64 {
+        self.inner.lock().arena.capacity()
+    }
+    /// `size` rounded up to the arena alignment (what one object of that size occupies).
+    pub fn object_footprint(&self, size: u64) -> CoreResult<u64> {
+        self.inner.lock().arena.rounded(size)
+    }
+
+    /// Stages `hashes` (in chunk order) for `writer`, each `size` bytes. Keys already resident
+    /// or in flight for this writer are skipped. When the arena is full, demand eviction frees
+    /// space by policy; what still does not fit is `OutOfMemory`: with `all_or_nothing` every
+    /// key needing space fails together, otherwise the longest prefix that fits is staged and
+    /// the rest fail (a later chunk without its predecessors is useless to a prefix lookup).
+    pub fn reserve_write(
+        &self,
+        scope: &KeyScope,
+        hashes: &[ChunkHash],
+        size: u64,
+        writer: u64,
+        all_or_nothing: bool,
+    ) -> CoreResult<Vec<Reserve>> {
+        let now = self.clock.now_ns();
+        self.inner.lock().reserve_write(scope, hashes, size, writer, all_or_nothing, now)
+    }
+
+    /// Makes this writer's staged keys resident. With `lock_readers > 0` they are admitted
+    /// read-locked for that many readers (never evictable in between); `temporary` objects
+    /// (L2 prefetch) are deleted when their last read lock goes and need `lock_readers > 0`.
+    pub fn finish_write(
+        &self,
+        scope: &KeyScope,
+        hashes: &[ChunkHash],
+        writer: u64,
+        lock_readers: u32,
+        temporary: bool,
+    ) -> CoreResult<Vec<Finish>> {
+        if temporary && lock_readers == 0 {
+            return Err(CoreError::InvalidArgument(
+                "a temporary object must be admitted with at least one read lock".into(),
+            ));
+        }
+        let now = self.clock.now_ns();
+        Ok(self.inner.lock().finish_write(
+            scope,
+            hashes,
+            writer,
+            lock_readers.min(MAX_READERS),
+            temporary,
+            now,
+        ))
+    }
+
+    /// Drops this writer's staged copies of `hashes`; returns how many were dropped.
+    pub fn abort_write(&self, scope: &KeyScope, hashes: &[ChunkHash], writer: u64) -> usize {
+        self.inner.lock().abort_write(scope, hashes, writer)
+    }
+
+    /// Read-locks the longest resident prefix of `hashes` for `readers` readers (clamped to
+    /// 128) and returns its length.
+    pub fn lookup(&self, scope: &KeyScope, hashes: &[ChunkHash], readers: u32) -> CoreResult<usize> {
+        if readers == 0 {
+            return Err(CoreError::InvalidArgument("num_kv_readers must be at least 1".into()));
+        }
+        let now = self.clock.now_ns();
+        Ok(self.inner.lock().lookup(scope, hashes, readers.min(MAX_READERS), now))
+    }
+
+    /// Length of the resident prefix, without locking or touching anything.
+    pub fn peek(&self, scope: &KeyScope, hashes: &[ChunkHash]) -> usize {
+        let g = self.inner.lock();
+        let Some((model, salt)) = g.find_scope(scope) else { return 0 };
+        hashes.iter().take_while(|&&hash| g.resident.contains_key(&ikey(hash, scope, model, salt))).count()
+    }
+
+    /// Releases `n` read locks on each locked key; returns how many keys were locked.
+    pub fn finish_read(&self, scope: &KeyScope, hashes: &[ChunkHash], n: u32) -> usize {
+        self.inner.lock().finish_read(scope, hashes, n.max(1))
+    }
+
+    /// Where each key's bytes are (None when not resident). Changes nothing.
+    pub fn resolve(&self, scope: &KeyScope, hashes: &[ChunkHash]) -> Vec<Option<Slot>> {
+        let now = self.clock.now_ns();
+        let g = self.inner.lock();
+        let Some((model, salt)) = g.find_scope(scope) else { return vec![None; hashes.len()] };
+        hashes
+            .iter()
+            .map(|&hash| {
+                g.resident.get(&ikey(hash, scope, model, salt)).map(|&id| {
+                    let e = &g.entries[id as usize];
+                    let live = e.state == State::Locked && e.deadline > now;
+                    Slot {
+                        alloc: e.alloc,
+                        read_locks: if live { e.readers } else { 0 },
+                        temporary: e.temporary,
+                    }
+                })
+            })
+            .collect()
+    }
+
+    /// Marks unlocked resident keys as recently used (first key most recent); returns count.
+    pub fn touch(&self, scope: &KeyScope, hashes: &[ChunkHash]) -> usize {
+        self.inner.lock().touch(scope, hashes)
+    }
+
+    /// Deletes resident keys; read-locked ones only with `force`. Returns how many went.
+    pub fn delete(&self, scope: &KeyScope, hashes: &[ChunkHash], force: bool) -> usize {
+        self.inner.lock().delete(scope, hashes, force)
+    }
+
+    /// Spec E.8. Not forced: unlocked resident objects and expired locks/staging go; live
+    /// staging and read-locked objects stay. Forced: everything goes, including in-flight work.
+    pub fn clear(&self, force: bool) -> ClearReport {
+        let now = self.clock.now_ns();
+        self.inner.lock().clear(force, now)
+    }
+
+    /// One eviction cycle (the periodic L1 thread calls this every second): reap expired read
+    /// locks and staging, trim salts over quota (IsolatedLRU), then apply watermark and ratio.
+    pub fn evict_cycle(&self) -> CycleReport {
+        let now = self.clock.now_ns();
+        self.inner.lock().evict_cycle(now)
+    }
+
+    /// Sets a salt's byte limit (IsolatedLRU); takes effect on the next cycle.
+    pub fn set_quota(&self, cache_salt: &str, limit_bytes: u64) -> CoreResult<()> {
+        validate_salt(cache_salt)?;
+        let mut g = self.inner.lock();
+        let id = g.salts.get_or_insert_with(cache_salt, || new_salt(cache_salt));
+        g.salts.at(id).quota = Some(limit_bytes);
+        Ok(())
+    }
+
+    /// Removes a salt's quota (its limit becomes 0: allowlist). Returns whether one existed.
+    pub fn remove_quota(&self, cache_salt: &str) -> bool {
+        let mut g = self.inner.lock();
+        let Some(id) = g.salts.find(cache_salt) else { return false };
+        let had = g.salts.at(id).quota.take().is_some();
+        g.gc_salt(id);
+        had
+    }
+
+    pub fn get_quota(&self, cache_salt: &str) -> Option<u64> {
+        let g = self.inner.lock();
+        g.salts.find(cache_salt).and_then(|id| g.salts.get(id)).and_then(|s| s.quota)
+    }
+
+    /// Every registered quota, sorted by salt.
+    pub fn list_quotas(&self) -> Vec<(String, u64)> {
+        let g = self.inner.lock();
+        let mut out: Vec<_> =
+            g.salts.iter().filter_map(|(_, s)| s.quota.map(|q| (s.name.to_string(), q))).collect();
+        out.sort();
+        out
+    }
+
+    /// Bytes a salt holds in L1 (staging included).
+    pub fn salt_usage(&self, cache_salt: &str) -> u64 {
+        let g = self.inner.lock();
+        g.salts.find(cache_salt).and_then(|id| g.salts.get(id)).map_or(0, |s| s.bytes)
+    }
+
+    pub fn stats(&self) -> L1Stats {
+        self.inner.lock().stats()
+    }
+
+    /// Verifies every structural invariant; panics with a description on violation.
+    pub fn check_invariants(&self) {
+        self.inner.lock().check_invariants();
+    }
+}
+
+fn ikey(hash: ChunkHash, scope: &KeyScope, model: u32, salt: u32) -> IKey {
+    IKey { hash, model, kv_rank: scope.kv_rank(), group: scope.object_group(), salt }
+}
+
+fn new_salt(name: &str) -> SaltState {
+    SaltState { name: name.into(), ..SaltState::default() }
+}
+
+impl Inner {
+    fn find_scope(&self, scope: &KeyScope) -> Option<(u32, u32)> {
+        Some((self.models.find(scope.model_name())?, self.salts.find(scope.cache_salt())?))
+    }
+
+    fn intern_scope(&mut self, scope: &KeyScope) -> (u32, u32) {
+        let model = scope.model_name();
+        let m = self.models.get_or_insert_with(model, || ModelState { name: model.into(), refs: 0 });
+        let salt = scope.cache_salt();
+        let s = self.salts.get_or_insert_with(salt, || new_salt(salt));
+        (m, s)
+    }
+
+    fn gc_model(&mut self, id: u32) {
+        if let Some(m) = self.models.get(id).filter(|m| m.refs == 0) {
+            let name = m.name.clone();
+            self.models.remove(&name);
+        }
+    }
+
+    fn gc_salt(&mut self, id: u32) {
+        if let Some(s) = self.salts.get(id).filter(|s| s.objects == 0 && s.quota.is_none() && s.pins == 0) {
+            debug_assert!(s.lru.is_empty() && s.bytes == 0);
+            let name = s.name.clone();
+            self.salts.remove(&name);
+        }
+    }
+
+    // ---- LRU lists: global or per salt, by policy ----
+
+    fn lru_push_back(&mut self, id: u32) {
+        if self.policy == EvictionPolicy::IsolatedLru {
+            let salt = self.entries[id as usize].key.salt;
+            let s = self.salts.slots[salt as usize].as_mut().expect("live salt");
+            s.lru.push_back(&mut self.entries, id);
+        } else {
+            self.global_lru.push_back(&mut self.entries, id);
+        }
+    }
+
+    fn lru_unlink(&mut self, id: u32) {
+        if self.policy == EvictionPolicy::IsolatedLru {
+            let salt = self.entries[id as usize].key.salt;
+            let s = self.salts.slots[salt as usize].as_mut().expect("live salt");
+            s.lru.unlink(&mut self.entries, id);
+        } else {
+            self.global_lru.unlink(&mut self.entries, id);
+        }
+    }
+
+    fn lru_move_to_back(&mut self, id: u32) {
+        self.lru_unlink(id);
+        self.lru_push_back(id);
+    }
+
+    // ---- entry lifecycle ----
+
+    fn new_entry(&mut self, e: Entry) -> u32 {
+        match self.free_ids.pop() {
+            Some(id) => {
+                self.entries[id as usize] = e;
+                id
+            }
+            None => {
+                self.entries.push(e);
+                (self.entries.len() - 1) as u32
+            }
+        }
+    }
+
+    /// Takes `id` out of its list and map and returns its space. Returns the bytes freed.
+    fn remove(&mut self, id: u32) -> u64 {
+        let e = self.entries[id as usize].clone();
+        match e.state {
+            State::Staging => {
+                self.staging_list.unlink(&mut self.entries, id);
+                self.staging.remove(&(e.key, e.writer));
+            }
+            State::Resident => {
+                self.lru_unlink(id);
+                self.resident.remove(&e.key);
+            }
+            State::Locked => {
+                self.locked_list.unlink(&mut self.entries, id);
+                self.resident.remove(&e.key);
+            }
+            State::Free => unreachable!("removing a free slot"),
+        }
+        self.arena.free(e.alloc).expect("index allocation is live");
+        let salt = self.salts.at(e.key.salt);
+        salt.objects -= 1;
+        salt.bytes -= e.alloc.size;
+        if e.state == State::Staging {
+            salt.staging_bytes -= e.alloc.size;
+        }
+        self.models.at(e.key.model).refs -= 1;
+        if e.temporary && e.state != State::Staging {
+            self.temporary_objects -= 1;
+        }
+        self.entries[id as usize].state = State::Free;
+        self.free_ids.push(id);
+        self.gc_salt(e.key.salt);
+        self.gc_model(e.key.model);
+        e.alloc.size
+    }
+
+    fn evict(&mut self, id: u32, reason: Reason) -> u64 {
+        let salt = self.entries[id as usize].key.salt;
+        let size = self.entries[id as usize].alloc.size;
+        let s = self.salts.at(salt);
+        s.evicted_objects += 1;
+        s.evicted_bytes += size;
+        let c = &mut self.counters;
+        match reason {
+            Reason::Watermark => {
+                c.evicted_watermark_objects += 1;
+                c.evicted_watermark_bytes += size;
+            }
+            Reason::Quota => {
+                c.evicted_quota_objects += 1;
+                c.evicted_quota_bytes += size;
+            }
+            Reason::Demand => {
+                c.evicted_demand_objects += 1;
+                c.evicted_demand_bytes += size;
+            }
+            Reason::Deleted => c.deleted_objects += 1,
+            Reason::Cleared => c.cleared_objects += 1,
+        }
+        self.remove(id)
+    }
+
+    fn lock_entry(&mut self, id: u32, readers: u32, now: u64) {
+        let state = self.entries[id as usize].state;
+        match state {
+            State::Resident => {
+                self.lru_unlink(id);
+                self.locked_list.push_back(&mut self.entries, id);
+                let e = &mut self.entries[id as usize];
+                e.state = State::Locked;
+                e.readers = readers;
+            }
+            State::Locked => {
+                self.locked_list.move_to_back(&mut self.entries, id);
+                let e = &mut self.entries[id as usize];
+                e.readers = if e.deadline <= now { readers } else { e.readers.saturating_add(readers) };
+            }
+            State::Staging | State::Free => unreachable!("locking an object that is not resident"),
+        }
+        self.entries[id as usize].deadline = now.saturating_add(self.read_ttl);
+    }
+
+    /// Takes a locked entry back to unlocked. A temporary object is deleted instead; otherwise
+    /// returns true and the caller links it into the LRU list (in batch order).
+    fn unlock_entry(&mut self, id: u32) -> bool {
+        self.counters.read_unlocks += 1;
+        if self.entries[id as usize].temporary {
+            self.counters.temporary_dropped += 1;
+            self.remove(id);
+            return false;
+        }
+        self.locked_list.unlink(&mut self.entries, id);
+        let e = &mut self.entries[id as usize];
+        e.readers = 0;
+        e.state = State::Resident;
+        true
+    }
+
+    /// Picks a demand-eviction victim for a write of `salt`, never one of `protect` (the
+    /// call's own resident keys, moved to the recent end so they are reached last).
+    fn demand_victim(&self, salt: u32, protect: &[u32]) -> Option<u32> {
+        let ok = |id: &u32| !protect.contains(id);
+        match self.policy {
+            EvictionPolicy::Noop => None,
+            EvictionPolicy::Lru => self.global_lru.head().filter(ok),
+            EvictionPolicy::IsolatedLru => {
+                // Salts over their quota first (unregistered salts have limit 0), then the
+                // writer's own salt. A salt within its quota is never touched by others' writes.
+                self.salts
+                    .iter()
+                    .filter(|(_, s)| s.bytes > s.quota.unwrap_or(0))
+                    .find_map(|(_, s)| s.lru.head().filter(ok))
+                    .or_else(|| self.salts.get(salt).and_then(|s| s.lru.head()).filter(ok))
+            }
+        }
+    }
+
+    fn evict_for_demand(&mut self, salt: u32, protect: &[u32]) -> bool {
+        if !self.demand_eviction {
+            return false;
+        }
+        match self.demand_victim(salt, protect) {
+            Some(victim) => {
+                self.evict(victim, Reason::Demand);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn stage(&mut self, key: IKey, alloc: Allocation, writer: u64, now: u64) -> u32 {
+        let id = self.new_entry(Entry {
+            key,
+            alloc,
+            state: State::Staging,
+            links: Links::default(),
+            deadline: now.saturating_add(self.write_ttl),
+            writer,
+            readers: 0,
+            temporary: false,
+        });
+        self.staging.insert((key, writer), id);
+        self.staging_list.push_back(&mut self.entries, id);
+        let s = self.salts.at(key.salt);
+        s.objects += 1;
+        s.bytes += alloc.size;
+        s.staging_bytes += alloc.size;
+        self.models.at(key.model).refs += 1;
+        self.counters.reserved_objects += 1;
+        id
+    }
+
+    fn reserve_write(
+        &mut self,
+        scope: &KeyScope,
+        hashes: &[ChunkHash],
+        size: u64,
+        writer: u64,
+        all_or_nothing: bool,
+        now: u64,
+    ) -> CoreResult<Vec<Reserve>> {
+        let rounded = self.arena.rounded(size)?;
+        let (model, salt) = self.intern_scope(scope);
+        // Demand eviction may drop the salt's or model's last object; pin both for the call.
+        self.salts.at(salt).pins += 1;
+        self.models.at(model).refs += 1;
+        let mut out = vec![Reserve::OutOfMemory; hashes.len()];
+        let mut need = Vec::with_capacity(hashes.len());
+        let mut protect = Vec::new();
+        for (i, &hash) in hashes.iter().enumerate() {
+            let key = ikey(hash, scope, model, salt);
+            if let Some(&id) = self.resident.get(&key) {
+                out[i] = Reserve::AlreadyResident;
+                if self.entries[id as usize].state == State::Resident {
+                    protect.push(id);
+                }
+            } else if let Some(&id) = self.staging.get(&(key, writer)) {
+                let e = &mut self.entries[id as usize];
+                if e.deadline > now {
+                    out[i] = Reserve::InFlight;
+                } else {
+                    // Our own expired write lock: hand the same space back with a new deadline.
+                    e.deadline = now.saturating_add(self.write_ttl);
+                    out[i] = Reserve::Reserved(e.alloc);
+                    self.staging_list.move_to_back(&mut self.entries, id);
+                }
+            } else {
+                need.push((i, key));
+            }
+        }
+        // Storing a prefix again is a use of it; it also keeps demand eviction off it.
+        for &id in protect.iter().rev() {
+            self.lru_move_to_back(id);
+        }
+        let fits_at_all = rounded <= self.arena.capacity();
+        if all_or_nothing && !need.is_empty() {
+            let total = rounded * need.len() as u64;
+            let allocs = loop {
+                if !fits_at_all || total > self.arena.capacity() {
+                    break None;
+                }
+                if self.arena.free_bytes() >= total {
+                    if let Ok(a) = self.arena.allocate_batch(&vec![rounded; need.len()]) {
+                        break Some(a);
+                    }
+                }
+                if !self.evict_for_demand(salt, &protect) {
+                    break None;
+                }
+            };
+            match allocs {
+                Some(allocs) => {
+                    for ((i, key), alloc) in need.iter().zip(allocs) {
+                        out[*i] = self.place(*key, alloc, writer, now);
+                    }
+                }
+                None => self.counters.allocation_failures += need.len() as u64,
+            }
+        } else {
+            for (j, &(i, key)) in need.iter().enumerate() {
+                let alloc = loop {
+                    if !fits_at_all {
+                        break None;
+                    }
+                    if let Ok(a) = self.arena.allocate(rounded) {
+                        break Some(a);
+                    }
+                    if !self.evict_for_demand(salt, &protect) {
+                        break None;
+                    }
+                };
+                match alloc {
+                    Some(alloc) => out[i] = self.place(key, alloc, writer, now),
+                    None => {
+                        self.counters.allocation_failures += (need.len() - j) as u64;
+                        break;
+                    }
+                }
+            }
+        }
+        self.salts.at(salt).pins -= 1;
+        self.models.at(model).refs -= 1;
+        self.gc_salt(salt);
+        self.gc_model(model);
+        Ok(out)
+    }
+
+    /// Stages `key` in `alloc`, unless an earlier key of the same call already did (duplicate
+    /// hashes in one batch), in which case the space goes back.
+    fn place(&mut self, key: IKey, alloc: Allocation, writer: u64, now: u64) -> Reserve {
+        if self.staging.contains_key(&(key, writer)) {
+            self.arena.free(alloc).expect("fresh allocation");
+            return Reserve::InFlight;
+        }
+        self.stage(key, alloc, writer, now);
+        Reserve::Reserved(alloc)
+    }
+
+    fn finish_write(
+        &mut self,
+        scope: &KeyScope,
+        hashes: &[ChunkHash],
+        writer: u64,
+        lock_readers: u32,
+        temporary: bool,
+        now: u64,
+    ) -> Vec<Finish> {
+        let Some((model, salt)) = self.find_scope(scope) else {
+            return vec![Finish::NotStaged; hashes.len()];
+        };
+        let mut out = Vec::with_capacity(hashes.len());
+        let mut admitted = Vec::with_capacity(hashes.len());
+        for &hash in hashes {
+            let key = ikey(hash, scope, model, salt);
+            let Some(&id) = self.staging.get(&(key, writer)) else {
+                out.push(Finish::NotStaged);
+                continue;
+            };
+            if let Some(&rid) = self.resident.get(&key) {
+                self.remove(id);
+                self.counters.duplicate_writes += 1;
+                if lock_readers > 0 {
+                    self.lock_entry(rid, lock_readers, now);
+                }
+                out.push(Finish::AlreadyResident);
+                continue;
+            }
+            self.staging.remove(&(key, writer));
+            self.staging_list.unlink(&mut self.entries, id);
+            let size = self.entries[id as usize].alloc.size;
+            let s = self.salts.at(salt);
+            s.staging_bytes -= size;
+            s.admitted_objects += 1;
+            s.admitted_bytes += size;
+            self.counters.admitted_objects += 1;
+            self.counters.admitted_bytes += size;
+            self.resident.insert(key, id);
+            let e = &mut self.entries[id as usize];
+            e.state = State::Resident;
+            e.temporary = temporary;
+            self.temporary_objects += u64::from(temporary);
+            if lock_readers > 0 {
+                e.state = State::Locked;
+                e.readers = lock_readers;
+                e.deadline = now.saturating_add(self.read_ttl);
+                self.locked_list.push_back(&mut self.entries, id);
+            } else {
+                admitted.push(id);
+            }
+            out.push(Finish::Admitted);
+        }
+        for &id in admitted.iter().rev() {
+            self.lru_push_back(id);
+        }
+        out
+    }
+
+    fn abort_write(&mut self, scope: &KeyScope, hashes: &[ChunkHash], writer: u64) -> usize {
+        let Some((model, salt)) = self.find_scope(scope) else { return 0 };
+        let mut n = 0;
+        for &hash in hashes {
+            if let Some(&id) = self.staging.get(&(ikey(hash, scope, model, salt), writer)) {
+                self.remove(id);
+                n += 1;
+            }
+        }
+        self.counters.aborted_writes += n as u64;
+        n
+    }
+
+    fn lookup(&mut self, scope: &KeyScope, hashes: &[ChunkHash], readers: u32, now: u64) -> usize {
+        self.counters.lookups += 1;
+        self.counters.lookup_keys += hashes.len() as u64;
+        let Some((model, salt)) = self.find_scope(scope) else { return 0 };
+        let mut hit = 0;
+        for &hash in hashes {
+            let Some(&id) = self.resident.get(&ikey(hash, scope, model, salt)) else { break };
+            self.lock_entry(id, readers, now);
+            hit += 1;
+        }
+        self.counters.lookup_hit_keys += hit as u64;
+        hit
+    }
+
+    fn finish_read(&mut self, scope: &KeyScope, hashes: &[ChunkHash], n: u32) -> usize {
+        let Some((model, salt)) = self.find_scope(scope) else { return 0 };
+        let mut released = 0;
+        let mut unlocked = Vec::new();
+        for &hash in hashes {
+            let Some(&id) = self.resident.get(&ikey(hash, scope, model, salt)) else { continue };
+            let e = &mut self.entries[id as usize];
+            if e.state != State::Locked {
+                continue;
+            }
+            released += 1;
+            e.readers = e.readers.saturating_sub(n);
+            if e.readers == 0 && self.unlock_entry(id) {
+                unlocked.push(id);
+            }
+        }
+        for &id in unlocked.iter().rev() {
+            self.lru_push_back(id);
+        }
+        released
+    }
+
+    fn touch(&mut self, scope: &KeyScope, hashes: &[ChunkHash]) -> usize {
+        let Some((model, salt)) = self.find_scope(scope) else { return 0 };
+        let ids: Vec<u32> = hashes
+            .iter()
+            .filter_map(|&h| self.resident.get(&ikey(h, scope, model, salt)).copied())
+            .filter(|&id| self.entries[id as usize].state == State::Resident)
+            .collect();
+        for &id in ids.iter().rev() {
+            self.lru_move_to_back(id);
+        }
+        ids.len()
+    }
+
+    fn delete(&mut self, scope: &KeyScope, hashes: &[ChunkHash], force: bool) -> usize {
+        let Some((model, salt)) = self.find_scope(scope) else { return 0 };
+        let mut n = 0;
+        for &hash in hashes {
+            let Some(&id) = self.resident.get(&ikey(hash, scope, model, salt)) else { continue };
+            if force || self.entries[id as usize].state == State::Resident {
+                self.evict(id, Reason::Deleted);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    fn reap_expired(&mut self, now: u64) -> (u64, u64) {
+        let (mut locks, mut staging) = (0, 0);
+        while let Some(id) = self.locked_list.head() {
+            if self.entries[id as usize].deadline > now {
+                break;
+            }
+            locks += 1;
+            if self.unlock_entry(id) {
+                self.lru_push_back(id);
+            }
+        }
+        while let Some(id) = self.staging_list.head() {
+            if self.entries[id as usize].deadline > now {
+                break;
+            }
+            staging += 1;
+            self.remove(id);
+        }
+        self.counters.expired_read_locks += locks;
+        self.counters.expired_staging += staging;
+        (locks, staging)
+    }
+
+    fn clear(&mut self, force: bool, now: u64) -> ClearReport {
+        let mut report = ClearReport::default();
+        if force {
+            for e in self.entries.iter().filter(|e| e.state != State::Free) {
+                report.objects += 1;
+                report.bytes += e.alloc.size;
+            }
+            self.counters.cleared_objects += report.objects;
+            self.entries.clear();
+            self.free_ids.clear();
+            self.resident.clear();
+            self.staging.clear();
+            self.staging_list = List::default();
+            self.locked_list = List::default();
+            self.global_lru = List::default();
+            self.arena.reset();
+            self.models = Table::default();
+            self.temporary_objects = 0;
+            let ids: Vec<u32> = self.salts.iter().map(|(id, _)| id).collect();
+            for id in ids {
+                let s = self.salts.at(id);
+                s.objects = 0;
+                s.bytes = 0;
+                s.staging_bytes = 0;
+                s.lru = List::default();
+                self.gc_salt(id);
+            }
+            return report;
+        }
+        self.reap_expired(now);
+        let mut heads: Vec<u32> = Vec::new();
+        loop {
+            heads.clear();
+            if let Some(h) = self.global_lru.head() {
+                heads.push(h);
+            }
+            heads.extend(self.salts.iter().filter_map(|(_, s)| s.lru.head()));
+            if heads.is_empty() {
+                break;
+            }
+            for &id in &heads {
+                report.objects += 1;
+                report.bytes += self.evict(id, Reason::Cleared);
+            }
+        }
+        report
+    }
+
+    fn evict_cycle(&mut self, now: u64) -> CycleReport {
+        let mut r = CycleReport::default();
+        self.counters.eviction_cycles += 1;
+        (r.expired_read_locks, r.expired_staging) = self.reap_expired(now);
+        if self.policy == EvictionPolicy::IsolatedLru {
+            let ids: Vec<u32> = self.salts.iter().map(|(id, _)| id).collect();
+            for id in ids {
+                while let Some(s) = self.salts.get(id) {
+                    if s.bytes <= s.quota.unwrap_or(0) {
+                        break;
+                    }
+                    let Some(victim) = s.lru.head() else { break };
+                    r.quota_evicted_objects += 1;
+                    r.quota_evicted_bytes += self.evict(victim, Reason::Quota);
+                }
+            }
+        }
+        let used = self.arena.used();
+        if self.policy != EvictionPolicy::Noop && used as f64 >= self.watermark * self.arena.capacity() as f64
+        {
+            r.triggered = true;
+            self.counters.eviction_triggered += 1;
+            let keep = 1.0 - self.ratio;
+            match self.policy {
+                EvictionPolicy::Lru => {
+                    let target = (used as f64 * keep) as u64;
+                    while self.arena.used() > target {
+                        let Some(victim) = self.global_lru.head() else { break };
+                        r.watermark_evicted_objects += 1;
+                        r.watermark_evicted_bytes += self.evict(victim, Reason::Watermark);
+                    }
+                }
+                EvictionPolicy::IsolatedLru => {
+                    let targets: Vec<(u32, u64)> =
+                        self.salts.iter().map(|(id, s)| (id, (s.bytes as f64 * keep) as u64)).collect();
+                    for (id, target) in targets {
+                        while let Some(s) = self.salts.get(id) {
+                            if s.bytes <= target {
+                                break;
+                            }
+                            let Some(victim) = s.lru.head() else { break };
+                            r.watermark_evicted_objects += 1;
+                            r.watermark_evicted_bytes += self.evict(victim, Reason::Watermark);
+                        }
+                    }
+                }
+                EvictionPolicy::Noop => {}
+            }
+        }
+        r.used_bytes = self.arena.used();
+        r
+    }
+
+    fn stats(&self) -> L1Stats {
+        let a = self.arena.stats();
+        let mut salts: Vec<SaltStats> = self
+            .salts
+            .iter()
+            .map(|(_, s)| SaltStats {
+                cache_salt: s.name.to_string(),
+                objects: s.objects,
+                bytes: s.bytes,
+                staging_bytes: s.staging_bytes,
+                quota_bytes: s.quota,
+                admitted_objects: s.admitted_objects,
+                admitted_bytes: s.admitted_bytes,
+                evicted_objects: s.evicted_objects,
+                evicted_bytes: s.evicted_bytes,
+            })
+            .collect();
+        salts.sort_by(|x, y| x.cache_salt.cmp(&y.cache_salt));
+        L1Stats {
+            capacity_bytes: a.capacity,
+            used_bytes: a.used,
+            free_bytes: a.free,
+            free_blocks: a.free_blocks,
+            largest_free_block: a.largest_free,
+            usage_ratio: a.used as f64 / a.capacity as f64,
+            total_objects: (self.resident.len() + self.staging.len()) as u64,
+            resident_objects: self.resident.len() as u64,
+            read_locked_objects: self.locked_list.len() as u64,
+            staging_objects: self.staging.len() as u64,
+            staging_bytes: salts.iter().map(|s| s.staging_bytes).sum(),
+            temporary_objects: self.temporary_objects,
+            counters: self.counters,
+            salts,
+        }
+    }
+
+    fn check_invariants(&self) {
+        self.arena.check_invariants();
+        let live = self.entries.iter().filter(|e| e.state != State::Free).count();
+        assert_eq!(live + self.free_ids.len(), self.entries.len(), "slab leak");
+        assert_eq!(live, self.resident.len() + self.staging.len(), "map sizes vs live entries");
+        assert_eq!(self.staging_list.len() as usize, self.staging.len(), "staging list vs map");
+        for id in self.staging_list.iter(&self.entries) {
+            let e = &self.entries[id as usize];
+            assert_eq!(e.state, State::Staging);
+            assert_eq!(self.staging.get(&(e.key, e.writer)), Some(&id));
+        }
+        for id in self.locked_list.iter(&self.entries) {
+            assert_eq!(self.entries[id as usize].state, State::Locked);
+        }
+        let mut lru_len = self.global_lru.len() as usize;
+        let mut lists = vec![self.global_lru];
+        for (_, s) in self.salts.iter() {
+            lru_len += s.lru.len() as usize;
+            lists.push(s.lru);
+        }
+        for list in lists {
+            for id in list.iter(&self.entries) {
+                assert_eq!(self.entries[id as usize].state, State::Resident, "LRU holds a non-resident");
+            }
+        }
+        if self.policy != EvictionPolicy::IsolatedLru {
+            assert!(self.salts.iter().all(|(_, s)| s.lru.is_empty()));
+        } else {
+            assert!(self.global_lru.is_empty());
+        }
+        assert_eq!(
+            lru_len + self.locked_list.len() as usize,
+            self.resident.len(),
+            "resident objects vs LRU + locked lists"
+        );
+        for (k, &id) in &self.resident {
+            assert_eq!(self.entries[id as usize].key, *k);
+        }
+        // Per-salt and per-model accounting recomputed from the entries.
+        let mut by_salt: HashMap<u32, (u64, u64, u64)> = HashMap::new();
+        let mut by_model: HashMap<u32, u64> = HashMap::new();
+        for e in self.entries.iter().filter(|e| e.state != State::Free) {
+            let t = by_salt.entry(e.key.salt).or_default();
+            t.0 += 1;
+            t.1 += e.alloc.size;
+            if e.state == State::Staging {
+                t.2 += e.alloc.size;
+            }
+            *by_model.entry(e.key.model).or_default() += 1;
+        }
+        let mut total = 0;
+        for (id, s) in self.salts.iter() {
+            let (objects, bytes, staging) = by_salt.get(&id).copied().unwrap_or_default();
+            assert_eq!((s.objects, s.bytes, s.staging_bytes), (objects, bytes, staging), "salt {:?}", s.name);
+            assert!(s.objects > 0 || s.quota.is_some(), "salt {:?} should have been dropped", s.name);
+            total += s.bytes;
+        }
+        assert_eq!(total, self.arena.used(), "sum of salt bytes != arena used");
+        for (id, m) in self.models.iter() {
+            assert_eq!(m.refs, by_model.get(&id).copied().unwrap_or(0), "model {:?}", m.name);
+            assert!(m.refs > 0, "model {:?} should have been dropped", m.name);
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "index_tests.rs"]
+mod tests;

@@ -1,0 +1,35 @@
+//! lmcache-rs core: the metadata half of the KV-cache server. Rust owns keys, hashing, the L1
+//! address space, object states, locks, recency, quotas and stats; torch (in Python) owns the
+//! bytes. Usable and benchmarkable without Python; the bindings live behind the `python`
+//! feature in [`python`].
+//!
+//! | module | what |
+//! |---|---|
+//! | [`hash`] | chained blake3 chunk hashes (spec C.1) |
+//! | [`key`] | object keys, scopes, kv_rank packing, validation (spec C.2) |
+//! | [`arena`] | best-fit, coalescing offset allocator for the one L1 buffer (spec E.1) |
+//! | [`list`] | intrusive O(1) lists over a slab (LRU, lock and staging queues) |
+//! | [`index`] | the L1 index: states, TTLs, LRU/IsolatedLRU, quotas, demand eviction, stats |
+//! | [`clock`] | monotonic and manual time sources for TTLs |
+//! | [`error`] | the one error enum |
+
+pub mod arena;
+pub mod clock;
+pub mod error;
+pub mod hash;
+pub mod index;
+pub mod key;
+pub mod list;
+
+#[cfg(feature = "python")]
+pub mod python;
+
+pub use arena::{Allocation, Arena, ArenaStats};
+pub use clock::{Clock, ManualClock, MonotonicClock};
+pub use error::{CoreError, CoreResult};
+pub use hash::{hash_chunks, none_hash, prefix_hashes, Blake3Hash, TokenId, HASH_LEN};
+pub use index::{
+    ClearReport, Counters, CycleReport, EvictionPolicy, Finish, L1Config, L1Index, L1Stats, Reserve,
+    SaltStats, Slot,
+};
+pub use key::{kv_rank, mp_kv_rank, validate_model, validate_salt, ChunkHash, KeyScope, ObjectKey};

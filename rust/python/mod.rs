@@ -1,0 +1,498 @@
+//! PyO3 bindings: `lmcache_rs._core`. Thin by rule: convert arguments, call the core with the
+//! GIL released ([`Python::detach`]), convert the result. The index's lock is only ever taken
+//! inside `detach`, so a thread waiting for it never holds the GIL, and nothing under the lock
+//! calls Python. Every core error becomes a Python exception in [`to_py_err`], nowhere else.
+
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use pyo3::buffer::PyBuffer;
+use pyo3::create_exception;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList};
+
+use crate::hash::{self, Blake3Hash, TokenId};
+use crate::index::{self, Finish, Reserve};
+use crate::key::{self, ChunkHash};
+use crate::{clock, CoreError};
+
+create_exception!(_core, LmcacheCoreError, PyValueError, "Base class of every lmcache-rs core error.");
+create_exception!(_core, InvalidKeyError, LmcacheCoreError, "A key field breaks the key rules.");
+create_exception!(_core, OutOfMemoryError, LmcacheCoreError, "L1 cannot hold the allocation.");
+create_exception!(_core, InconsistentStateError, LmcacheCoreError, "A request contradicts the index state.");
+
+/// The single mapping from core errors to Python exceptions.
+fn to_py_err(err: CoreError) -> PyErr {
+    let msg = err.to_string();
+    match err {
+        CoreError::InvalidKey(_) | CoreError::KvRankOverflow { .. } => InvalidKeyError::new_err(msg),
+        CoreError::OutOfMemory { .. } => OutOfMemoryError::new_err(msg),
+        CoreError::Inconsistent(_) => InconsistentStateError::new_err(msg),
+        CoreError::InvalidToken { .. } | CoreError::InvalidArgument(_) => LmcacheCoreError::new_err(msg),
+    }
+}
+
+/// A buffer's element slice, moved into a GIL-free closure. The `PyBuffer` that owns the export
+/// outlives the closure (it is dropped after `detach` returns), so the memory stays valid;
+/// callers must not mutate the token array from another thread during the call.
+struct BorrowedSlice<T>(NonNull<[T]>);
+// SAFETY: see the type's doc; the pointee is plain integers kept alive by the buffer export.
+unsafe impl<T: Send> Send for BorrowedSlice<T> {}
+
+/// Runs `f` on the token ids of `obj` with the GIL released: zero-copy for C-contiguous
+/// integer buffers (numpy arrays, `array.array`, CPU torch tensors through `.numpy()`),
+/// otherwise a one-time conversion of the sequence to `int64`.
+fn with_tokens<R: Send>(py: Python<'_>, obj: &Bound<'_, PyAny>, g: &impl TokenFn<R>) -> PyResult<R> {
+    let obj = if obj.hasattr("__dlpack__")? && obj.hasattr("numpy")? && !obj.hasattr("__array_interface__")? {
+        // torch.Tensor: .numpy() is a zero-copy view of a CPU tensor (errors name the problem).
+        obj.call_method0("numpy")?
+    } else {
+        obj.clone()
+    };
+    macro_rules! try_buffer {
+        ($($t:ty),*) => {$(
+            if let Ok(buf) = PyBuffer::<$t>::get(&obj) {
+                if let Some(ptr) = buf.as_slice_ptr() {
+                    let slice = BorrowedSlice(ptr);
+                    let out = py.detach(move || {
+                        let slice = slice;
+                        // SAFETY: BorrowedSlice's contract; `buf` is alive until after detach.
+                        g.call(unsafe { slice.0.as_ref() })
+                    });
+                    drop(buf);
+                    return Ok(out);
+                }
+                let owned: Vec<$t> = buf.to_vec(py)?;
+                return Ok(py.detach(|| g.call(&owned)));
+            }
+        )*};
+    }
+    try_buffer!(i64, i32, u32, u64, i16, u16, u8, i8);
+    let owned: Vec<i64> = obj.extract().map_err(|_| {
+        LmcacheCoreError::new_err(format!(
+            "token ids must be a sequence of ints, a numpy integer array or a CPU torch tensor, got {}",
+            obj.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+        ))
+    })?;
+    Ok(py.detach(|| g.call(&owned)))
+}
+
+/// A computation generic over the token dtype (closures cannot be generic).
+trait TokenFn<R>: Send + Sync {
+    fn call<T: TokenId>(&self, tokens: &[T]) -> R;
+}
+
+struct PrefixHashes {
+    chunk_size: usize,
+    start: usize,
+    end: Option<usize>,
+}
+
+impl TokenFn<Result<Vec<Blake3Hash>, CoreError>> for PrefixHashes {
+    fn call<T: TokenId>(&self, tokens: &[T]) -> Result<Vec<Blake3Hash>, CoreError> {
+        hash::prefix_hashes(tokens, self.chunk_size, self.start, self.end)
+    }
+}
+
+struct ChainHashes {
+    prev: Blake3Hash,
+    chunk_size: usize,
+}
+
+impl TokenFn<Result<Vec<Blake3Hash>, CoreError>> for ChainHashes {
+    fn call<T: TokenId>(&self, tokens: &[T]) -> Result<Vec<Blake3Hash>, CoreError> {
+        hash::hash_chunks(&self.prev, tokens, self.chunk_size)
+    }
+}
+
+fn hashes_to_list<'py>(py: Python<'py>, hashes: &[Blake3Hash]) -> PyResult<Bound<'py, PyList>> {
+    PyList::new(py, hashes.iter().map(|h| PyBytes::new(py, h)))
+}
+
+/// The blake3 chain seed (spec C.1).
+#[pyfunction]
+fn none_hash(py: Python<'_>) -> Bound<'_, PyBytes> {
+    PyBytes::new(py, &hash::none_hash())
+}
+
+/// Hashes of the complete chunks of `tokens[:end]`, chained from token 0, for chunks
+/// `start // chunk_size` onwards (spec C.1).
+#[pyfunction]
+#[pyo3(signature = (tokens, chunk_size = 256, start = 0, end = None))]
+fn chunk_hashes<'py>(
+    py: Python<'py>,
+    tokens: &Bound<'py, PyAny>,
+    chunk_size: usize,
+    start: usize,
+    end: Option<usize>,
+) -> PyResult<Bound<'py, PyList>> {
+    let job = PrefixHashes { chunk_size, start, end };
+    let hashes = with_tokens(py, tokens, &job)?.map_err(to_py_err)?;
+    hashes_to_list(py, &hashes)
+}
+
+/// Extends a chain: hashes of the complete chunks of `tokens`, starting after `prev`
+/// (default: the chain seed). Used to cache a session's chain and hash only new chunks.
+#[pyfunction]
+#[pyo3(signature = (tokens, prev = None, chunk_size = 256))]
+fn extend_chain<'py>(
+    py: Python<'py>,
+    tokens: &Bound<'py, PyAny>,
+    prev: Option<&[u8]>,
+    chunk_size: usize,
+) -> PyResult<Bound<'py, PyList>> {
+    let prev: Blake3Hash = match prev {
+        None => hash::none_hash(),
+        Some(p) => p.try_into().map_err(|_| {
+            to_py_err(CoreError::InvalidArgument(format!("prev must be 32 bytes, got {}", p.len())))
+        })?,
+    };
+    let job = ChainHashes { prev, chunk_size };
+    let hashes = with_tokens(py, tokens, &job)?.map_err(to_py_err)?;
+    hashes_to_list(py, &hashes)
+}
+
+/// `world << 24 | global_rank << 16 | local_world << 8 | local_rank`; every field <= 255.
+#[pyfunction]
+fn kv_rank(world_size: u32, global_rank: u32, local_world_size: u32, local_rank: u32) -> PyResult<u32> {
+    key::kv_rank(world_size, global_rank, local_world_size, local_rank).map_err(to_py_err)
+}
+
+/// The MP server's kv_rank of worker `worker_id` in a KV world of `world_size`.
+#[pyfunction]
+fn mp_kv_rank(world_size: u32, worker_id: u32) -> PyResult<u32> {
+    key::mp_kv_rank(world_size, worker_id).map_err(to_py_err)
+}
+
+#[pyfunction]
+fn validate_salt(cache_salt: &str) -> PyResult<()> {
+    key::validate_salt(cache_salt).map_err(to_py_err)
+}
+
+#[pyfunction]
+fn validate_model(model_name: &str) -> PyResult<()> {
+    key::validate_model(model_name).map_err(to_py_err)
+}
+
+/// Model, kv_rank, object group and cache_salt: an object key without its chunk hash.
+#[pyclass(frozen, eq, hash, module = "lmcache_rs._core")]
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct KeyScope(key::KeyScope);
+
+#[pymethods]
+impl KeyScope {
+    #[new]
+    #[pyo3(signature = (model_name, kv_rank, object_group = 0, cache_salt = ""))]
+    fn new(model_name: &str, kv_rank: u32, object_group: u32, cache_salt: &str) -> PyResult<Self> {
+        key::KeyScope::new(model_name, kv_rank, object_group, cache_salt).map(Self).map_err(to_py_err)
+    }
+    #[getter]
+    fn model_name(&self) -> &str {
+        self.0.model_name()
+    }
+    #[getter]
+    fn kv_rank(&self) -> u32 {
+        self.0.kv_rank()
+    }
+    #[getter]
+    fn object_group(&self) -> u32 {
+        self.0.object_group()
+    }
+    #[getter]
+    fn cache_salt(&self) -> &str {
+        self.0.cache_salt()
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "KeyScope(model_name={:?}, kv_rank={:#010x}, object_group={}, cache_salt={:?})",
+            self.0.model_name(),
+            self.0.kv_rank(),
+            self.0.object_group(),
+            self.0.cache_salt()
+        )
+    }
+}
+
+/// A full object key (spec C.2).
+#[pyclass(frozen, eq, hash, module = "lmcache_rs._core")]
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct ObjectKey(key::ObjectKey);
+
+#[pymethods]
+impl ObjectKey {
+    #[new]
+    #[pyo3(signature = (chunk_hash, model_name, kv_rank, object_group = 0, cache_salt = ""))]
+    fn new(
+        chunk_hash: &[u8],
+        model_name: &str,
+        kv_rank: u32,
+        object_group: u32,
+        cache_salt: &str,
+    ) -> PyResult<Self> {
+        let scope = key::KeyScope::new(model_name, kv_rank, object_group, cache_salt).map_err(to_py_err)?;
+        key::ObjectKey::new(chunk_hash, scope).map(Self).map_err(to_py_err)
+    }
+    #[getter]
+    fn chunk_hash<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, self.0.chunk_hash.as_bytes())
+    }
+    #[getter]
+    fn scope(&self) -> KeyScope {
+        KeyScope(self.0.scope.clone())
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "ObjectKey(chunk_hash={}, scope={})",
+            self.0.chunk_hash.hex(),
+            KeyScope(self.0.scope.clone()).__repr__()
+        )
+    }
+}
+
+/// A clock that moves only when told to, for deterministic TTL tests.
+#[pyclass(frozen, module = "lmcache_rs._core")]
+struct ManualClock(Arc<clock::ManualClock>);
+
+#[pymethods]
+impl ManualClock {
+    #[new]
+    fn new() -> Self {
+        Self(clock::ManualClock::new())
+    }
+    fn advance(&self, seconds: f64) {
+        self.0.advance_secs(seconds);
+    }
+}
+
+fn to_hashes(hashes: Vec<Vec<u8>>) -> PyResult<Vec<ChunkHash>> {
+    hashes.iter().map(|h| ChunkHash::new(h)).collect::<Result<_, _>>().map_err(to_py_err)
+}
+
+/// `(offset, size, read_locks, temporary)` of a resident object.
+type SlotTuple = (u64, u64, u32, bool);
+
+/// The L1 index. Every method takes the index lock with the GIL released.
+#[pyclass(frozen, module = "lmcache_rs._core")]
+struct L1Index(index::L1Index);
+
+#[pymethods]
+impl L1Index {
+    #[new]
+    #[pyo3(signature = (
+        capacity_bytes, *, align_bytes = 4096, policy = "LRU", trigger_watermark = 0.8,
+        eviction_ratio = 0.2, write_ttl_secs = 600.0, read_ttl_secs = 300.0,
+        demand_eviction = true, clock = None,
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        capacity_bytes: u64,
+        align_bytes: u64,
+        policy: &str,
+        trigger_watermark: f64,
+        eviction_ratio: f64,
+        write_ttl_secs: f64,
+        read_ttl_secs: f64,
+        demand_eviction: bool,
+        clock: Option<&ManualClock>,
+    ) -> PyResult<Self> {
+        let config = index::L1Config {
+            capacity_bytes,
+            align_bytes,
+            policy: policy.parse().map_err(to_py_err)?,
+            trigger_watermark,
+            eviction_ratio,
+            write_ttl_secs,
+            read_ttl_secs,
+            demand_eviction,
+        };
+        let idx = match clock {
+            Some(c) => index::L1Index::with_clock(config, c.0.clone()),
+            None => index::L1Index::new(config),
+        };
+        idx.map(Self).map_err(to_py_err)
+    }
+
+    #[getter]
+    fn capacity_bytes(&self, py: Python<'_>) -> u64 {
+        py.detach(|| self.0.capacity())
+    }
+    #[getter]
+    fn policy(&self) -> &'static str {
+        self.0.config().policy.as_str()
+    }
+    fn object_footprint(&self, py: Python<'_>, size: u64) -> PyResult<u64> {
+        py.detach(|| self.0.object_footprint(size)).map_err(to_py_err)
+    }
+
+    /// Returns one `(status, offset, size)` per hash; status is `reserved`, `resident`,
+    /// `in_flight` or `oom` (offset and size are 0 unless reserved).
+    #[pyo3(signature = (scope, hashes, size, writer, all_or_nothing = false))]
+    fn reserve_write(
+        &self,
+        py: Python<'_>,
+        scope: &KeyScope,
+        hashes: Vec<Vec<u8>>,
+        size: u64,
+        writer: u64,
+        all_or_nothing: bool,
+    ) -> PyResult<Vec<(&'static str, u64, u64)>> {
+        let hashes = to_hashes(hashes)?;
+        let out = py
+            .detach(|| self.0.reserve_write(&scope.0, &hashes, size, writer, all_or_nothing))
+            .map_err(to_py_err)?;
+        Ok(out
+            .into_iter()
+            .map(|r| match r {
+                Reserve::Reserved(a) => ("reserved", a.offset, a.size),
+                Reserve::AlreadyResident => ("resident", 0, 0),
+                Reserve::InFlight => ("in_flight", 0, 0),
+                Reserve::OutOfMemory => ("oom", 0, 0),
+            })
+            .collect())
+    }
+
+    /// Returns one of `admitted`, `resident` (another writer won; success) or `not_staged`.
+    #[pyo3(signature = (scope, hashes, writer, lock_readers = 0, temporary = false))]
+    fn finish_write(
+        &self,
+        py: Python<'_>,
+        scope: &KeyScope,
+        hashes: Vec<Vec<u8>>,
+        writer: u64,
+        lock_readers: u32,
+        temporary: bool,
+    ) -> PyResult<Vec<&'static str>> {
+        let hashes = to_hashes(hashes)?;
+        let out = py
+            .detach(|| self.0.finish_write(&scope.0, &hashes, writer, lock_readers, temporary))
+            .map_err(to_py_err)?;
+        Ok(out
+            .into_iter()
+            .map(|f| match f {
+                Finish::Admitted => "admitted",
+                Finish::AlreadyResident => "resident",
+                Finish::NotStaged => "not_staged",
+            })
+            .collect())
+    }
+
+    fn abort_write(
+        &self,
+        py: Python<'_>,
+        scope: &KeyScope,
+        hashes: Vec<Vec<u8>>,
+        writer: u64,
+    ) -> PyResult<usize> {
+        let hashes = to_hashes(hashes)?;
+        Ok(py.detach(|| self.0.abort_write(&scope.0, &hashes, writer)))
+    }
+
+    #[pyo3(signature = (scope, hashes, readers = 1))]
+    fn lookup(
+        &self,
+        py: Python<'_>,
+        scope: &KeyScope,
+        hashes: Vec<Vec<u8>>,
+        readers: u32,
+    ) -> PyResult<usize> {
+        let hashes = to_hashes(hashes)?;
+        py.detach(|| self.0.lookup(&scope.0, &hashes, readers)).map_err(to_py_err)
+    }
+
+    fn peek(&self, py: Python<'_>, scope: &KeyScope, hashes: Vec<Vec<u8>>) -> PyResult<usize> {
+        let hashes = to_hashes(hashes)?;
+        Ok(py.detach(|| self.0.peek(&scope.0, &hashes)))
+    }
+
+    #[pyo3(signature = (scope, hashes, n = 1))]
+    fn finish_read(&self, py: Python<'_>, scope: &KeyScope, hashes: Vec<Vec<u8>>, n: u32) -> PyResult<usize> {
+        let hashes = to_hashes(hashes)?;
+        Ok(py.detach(|| self.0.finish_read(&scope.0, &hashes, n)))
+    }
+
+    /// One `(offset, size, read_locks, temporary)` per hash, or None when not resident.
+    fn resolve(
+        &self,
+        py: Python<'_>,
+        scope: &KeyScope,
+        hashes: Vec<Vec<u8>>,
+    ) -> PyResult<Vec<Option<SlotTuple>>> {
+        let hashes = to_hashes(hashes)?;
+        let out = py.detach(|| self.0.resolve(&scope.0, &hashes));
+        Ok(out
+            .into_iter()
+            .map(|s| s.map(|s| (s.alloc.offset, s.alloc.size, s.read_locks, s.temporary)))
+            .collect())
+    }
+
+    fn touch(&self, py: Python<'_>, scope: &KeyScope, hashes: Vec<Vec<u8>>) -> PyResult<usize> {
+        let hashes = to_hashes(hashes)?;
+        Ok(py.detach(|| self.0.touch(&scope.0, &hashes)))
+    }
+
+    #[pyo3(signature = (scope, hashes, force = false))]
+    fn delete(&self, py: Python<'_>, scope: &KeyScope, hashes: Vec<Vec<u8>>, force: bool) -> PyResult<usize> {
+        let hashes = to_hashes(hashes)?;
+        Ok(py.detach(|| self.0.delete(&scope.0, &hashes, force)))
+    }
+
+    #[pyo3(signature = (force = false))]
+    fn clear(&self, py: Python<'_>, force: bool) -> index::ClearReport {
+        py.detach(|| self.0.clear(force))
+    }
+
+    fn evict_cycle(&self, py: Python<'_>) -> index::CycleReport {
+        py.detach(|| self.0.evict_cycle())
+    }
+
+    fn set_quota(&self, py: Python<'_>, cache_salt: &str, limit_bytes: u64) -> PyResult<()> {
+        py.detach(|| self.0.set_quota(cache_salt, limit_bytes)).map_err(to_py_err)
+    }
+    fn remove_quota(&self, py: Python<'_>, cache_salt: &str) -> bool {
+        py.detach(|| self.0.remove_quota(cache_salt))
+    }
+    fn get_quota(&self, py: Python<'_>, cache_salt: &str) -> Option<u64> {
+        py.detach(|| self.0.get_quota(cache_salt))
+    }
+    fn list_quotas(&self, py: Python<'_>) -> Vec<(String, u64)> {
+        py.detach(|| self.0.list_quotas())
+    }
+    fn salt_usage(&self, py: Python<'_>, cache_salt: &str) -> u64 {
+        py.detach(|| self.0.salt_usage(cache_salt))
+    }
+
+    /// One consistent snapshot (a dict) for metrics and /status.
+    fn stats(&self, py: Python<'_>) -> index::L1Stats {
+        py.detach(|| self.0.stats())
+    }
+
+    /// Verifies the index's invariants (tests); raises on violation.
+    fn check_invariants(&self, py: Python<'_>) {
+        py.detach(|| self.0.check_invariants());
+    }
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("HASH_LEN", hash::HASH_LEN)?;
+    m.add("MAX_READERS", index::MAX_READERS)?;
+    m.add("LmcacheCoreError", py.get_type::<LmcacheCoreError>())?;
+    m.add("InvalidKeyError", py.get_type::<InvalidKeyError>())?;
+    m.add("OutOfMemoryError", py.get_type::<OutOfMemoryError>())?;
+    m.add("InconsistentStateError", py.get_type::<InconsistentStateError>())?;
+    m.add_function(wrap_pyfunction!(none_hash, m)?)?;
+    m.add_function(wrap_pyfunction!(chunk_hashes, m)?)?;
+    m.add_function(wrap_pyfunction!(extend_chain, m)?)?;
+    m.add_function(wrap_pyfunction!(kv_rank, m)?)?;
+    m.add_function(wrap_pyfunction!(mp_kv_rank, m)?)?;
+    m.add_function(wrap_pyfunction!(validate_salt, m)?)?;
+    m.add_function(wrap_pyfunction!(validate_model, m)?)?;
+    m.add_class::<KeyScope>()?;
+    m.add_class::<ObjectKey>()?;
+    m.add_class::<ManualClock>()?;
+    m.add_class::<L1Index>()?;
+    Ok(())
+}
