@@ -1,1 +1,189 @@
-fn main() {}
+//! Criterion benches of the Rust core (no Python). Run: `cargo bench --bench core`.
+//!
+//! Targets (issue #2, 2-core machine): lookup+lock of a 128-chunk prefix < 20 µs, hashing a
+//! 32k-token prompt < 200 µs, an eviction cycle O(objects evicted) not O(objects held)
+//! (compare `evict_cycle/evict_1000_of/*` across sizes and `evict_cycle/idle/*`).
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use lmcache_rs_core::{
+    none_hash, prefix_hashes, ChunkHash, EvictionPolicy, KeyScope, L1Config, L1Index, Reserve,
+};
+
+const OBJ: u64 = 4096;
+
+fn scope() -> KeyScope {
+    KeyScope::new("meta-llama/Llama-3.1-8B", 0x0100_0100, 0, "").unwrap()
+}
+
+fn hashes(base: u32, n: u32) -> Vec<ChunkHash> {
+    (base..base + n)
+        .map(|i| {
+            let mut b = *blake3::hash(&i.to_le_bytes()).as_bytes();
+            b[0] ^= 1;
+            ChunkHash::from(b)
+        })
+        .collect()
+}
+
+fn store(idx: &L1Index, s: &KeyScope, hs: &[ChunkHash]) {
+    let r = idx.reserve_write(s, hs, OBJ, 1, false).unwrap();
+    assert!(r.iter().all(|r| matches!(r, Reserve::Reserved(_))));
+    idx.finish_write(s, hs, 1, 0, false).unwrap();
+}
+
+/// An index holding `objects` objects in requests of 128 chunks.
+fn filled(objects: u32, capacity_objects: u64, cfg: impl FnOnce(&mut L1Config)) -> L1Index {
+    let mut c = L1Config::new(capacity_objects * OBJ);
+    cfg(&mut c);
+    let idx = L1Index::new(c).unwrap();
+    let s = scope();
+    for base in (0..objects).step_by(128) {
+        store(&idx, &s, &hashes(base, 128.min(objects - base)));
+    }
+    idx
+}
+
+fn bench_hashing(c: &mut Criterion) {
+    let mut g = c.benchmark_group("hash");
+    let tokens_u32: Vec<u32> = (0..32_768u32).map(|i| i.wrapping_mul(2_654_435_761) % 128_000).collect();
+    let tokens_i64: Vec<i64> = tokens_u32.iter().map(|&t| i64::from(t)).collect();
+    g.throughput(Throughput::Elements(tokens_u32.len() as u64));
+    g.bench_function("prefix_32k_tokens_u32", |b| {
+        b.iter(|| prefix_hashes(black_box(&tokens_u32), 256, 0, None))
+    });
+    g.bench_function("prefix_32k_tokens_i64", |b| {
+        b.iter(|| prefix_hashes(black_box(&tokens_i64), 256, 0, None))
+    });
+    // The floor: blake3 alone over the same 128 inputs of 32 + 1024 bytes, chained.
+    g.bench_function("blake3_floor_128x1056B", |b| {
+        let mut buf = vec![7u8; 32 + 1024];
+        b.iter(|| {
+            for _ in 0..128 {
+                let h = *blake3::hash(black_box(&buf)).as_bytes();
+                buf[..32].copy_from_slice(&h);
+            }
+        })
+    });
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("none_hash", |b| b.iter(none_hash));
+    g.finish();
+}
+
+fn bench_lookup(c: &mut Criterion) {
+    let mut g = c.benchmark_group("lookup");
+    let idx = filled(100_000, 1 << 20, |_| {});
+    let s = scope();
+    let prefix = hashes(0, 128);
+    g.throughput(Throughput::Elements(128));
+    g.bench_function("lookup_lock_128_of_100k", |b| {
+        b.iter(|| {
+            let hit = idx.lookup(&s, black_box(&prefix), 1).unwrap();
+            idx.finish_read(&s, &prefix, 1);
+            hit
+        })
+    });
+    g.bench_function("lookup_only_128_of_100k", |b| {
+        b.iter(|| idx.lookup(&s, black_box(&prefix), 1).unwrap())
+    });
+    let miss = hashes(10_000_000, 128);
+    g.bench_function("lookup_miss_128", |b| b.iter(|| idx.lookup(&s, black_box(&miss), 1).unwrap()));
+    g.finish();
+}
+
+fn bench_write(c: &mut Criterion) {
+    let mut g = c.benchmark_group("write");
+    // Room for 100k objects and full: every write demand-evicts (steady state of a busy L1).
+    let idx = filled(100_000, 100_000, |_| {});
+    let s = scope();
+    let next = AtomicU32::new(1_000_000);
+    g.throughput(Throughput::Elements(128));
+    g.bench_function("reserve_finish_128_with_demand_eviction", |b| {
+        b.iter_batched(
+            || hashes(next.fetch_add(128, Ordering::Relaxed), 128),
+            |hs| store(&idx, &s, &hs),
+            BatchSize::SmallInput,
+        )
+    });
+    let roomy = filled(0, 1 << 24, |_| {});
+    g.bench_function("reserve_finish_delete_128", |b| {
+        b.iter_batched(
+            || hashes(next.fetch_add(128, Ordering::Relaxed), 128),
+            |hs| {
+                store(&roomy, &s, &hs);
+                roomy.delete(&s, &hs, false)
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+fn bench_evict(c: &mut Criterion) {
+    let mut g = c.benchmark_group("evict_cycle");
+    g.sample_size(20);
+    for held in [10_000u32, 1_000_000] {
+        // Watermark 0 < w: always triggered; ratio picks ~1000 objects whatever `held` is.
+        let ratio = 1000.0 / f64::from(held);
+        let idx = filled(held, u64::from(held), |c| {
+            c.trigger_watermark = 0.5;
+            c.eviction_ratio = ratio;
+        });
+        let s = scope();
+        let next = AtomicU32::new(100_000_000);
+        g.bench_function(format!("evict_1000_of/{held}"), |b| {
+            b.iter_batched(
+                || {
+                    // Refill what the previous cycle evicted (not timed).
+                    let free = (idx.stats().free_bytes / OBJ) as u32;
+                    for chunk in (0..free).step_by(128) {
+                        store(
+                            &idx,
+                            &s,
+                            &hashes(next.fetch_add(128, Ordering::Relaxed), 128.min(free - chunk)),
+                        );
+                    }
+                },
+                |()| {
+                    let r = idx.evict_cycle();
+                    assert!(r.watermark_evicted_objects >= 999, "{r:?}");
+                    r
+                },
+                BatchSize::PerIteration,
+            )
+        });
+        let idle = filled(held, u64::from(held) * 2, |c| c.trigger_watermark = 0.9);
+        g.bench_function(format!("idle/{held}"), |b| b.iter(|| idle.evict_cycle()));
+    }
+    // IsolatedLRU quota trimming: 1M objects over 8 salts within quota, one salt over by 1000.
+    let mut c8 = L1Config::new(2_000_000 * OBJ);
+    c8.policy = EvictionPolicy::IsolatedLru;
+    c8.trigger_watermark = 1.0;
+    let idx = L1Index::new(c8).unwrap();
+    let salts: Vec<KeyScope> =
+        (0..8).map(|i| KeyScope::new("m", 0x0100_0100, 0, &format!("tenant{i}")).unwrap()).collect();
+    for (i, s) in salts.iter().enumerate() {
+        idx.set_quota(s.cache_salt(), 125_000 * OBJ).unwrap();
+        for base in (0..125_000u32).step_by(125) {
+            store(&idx, s, &hashes(i as u32 * 10_000_000 + base, 125));
+        }
+    }
+    let next = AtomicU32::new(200_000_000);
+    g.bench_function("quota_trim_1000_of/1000000", |b| {
+        b.iter_batched(
+            || store(&idx, &salts[0], &hashes(next.fetch_add(1000, Ordering::Relaxed), 1000)),
+            |()| {
+                let r = idx.evict_cycle();
+                assert_eq!(r.quota_evicted_objects, 1000);
+                r
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_hashing, bench_lookup, bench_write, bench_evict);
+criterion_main!(benches);

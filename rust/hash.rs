@@ -16,7 +16,10 @@ pub type Blake3Hash = [u8; HASH_LEN];
 /// A token id as it arrives from Python buffers (numpy / torch dtypes) or Rust callers.
 /// Every id must fit an unsigned 32-bit integer; anything else is an error, never truncated.
 pub trait TokenId: Copy + Send + Sync {
-    fn to_u32(self) -> Option<u32>;
+    /// Whether the id fits `u32`.
+    fn fits(self) -> bool;
+    /// The id as `u32`; only called after [`TokenId::fits`] held.
+    fn as_u32(self) -> u32;
     fn widen(self) -> i128;
 }
 
@@ -24,8 +27,13 @@ macro_rules! token_id {
     ($($t:ty),*) => {$(
         impl TokenId for $t {
             #[inline(always)]
-            fn to_u32(self) -> Option<u32> {
-                u32::try_from(self).ok()
+            fn fits(self) -> bool {
+                // Sign-extending to i64 then reinterpreting makes negatives huge: one compare.
+                (self as i64 as u64) <= u64::from(u32::MAX)
+            }
+            #[inline(always)]
+            fn as_u32(self) -> u32 {
+                self as u32
             }
             #[inline(always)]
             fn widen(self) -> i128 {
@@ -36,26 +44,30 @@ macro_rules! token_id {
 }
 token_id!(u8, u16, u32, u64, i8, i16, i32, i64);
 
-/// `blake3(prev || be_u32 tokens)`; `scratch` is reused between calls to avoid allocation.
-fn hash_one<T: TokenId>(
-    prev: &[u8],
-    tokens: &[T],
-    offset: usize,
-    scratch: &mut Vec<u8>,
-) -> CoreResult<Blake3Hash> {
-    scratch.clear();
-    scratch.extend_from_slice(prev);
-    for (i, &t) in tokens.iter().enumerate() {
-        let v = t.to_u32().ok_or(CoreError::InvalidToken { position: offset + i, value: t.widen() })?;
-        scratch.extend_from_slice(&v.to_be_bytes());
+/// Checks every id up front (a branch-free, vectorisable pass) so the hashing loop converts
+/// without checks.
+fn validate<T: TokenId>(tokens: &[T]) -> CoreResult<()> {
+    if tokens.iter().fold(true, |ok, t| ok & t.fits()) {
+        return Ok(());
     }
-    Ok(*blake3::hash(scratch).as_bytes())
+    let position = tokens.iter().position(|t| !t.fits()).expect("an id does not fit");
+    Err(CoreError::InvalidToken { position, value: tokens[position].widen() })
+}
+
+/// `blake3(prev || be_u32 tokens)` for validated tokens. `buf` is reused between calls.
+fn hash_one<T: TokenId>(prev: &[u8], tokens: &[T], buf: &mut Vec<u8>) -> Blake3Hash {
+    buf.resize(prev.len() + 4 * tokens.len(), 0);
+    let (head, body) = buf.split_at_mut(prev.len());
+    head.copy_from_slice(prev);
+    for (out, &t) in body.chunks_exact_mut(4).zip(tokens) {
+        out.copy_from_slice(&t.as_u32().to_be_bytes());
+    }
+    *blake3::hash(buf).as_bytes()
 }
 
 /// The chain's seed: blake3 of the 8-byte big-endian integer 0 followed by token 0.
 pub fn none_hash() -> Blake3Hash {
-    let mut scratch = Vec::with_capacity(12);
-    hash_one(&0i64.to_be_bytes(), &[0u32], 0, &mut scratch).expect("token 0 is valid")
+    hash_one(&0i64.to_be_bytes(), &[0u32], &mut Vec::with_capacity(12))
 }
 
 /// Hashes every complete chunk of `tokens`, chaining from `prev` (pass [`none_hash`] to start
@@ -69,11 +81,12 @@ pub fn hash_chunks<T: TokenId>(
         return Err(CoreError::InvalidArgument("chunk_size must be > 0".into()));
     }
     let n = tokens.len() / chunk_size;
+    validate(&tokens[..n * chunk_size])?;
     let mut out = Vec::with_capacity(n);
     let mut scratch = Vec::with_capacity(HASH_LEN + 4 * chunk_size);
     let mut last = *prev;
-    for (i, chunk) in tokens.chunks_exact(chunk_size).enumerate() {
-        last = hash_one(&last, chunk, i * chunk_size, &mut scratch)?;
+    for chunk in tokens.chunks_exact(chunk_size) {
+        last = hash_one(&last, chunk, &mut scratch);
         out.push(last);
     }
     Ok(out)
