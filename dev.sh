@@ -64,7 +64,7 @@ setup() {
         echo "$want" >"$stamp"
     fi
     say "building the Rust extension (release)"
-    VIRTUAL_ENV="$VENV" "$VENV/bin/maturin" develop --release -q --skip-install
+    VIRTUAL_ENV="$VENV" "$VENV/bin/maturin" develop --release -q
 }
 
 lint() {

@@ -490,6 +490,18 @@ impl L1Index {
         self.inner.lock().abort_write(scope, hashes, writer)
     }
 
+    /// Drops every staged copy of `writer` (a dead or unregistered worker). O(staging objects).
+    pub fn abort_writer(&self, writer: u64) -> usize {
+        let mut g = self.inner.lock();
+        let ids: Vec<u32> =
+            g.staging_list.iter(&g.entries).filter(|&id| g.entries[id as usize].writer == writer).collect();
+        for &id in &ids {
+            g.remove(id);
+        }
+        g.counters.aborted_writes += ids.len() as u64;
+        ids.len()
+    }
+
     /// Read-locks the longest resident prefix of `hashes` for `readers` readers (clamped to
     /// 128) and returns its length.
     pub fn lookup(&self, scope: &KeyScope, hashes: &[ChunkHash], readers: u32) -> CoreResult<usize> {

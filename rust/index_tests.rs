@@ -89,6 +89,19 @@ fn staging_is_invisible_until_finished() {
 }
 
 #[test]
+fn abort_writer_drops_only_that_writers_staging() {
+    let f = Fixture::new(8, EvictionPolicy::Lru);
+    let s = scope("");
+    f.idx.reserve_write(&s, &hs(0..3), OBJ, 1, false).unwrap();
+    f.idx.reserve_write(&s, &hs(0..2), OBJ, 2, false).unwrap();
+    assert_eq!(f.idx.abort_writer(1), 3);
+    assert_eq!(f.ok().stats().staging_objects, 2);
+    assert_eq!(f.idx.finish_write(&s, &hs(0..2), 2, 0, false).unwrap(), [Finish::Admitted; 2]);
+    assert_eq!(f.idx.abort_writer(1), 0);
+    assert_eq!(f.ok().stats().counters.aborted_writes, 3);
+}
+
+#[test]
 fn write_lock_ttl_expires() {
     let f = Fixture::new(8, EvictionPolicy::Lru);
     let s = scope("");

@@ -388,6 +388,11 @@ impl L1Index {
         Ok(py.detach(|| self.0.abort_write(&scope.0, &hashes, writer)))
     }
 
+    /// Drops every staged copy of `writer` (a dead or unregistered worker).
+    fn abort_writer(&self, py: Python<'_>, writer: u64) -> usize {
+        py.detach(|| self.0.abort_writer(writer))
+    }
+
     #[pyo3(signature = (scope, hashes, readers = 1))]
     fn lookup(
         &self,

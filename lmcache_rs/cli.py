@@ -1,0 +1,229 @@
+"""`lmcache-rs server [flags]`: the flags of spec A.2/A.3 that apply, with working defaults."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from lmcache_rs.config import (
+    ConfigError,
+    HttpConfig,
+    MPConfig,
+    ServerConfig,
+    StorageConfig,
+    default_l1_size_gb,
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmcache-rs", description="lmcache-rs KV-cache server")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser(
+        "server",
+        help="run the KV-cache server",
+        description="Run the KV-cache server: a ZMQ endpoint for LMCache 0.5.x MP clients (vLLM's "
+        "LMCacheMPConnector) and an operator HTTP API. Every flag has a working default.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    mp = MPConfig()
+    st = StorageConfig()
+    http = HttpConfig()
+    g = s.add_argument_group("request server")
+    g.add_argument("--host", default=mp.host, help="address the ZMQ ROUTER socket binds to")
+    g.add_argument("--port", type=int, default=mp.port, help="ZMQ port (clients use tcp://HOST:PORT)")
+    g.add_argument("--instance-id", default=None, help="server identity (default: a random UUID)")
+    g.add_argument(
+        "--chunk-size",
+        type=int,
+        default=mp.chunk_size,
+        help="tokens per chunk; must match the clients and be a multiple of the engine block size",
+    )
+    g.add_argument(
+        "--null-block-id",
+        type=int,
+        default=mp.null_block_id,
+        help="engine block id meaning 'no data'; chunks of only null blocks are not stored",
+    )
+    g.add_argument("--max-workers", type=int, default=mp.max_workers, help="threads of each request pool")
+    g.add_argument(
+        "--max-gpu-workers",
+        type=int,
+        default=None,
+        help="threads of the transfer pool (store/retrieve, FIFO per client); default --max-workers",
+    )
+    g.add_argument(
+        "--max-cpu-workers",
+        type=int,
+        default=None,
+        help="threads of the control pool (lookup, query, ping...); default --max-workers",
+    )
+    g.add_argument("--hash-algorithm", default=mp.hash_algorithm, help="chunk hash; only blake3 is built in")
+    g.add_argument(
+        "--worker-reap-timeout-seconds",
+        type=float,
+        default=mp.worker_reap_timeout_seconds,
+        help="drop a worker registration silent this long after it pinged (0: never)",
+    )
+    g.add_argument(
+        "--worker-registration-grace-seconds",
+        type=float,
+        default=mp.worker_registration_grace_seconds,
+        help="silence allowed to a registered worker that never pinged",
+    )
+    g.add_argument(
+        "--session-ttl-seconds",
+        type=float,
+        default=mp.session_ttl_seconds,
+        help="a request session (hash chain, lookup locks) idle this long is dropped",
+    )
+    g.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=mp.max_message_bytes,
+        help="largest accepted ZMQ message; larger ones are dropped by the transport",
+    )
+    g.add_argument(
+        "--max-pending-requests",
+        type=int,
+        default=mp.max_pending_requests,
+        help="queued requests beyond this get an immediate 'overloaded' error reply",
+    )
+    g = s.add_argument_group("L1 (CPU memory)")
+    g.add_argument(
+        "--l1-size-gb",
+        type=float,
+        default=None,
+        help=f"L1 capacity in GiB (default: 8, or a quarter of RAM if smaller; here {default_l1_size_gb()})",
+    )
+    g.add_argument("--l1-align-bytes", type=int, default=st.l1_align_bytes, help="allocation alignment")
+    g.add_argument(
+        "--eviction-policy",
+        default=st.eviction_policy,
+        choices=["LRU", "IsolatedLRU", "noop"],
+        help="LRU: one recency list; IsolatedLRU: one per cache_salt with per-salt quotas "
+        "(allowlist: a salt without a quota is evicted); noop: never evict",
+    )
+    g.add_argument(
+        "--eviction-trigger-watermark",
+        type=float,
+        default=st.eviction_trigger_watermark,
+        help="L1 used/capacity at which the 1 s eviction cycle frees memory",
+    )
+    g.add_argument(
+        "--eviction-ratio",
+        type=float,
+        default=st.eviction_ratio,
+        help="fraction of the used bytes a triggered cycle frees",
+    )
+    g.add_argument(
+        "--l1-write-ttl-seconds",
+        type=float,
+        default=st.l1_write_ttl_seconds,
+        help="a write reservation not finished in this time is reclaimed",
+    )
+    g.add_argument(
+        "--l1-read-ttl-seconds",
+        type=float,
+        default=st.l1_read_ttl_seconds,
+        help="a read lock (lookup) not released in this time stops protecting its object",
+    )
+    g.add_argument(
+        "--quota",
+        action="append",
+        default=[],
+        metavar="SALT=GIB",
+        help="initial IsolatedLRU quota of a cache_salt (repeatable; _default is the empty salt); "
+        "change them at run time with PUT /quota/{salt}",
+    )
+    g.add_argument(
+        "--no-demand-eviction",
+        dest="demand_eviction",
+        action="store_false",
+        help="do not evict on the store path when L1 is full (LMCache's behaviour)",
+    )
+    g = s.add_argument_group("HTTP API")
+    g.add_argument("--http-host", default=http.http_host, help="address of the operator HTTP API")
+    g.add_argument("--http-port", type=int, default=http.http_port, help="port of the operator HTTP API")
+    g = s.add_argument_group("logging")
+    g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def build_config(ns: argparse.Namespace) -> ServerConfig:
+    mp_kw = {
+        k: getattr(ns, k)
+        for k in (
+            "host",
+            "port",
+            "chunk_size",
+            "null_block_id",
+            "max_workers",
+            "max_gpu_workers",
+            "max_cpu_workers",
+            "hash_algorithm",
+            "worker_reap_timeout_seconds",
+            "worker_registration_grace_seconds",
+            "session_ttl_seconds",
+            "max_message_bytes",
+            "max_pending_requests",
+        )
+    }
+    if ns.instance_id:
+        mp_kw["instance_id"] = ns.instance_id
+    st_kw = {
+        k: getattr(ns, k)
+        for k in (
+            "l1_align_bytes",
+            "eviction_policy",
+            "eviction_trigger_watermark",
+            "eviction_ratio",
+            "l1_write_ttl_seconds",
+            "l1_read_ttl_seconds",
+            "demand_eviction",
+        )
+    }
+    if ns.l1_size_gb is not None:
+        st_kw["l1_size_gb"] = ns.l1_size_gb
+    quotas: dict[str, float] = {}
+    for item in ns.quota:
+        salt, sep, gb = item.rpartition("=")
+        try:
+            quotas[salt] = float(gb)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ConfigError(f"--quota: expected SALT=GIB, got {item!r}")
+    st_kw["quotas_gb"] = quotas
+    return ServerConfig(
+        mp=MPConfig(**mp_kw),
+        storage_manager=StorageConfig(**st_kw),
+        http=HttpConfig(http_host=ns.http_host, http_port=ns.http_port),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, ns.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        cfg = build_config(ns)
+    except (ConfigError, TypeError) as e:
+        print(f"lmcache-rs: invalid configuration: {e}", file=sys.stderr)
+        return 2
+    # Heavy imports (torch) only once the configuration is valid, so --help and errors are fast.
+    from lmcache_rs.runtime import Runtime  # noqa: PLC0415
+
+    try:
+        runtime = Runtime(cfg)
+    except OSError as e:
+        print(f"lmcache-rs: cannot start: {e}", file=sys.stderr)
+        return 1
+    runtime.run_until_signal()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""`MPClient`: speaks the LMCache MP protocol over a ZMQ DEALER socket (spec B).
+
+Sends integer legacy op ids where they exist (as LMCache's client does), one frame per
+argument. Replies are matched by uid; a reply with an error frame raises `ServerError`
+(whose `fallback` is what an LMCache client would have decoded); no reply within the timeout
+raises `TimeoutError`. One client is used by one thread at a time.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import msgspec
+import zmq
+
+from lmcache_rs.protocol import ops
+from lmcache_rs.protocol.codec import encode
+from lmcache_rs.protocol.messages import ErrorFrame, IPCCacheServerKey, ext_hook, to_ext
+
+_decoder = msgspec.msgpack.Decoder(ext_hook=ext_hook)
+_error_decoder = msgspec.msgpack.Decoder(ErrorFrame)
+
+
+class ServerError(RuntimeError):
+    def __init__(self, op: str, code: str, message: str, fallback: Any) -> None:
+        super().__init__(f"{op}: {code}: {message}")
+        self.op = op
+        self.code = code
+        self.message = message
+        self.fallback = fallback
+
+
+class MPClient:
+    def __init__(self, url: str = "tcp://127.0.0.1:5555", timeout: float = 30.0) -> None:
+        if "://" not in url:
+            url = f"tcp://{url}"
+        self.url = url
+        self.timeout = timeout
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(url)
+        self._uids = itertools.count()
+        self._early: dict[bytes, list[bytes]] = {}
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+
+    def __enter__(self) -> MPClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- raw frames ----------------------------------------------------------------------
+
+    def send(self, op: str | int, *args: Any) -> bytes:
+        """Sends a request; returns its uid frame (pass it to `recv`)."""
+        spec = ops.find(op)
+        op_value: int | str = op
+        if spec is not None and spec.legacy_id is not None:
+            op_value = spec.legacy_id
+        uid = encode(next(self._uids))
+        self._sock.send_multipart([uid, encode(op_value), *(encode(a) for a in args)])
+        return uid
+
+    def send_frames(self, frames: list[bytes]) -> None:
+        """Sends arbitrary frames (tests of malformed input)."""
+        self._sock.send_multipart(frames)
+
+    def recv_frames(self, uid: bytes | None = None, timeout: float | None = None) -> list[bytes]:
+        """The next reply (or the one for `uid`), as raw frames."""
+        if uid is not None and uid in self._early:
+            return self._early.pop(uid)
+        deadline_ms = int(1000 * (self.timeout if timeout is None else timeout))
+        while True:
+            if not self._sock.poll(deadline_ms):
+                raise TimeoutError(f"no reply from {self.url} within {deadline_ms / 1000:.1f}s")
+            frames = self._sock.recv_multipart()
+            if uid is None or frames[0] == uid:
+                return frames
+            self._early[frames[0]] = frames
+
+    def recv(self, uid: bytes, timeout: float | None = None) -> Any:
+        frames = self.recv_frames(uid, timeout)
+        op = _decoder.decode(frames[1]) if frames[1] else ""
+        spec = ops.find(op)
+        name = spec.name if spec else str(op)
+        payload = _decoder.decode(frames[2]) if len(frames) > 2 else None
+        if len(frames) > 3:
+            err = _error_decoder.decode(frames[3]).error
+            raise ServerError(name, err.code, err.message, payload)
+        return payload
+
+    def call(self, op: str, *args: Any, timeout: float | None = None) -> Any:
+        return self.recv(self.send(op, *args), timeout)
+
+    # ---- typed operations ------------------------------------------------------------------
+
+    def get_chunk_size(self) -> int:
+        return int(self.call("get_chunk_size"))
+
+    def ping(self, instance_id: int | None = None) -> bool:
+        return bool(self.call("ping", instance_id))
+
+    def noop(self) -> str:
+        return str(self.call("noop"))
+
+    def get_experimental(self) -> list[str]:
+        return list(self.call("get_experimental"))
+
+    def register_kv_cache(
+        self,
+        instance_id: int,
+        handles: list[Any],
+        model_name: str,
+        world_size: int,
+        layout_hints: dict[str, Any] | None = None,
+        engine_group_infos: list[Any] | None = None,
+        engine_type: str = "vllm",
+    ) -> None:
+        self.call(
+            "register_kv_cache",
+            instance_id,
+            [to_ext(h) for h in handles],
+            model_name,
+            world_size,
+            engine_type,
+            layout_hints if layout_hints is not None else {"kv_layout": "NHD"},
+            engine_group_infos or [],
+        )
+
+    def unregister_kv_cache(self, instance_id: int) -> None:
+        self.call("unregister_kv_cache", instance_id)
+
+    def store(
+        self, key: IPCCacheServerKey, instance_id: int, block_ids: list[list[int]], event: bytes = b""
+    ) -> tuple[bytes, bool]:
+        event_out, ok = self.call("store", key, instance_id, block_ids, event)
+        return event_out, ok
+
+    def retrieve(
+        self,
+        key: IPCCacheServerKey,
+        instance_id: int,
+        block_ids: list[list[int]],
+        skip_first_n_tokens: int = 0,
+        event: bytes = b"",
+    ) -> tuple[bytes, bool]:
+        event_out, ok = self.call("retrieve", key, instance_id, block_ids, event, skip_first_n_tokens)
+        return event_out, ok
+
+    def lookup(self, key: IPCCacheServerKey, tp_size: int = 1) -> int:
+        """lookup + query_prefetch_status, as the vLLM scheduler does: the hit in chunks."""
+        self.call("lookup", key, tp_size)
+        return int(self.call("query_prefetch_status", key.request_id))
+
+    def free_lookup_locks(self, key: IPCCacheServerKey, tp_size: int = 1) -> None:
+        self.call("free_lookup_locks", key, tp_size)
+
+    def end_session(self, request_id: str) -> None:
+        self.call("end_session", request_id)
+
+    def clear(self, force: bool = False) -> None:
+        self.call("clear", force)
+
+
+def make_key(
+    token_ids: list[int],
+    request_id: str,
+    *,
+    model_name: str = "test-model",
+    world_size: int = 1,
+    worker_id: int | None = None,
+    start: int = 0,
+    end: int | None = None,
+    cache_salt: str = "",
+    num_kv_readers: int = 1,
+) -> IPCCacheServerKey:
+    return IPCCacheServerKey(
+        model_name=model_name,
+        world_size=world_size,
+        worker_id=worker_id,
+        token_ids=list(token_ids),
+        start=start,
+        end=len(token_ids) if end is None else end,
+        request_id=request_id,
+        cache_salt=cache_salt,
+        num_kv_readers=num_kv_readers,
+    )

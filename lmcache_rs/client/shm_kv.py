@@ -1,0 +1,95 @@
+"""A vLLM-like paged KV cache in POSIX shared memory, for CPU workers, tests and benchmarks.
+
+One segment per layer (`/lmcache_kv_<pid>_<n>`), each holding a `[2, NB, BS, H, D]` (NHD)
+tensor; `handles()` describes them as `cpu_shm` KV handles for register_kv_cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+from multiprocessing import shared_memory
+
+import torch
+
+from lmcache_rs.protocol.messages import CpuShmHandle, TensorMetadata
+
+_seq = itertools.count()
+
+
+class ShmKVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float16,
+        layout: str = "NHD",
+    ) -> None:
+        if layout == "NHD":
+            shape = (2, num_blocks, block_size, num_heads, head_dim)
+        elif layout == "HND":
+            shape = (2, num_blocks, num_heads, block_size, head_dim)
+        elif layout == "MLA":
+            shape = (num_blocks, block_size, head_dim)
+        else:
+            raise ValueError(f"unknown layout {layout!r}")
+        self.layout = layout
+        self.shape = shape
+        self.dtype = dtype
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        item = torch.empty((), dtype=dtype).element_size()
+        nbytes = item
+        for n in shape:
+            nbytes *= n
+        self.nbytes = nbytes
+        self._segments: list[shared_memory.SharedMemory] = []
+        self.layers: list[torch.Tensor] = []
+        for _ in range(num_layers):
+            name = f"lmcache_kv_{os.getpid()}_{next(_seq)}"
+            shm = shared_memory.SharedMemory(name=name, create=True, size=nbytes)
+            self._segments.append(shm)
+            self.layers.append(torch.frombuffer(shm.buf, dtype=dtype, count=nbytes // item).view(shape))
+
+    def handles(self) -> list[CpuShmHandle]:
+        out = []
+        for shm, t in zip(self._segments, self.layers, strict=True):
+            out.append(
+                CpuShmHandle(
+                    version=1,
+                    metadata=TensorMetadata(
+                        dtype=str(t.dtype).removeprefix("torch."),
+                        shape=list(t.shape),
+                        stride=list(t.stride()),
+                        storage_offset=0,
+                        device_uuid="cpu",
+                    ),
+                    shm_name=f"/{shm.name}",
+                    nbytes=self.nbytes,
+                )
+            )
+        return out
+
+    def fill_random(self, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        for t in self.layers:
+            t.copy_(torch.randn(t.shape, generator=g).to(self.dtype))
+
+    def blocks_view(self, block_ids: list[int]) -> list[torch.Tensor]:
+        """Per layer, the given blocks (copied), for byte-exact comparisons."""
+        idx = torch.tensor(block_ids)
+        dim = 0 if self.layout == "MLA" else 1
+        return [t.index_select(dim, idx).clone() for t in self.layers]
+
+    def close(self) -> None:
+        self.layers.clear()
+        for shm in self._segments:
+            with contextlib.suppress(BufferError):  # a view is still alive somewhere; unlink anyway
+                shm.close()
+            with contextlib.suppress(FileNotFoundError):
+                shm.unlink()
+        self._segments.clear()

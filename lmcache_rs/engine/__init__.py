@@ -1,0 +1,1 @@
+"""The MP cache engine: registered KV contexts, sessions, lookup and store/retrieve."""

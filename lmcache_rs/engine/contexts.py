@@ -1,0 +1,233 @@
+"""Registered KV caches of workers (spec C.3) and the per-(model, world) layouts they share."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lmcache_rs.protocol.messages import CpuShmHandle, CudaHandle, CudaRawHandle, EngineGroupInfo, Unsupported
+from lmcache_rs.transfer.cpu_shm import HandleError, MappedTensor
+from lmcache_rs.transfer.gather import GroupLayout
+
+
+class RegistrationError(ValueError):
+    """A register_kv_cache request that cannot be served; the message says why."""
+
+
+@dataclass
+class KVContext:
+    """One worker's registered KV cache."""
+
+    instance_id: int
+    model_name: str
+    world_size: int
+    engine_type: str
+    layer_tensors: list[torch.Tensor]
+    groups: list[GroupLayout]
+    num_blocks: int
+    chunk_tokens: int
+    chunk_bytes: int
+    mappings: list[Any] = field(repr=False, default_factory=list)
+    registered_at: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)
+    pinged: bool = False
+    device: str = "cpu"
+
+    @property
+    def layout_key(self) -> tuple[str, int]:
+        return (self.model_name, self.world_size)
+
+    def status(self) -> dict[str, Any]:
+        g0 = self.groups[0]
+        return {
+            "model_name": self.model_name,
+            "world_size": self.world_size,
+            "kv_cache_layout": {
+                "num_layers": len(self.layer_tensors),
+                "block_size": g0.block_size,
+                "hidden_dim_sizes": [g.hidden for g in self.groups],
+                "dtype": str(g0.dtype),
+                "is_mla": g0.fmt == "MLA",
+                "num_blocks": self.num_blocks,
+                "gpu_kv_format": g0.fmt,
+                "gpu_kv_shape": {
+                    "NHD": "NL x [2, NB, BS, NH, HS]",
+                    "HND": "NL x [2, NB, NH, BS, HS]",
+                    "MLA": "NL x [NB, BS, HS]",
+                }[g0.fmt],
+                "gpu_kv_concrete_shape": f"{len(self.layer_tensors)} x {list(self.layer_tensors[0].shape)}",
+                "attention_backend": "MLA" if g0.fmt == "MLA" else f"paged attention ({g0.fmt})",
+                "cache_size_per_token": self.chunk_bytes // max(1, self.chunk_tokens),
+            },
+        }
+
+
+def _layer_group(t: torch.Tensor, kv_layout: str | None, layers: tuple[int, ...]) -> GroupLayout:
+    if t.dim() == 5:
+        if kv_layout not in ("NHD", "HND"):
+            raise RegistrationError(
+                "layout_hints.kv_layout must be 'NHD' or 'HND' for 5-D KV tensors "
+                f"(got {kv_layout!r}); guessing misreads NHD as HND (spec C.3)"
+            )
+        if t.shape[0] != 2:
+            raise RegistrationError(f"5-D KV tensors must have K/V first ([2, ...]), got {list(t.shape)}")
+        if kv_layout == "NHD":
+            _, _, bs, h, d = t.shape
+        else:
+            _, _, h, bs, d = t.shape
+        return GroupLayout(layers, kv_layout, 2, bs, h, d, t.dtype)
+    if t.dim() == 3:
+        _, bs, d = t.shape
+        return GroupLayout(layers, "MLA", 1, bs, 1, d, t.dtype)
+    raise RegistrationError(f"unsupported KV tensor shape {list(t.shape)} (expected 5-D or MLA 3-D)")
+
+
+def build_context(
+    instance_id: int,
+    handles: list[Any],
+    model_name: str,
+    world_size: int,
+    engine_type: str,
+    layout_hints: dict[str, Any],
+    group_infos: list[EngineGroupInfo],
+    chunk_size: int,
+) -> KVContext:
+    if not handles:
+        raise RegistrationError("kv_cache is empty")
+    if not 1 <= world_size <= 255:
+        raise RegistrationError(f"world_size must be in 1..255, got {world_size}")
+    mappings: list[Any] = []
+    tensors: list[torch.Tensor] = []
+    for i, h in enumerate(handles):
+        if isinstance(h, CpuShmHandle):
+            try:
+                m = MappedTensor(h)
+            except HandleError as e:
+                raise RegistrationError(f"kv_cache[{i}]: {e}") from None
+            mappings.append(m)
+            tensors.append(m.tensor)
+        elif isinstance(h, CudaHandle | CudaRawHandle):
+            raise RegistrationError(
+                f"kv_cache[{i}] is a CUDA handle ({h.__struct_config__.tag}); this server maps CUDA "
+                "handles only with a CUDA device and the CUDA transfer path"
+            )
+        elif isinstance(h, Unsupported):
+            raise RegistrationError(f"kv_cache[{i}]: handle type {h.type!r} is not supported")
+        else:
+            raise RegistrationError(f"kv_cache[{i}] is not a KV tensor handle (ext type 1)")
+    kv_layout = layout_hints.get("kv_layout")
+    if not group_infos:
+        group_infos = [EngineGroupInfo(engine_group_id=0, layer_indices=list(range(len(tensors))))]
+    seen: set[int] = set()
+    groups: list[GroupLayout] = []
+    for gi in group_infos:
+        layers = tuple(gi.layer_indices)
+        if not layers or any(not 0 <= li < len(tensors) for li in layers) or seen & set(layers):
+            raise RegistrationError(f"engine group {gi.engine_group_id}: bad layer_indices {list(layers)}")
+        seen |= set(layers)
+        first = _layer_group(tensors[layers[0]], kv_layout, layers)
+        for li in layers[1:]:
+            t = tensors[li]
+            if t.shape != tensors[layers[0]].shape or t.dtype != first.dtype:
+                raise RegistrationError(f"layer {li} differs in shape or dtype from its group")
+        if gi.tokens_per_block and gi.tokens_per_block != first.block_size:
+            raise RegistrationError(
+                f"engine group {gi.engine_group_id}: tokens_per_block {gi.tokens_per_block} != "
+                f"tensor block size {first.block_size}"
+            )
+        if chunk_size % first.block_size:
+            raise RegistrationError(
+                f"chunk size {chunk_size} is not a multiple of the block size {first.block_size}"
+            )
+        groups.append(first)
+    if len(seen) != len(tensors):
+        raise RegistrationError("engine groups do not cover every KV layer")
+    num_blocks = int(tensors[0].shape[1] if tensors[0].dim() == 5 else tensors[0].shape[0])
+    return KVContext(
+        instance_id=instance_id,
+        model_name=model_name,
+        world_size=world_size,
+        engine_type=engine_type,
+        layer_tensors=tensors,
+        groups=groups,
+        num_blocks=num_blocks,
+        chunk_tokens=chunk_size,
+        chunk_bytes=sum(g.chunk_bytes(chunk_size) for g in groups),
+        mappings=mappings,
+    )
+
+
+class ContextRegistry:
+    """Contexts by instance id and a ref-counted layout per (model_name, world_size)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._contexts: dict[int, KVContext] = {}
+        self._layouts: dict[tuple[str, int], tuple[int, int]] = {}  # -> (chunk_bytes, refs)
+
+    def add(self, ctx: KVContext) -> bool:
+        """Registers `ctx`; returns False when the instance was already registered (refresh)."""
+        with self._lock:
+            old = self._contexts.get(ctx.instance_id)
+            if old is not None:
+                old.last_seen = time.monotonic()
+                return False
+            layout = self._layouts.get(ctx.layout_key)
+            if layout is not None and layout[0] != ctx.chunk_bytes:
+                raise RegistrationError(
+                    f"{ctx.model_name!r} world {ctx.world_size} is registered with {layout[0]} bytes per "
+                    f"chunk; this worker's KV cache gives {ctx.chunk_bytes}"
+                )
+            self._layouts[ctx.layout_key] = (ctx.chunk_bytes, (layout[1] if layout else 0) + 1)
+            self._contexts[ctx.instance_id] = ctx
+            return True
+
+    def remove(self, instance_id: int) -> KVContext | None:
+        with self._lock:
+            ctx = self._contexts.pop(instance_id, None)
+            if ctx is not None:
+                chunk_bytes, refs = self._layouts[ctx.layout_key]
+                if refs <= 1:
+                    del self._layouts[ctx.layout_key]
+                else:
+                    self._layouts[ctx.layout_key] = (chunk_bytes, refs - 1)
+            return ctx
+
+    def get(self, instance_id: int) -> KVContext | None:
+        with self._lock:
+            ctx = self._contexts.get(instance_id)
+            if ctx is not None:
+                ctx.last_seen = time.monotonic()
+            return ctx
+
+    def touch(self, instance_id: int, pinged: bool) -> bool:
+        with self._lock:
+            ctx = self._contexts.get(instance_id)
+            if ctx is None:
+                return False
+            ctx.last_seen = time.monotonic()
+            ctx.pinged |= pinged
+            return True
+
+    def layout(self, model_name: str, world_size: int) -> int | None:
+        """Bytes per chunk object of a registered (model, world), or None."""
+        with self._lock:
+            layout = self._layouts.get((model_name, world_size))
+            return None if layout is None else layout[0]
+
+    def all(self) -> list[KVContext]:
+        with self._lock:
+            return list(self._contexts.values())
+
+    def silent(self, now: float, reap_timeout: float, grace: float) -> list[int]:
+        """Instances silent past their budget: the reap timeout once they pinged, else grace."""
+        with self._lock:
+            return [
+                c.instance_id
+                for c in self._contexts.values()
+                if now - c.last_seen > (reap_timeout if c.pinged else grace)
+            ]

@@ -1,0 +1,437 @@
+"""The MP cache engine: one handler per supported operation (spec B.4, D.1, D.2, E.3).
+
+Handlers run on the transport's pools and never touch the socket. A handler returns the reply
+payload (None: no payload frame) or raises `ProtocolError` with a code for the error frame.
+All index calls go to the Rust core with the GIL released; byte copies are torch ops.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from lmcache_rs import MAX_READERS, InvalidKeyError, KeyScope, LmcacheCoreError, mp_kv_rank
+from lmcache_rs.config import ServerConfig
+from lmcache_rs.engine.contexts import ContextRegistry, KVContext, RegistrationError, build_context
+from lmcache_rs.engine.sessions import LookupLocks, Session, SessionManager
+from lmcache_rs.protocol.codec import ProtocolError
+from lmcache_rs.protocol.messages import STUB_EVENT, BlockAllocationRecord, EngineGroupInfo, IPCCacheServerKey
+from lmcache_rs.storage.l1 import L1Store
+from lmcache_rs.transfer.gather import gather, scatter
+
+log = logging.getLogger(__name__)
+
+#: Longest a wait_prefetch_status may hold a control-pool thread.
+MAX_WAIT_SECONDS = 5.0
+
+
+class EngineStats:
+    """Counters the metrics layer reads (labels in the key tuples)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counters: Counter[tuple[str, ...]] = Counter()
+
+    def add(self, *key: str, n: int = 1) -> None:
+        with self.lock:
+            self.counters[key] += n
+
+    def snapshot(self) -> dict[tuple[str, ...], int]:
+        with self.lock:
+            return dict(self.counters)
+
+
+class Engine:
+    def __init__(self, cfg: ServerConfig, l1: L1Store) -> None:
+        self.cfg = cfg
+        self.chunk_size = cfg.mp.chunk_size
+        self.null_block_id = cfg.mp.null_block_id
+        self.l1 = l1
+        self.index = l1.index
+        self.contexts = ContextRegistry()
+        self.sessions = SessionManager()
+        self.stats = EngineStats()
+        self.handlers: dict[str, Callable[..., Any]] = {
+            "register_kv_cache": self.register_kv_cache,
+            "unregister_kv_cache": self.unregister_kv_cache,
+            "store": self.store,
+            "retrieve": self.retrieve,
+            "lookup": self.lookup,
+            "query_prefetch_status": self.query_prefetch_status,
+            "wait_prefetch_status": self.wait_prefetch_status,
+            "free_lookup_locks": self.free_lookup_locks,
+            "end_session": self.end_session,
+            "clear": self.clear,
+            "get_chunk_size": lambda: self.chunk_size,
+            "ping": self.ping,
+            "report_block_allocation": self.report_block_allocation,
+            "noop": lambda: "OK",
+            "get_experimental": lambda: [],
+        }
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def _scope(self, key: IPCCacheServerKey, rank: int) -> KeyScope:
+        try:
+            return KeyScope(key.model_name, mp_kv_rank(key.world_size, rank), 0, key.cache_salt)
+        except InvalidKeyError as e:
+            raise ProtocolError("invalid_key", str(e)) from None
+
+    def _chunk_range(self, key: IPCCacheServerKey) -> tuple[int, int]:
+        if key.start < 0 or key.end < key.start:
+            raise ProtocolError("bad_request", f"bad token range [{key.start}, {key.end})")
+        if key.start % self.chunk_size:
+            raise ProtocolError(
+                "bad_request", f"start {key.start} is not a multiple of the chunk size {self.chunk_size}"
+            )
+        return key.start // self.chunk_size, min(key.end, len(key.token_ids)) // self.chunk_size
+
+    def _chain(self, session: Session, key: IPCCacheServerKey) -> list[bytes]:
+        try:
+            return session.chain(key.token_ids, key.end, self.chunk_size)
+        except LmcacheCoreError as e:
+            raise ProtocolError("bad_request", str(e)) from None
+
+    def _worker_context(self, key: IPCCacheServerKey, instance_id: int) -> KVContext:
+        ctx = self.contexts.get(instance_id)
+        if ctx is None:
+            raise ProtocolError(
+                "unknown_instance", f"instance {instance_id} is not registered (register_kv_cache first)"
+            )
+        if key.worker_id is None or not 0 <= key.worker_id < key.world_size:
+            raise ProtocolError("bad_request", f"worker_id {key.worker_id} not in [0, {key.world_size})")
+        if (key.model_name, key.world_size) != ctx.layout_key:
+            raise ProtocolError(
+                "bad_request",
+                f"key is for {key.model_name!r} world {key.world_size}, instance {instance_id} registered "
+                f"{ctx.model_name!r} world {ctx.world_size}",
+            )
+        return ctx
+
+    def _block_tensors(self, ctx: KVContext, block_ids: list[list[int]], chunks: int) -> list[torch.Tensor]:
+        if len(block_ids) != len(ctx.groups):
+            raise ProtocolError(
+                "bad_request", f"{len(block_ids)} block lists for {len(ctx.groups)} KV group(s)"
+            )
+        out = []
+        for g, ids in zip(ctx.groups, block_ids, strict=True):
+            need = chunks * (self.chunk_size // g.block_size)
+            if len(ids) < need:
+                raise ProtocolError("bad_request", f"{len(ids)} block ids for {chunks} chunk(s): need {need}")
+            t = torch.tensor(ids[:need], dtype=torch.int64)
+            if need and (int(t.min()) < 0 or int(t.max()) >= ctx.num_blocks):
+                raise ProtocolError("bad_request", f"block id out of range [0, {ctx.num_blocks})")
+            out.append(t)
+        return out
+
+    @staticmethod
+    def _chunk_blocks(
+        ctx: KVContext, blocks: list[torch.Tensor], i: int, chunk_size: int
+    ) -> list[torch.Tensor]:
+        return [
+            b[i * (chunk_size // g.block_size) : (i + 1) * (chunk_size // g.block_size)]
+            for g, b in zip(ctx.groups, blocks, strict=True)
+        ]
+
+    # ---- registration and liveness -----------------------------------------------------------
+
+    def register_kv_cache(
+        self,
+        instance_id: int,
+        kv_cache: list[Any],
+        model_name: str,
+        world_size: int,
+        engine_type: str,
+        layout_hints: dict[str, Any],
+        engine_group_infos: list[EngineGroupInfo],
+    ) -> None:
+        if self.contexts.touch(instance_id, pinged=False):
+            return  # already registered: a re-registration only refreshes liveness (spec C.3)
+        try:
+            ctx = build_context(
+                instance_id,
+                kv_cache,
+                model_name,
+                world_size,
+                engine_type,
+                layout_hints,
+                engine_group_infos,
+                self.chunk_size,
+            )
+            self._scope(
+                IPCCacheServerKey(
+                    model_name=model_name,
+                    world_size=world_size,
+                    worker_id=0,
+                    token_ids=[],
+                    start=0,
+                    end=0,
+                    request_id="",
+                ),
+                0,
+            )
+            self.contexts.add(ctx)
+        except RegistrationError as e:
+            raise ProtocolError("bad_registration", str(e)) from None
+        log.info(
+            "registered instance %d: %s world %d, %d layers, %d blocks, %d bytes per chunk",
+            instance_id,
+            model_name,
+            world_size,
+            len(ctx.layer_tensors),
+            ctx.num_blocks,
+            ctx.chunk_bytes,
+        )
+
+    def unregister_kv_cache(self, instance_id: int) -> None:
+        self.drop_instance(instance_id, "unregistered")
+
+    def drop_instance(self, instance_id: int, why: str) -> bool:
+        ctx = self.contexts.remove(instance_id)
+        if ctx is None:
+            return False
+        aborted = self.index.abort_writer(instance_id)
+        log.info("instance %d %s (%d staged writes dropped)", instance_id, why, aborted)
+        return True
+
+    def ping(self, instance_id: int | None) -> bool:
+        if instance_id is not None:
+            self.contexts.touch(instance_id, pinged=True)
+        return True
+
+    def reap_workers(self) -> tuple[str, dict[str, Any]]:
+        mp = self.cfg.mp
+        if mp.worker_reap_timeout_seconds <= 0:
+            return "disabled", {}
+        silent = self.contexts.silent(
+            time.monotonic(), mp.worker_reap_timeout_seconds, mp.worker_registration_grace_seconds
+        )
+        reaped = [i for i in silent if self.drop_instance(i, "reaped after silence")]
+        return f"Reaped {len(reaped)} workers", {"reaped_instances": reaped}
+
+    def report_block_allocation(
+        self, instance_id: int, model_name: str, records: list[BlockAllocationRecord]
+    ) -> None:
+        self.stats.add("block_allocation_records", model_name, n=len(records))
+
+    # ---- store / retrieve (AFFINITY pool) ------------------------------------------------------
+
+    def store(
+        self, key: IPCCacheServerKey, instance_id: int, block_ids: list[list[int]], event: bytes
+    ) -> list[Any]:
+        ctx = self._worker_context(key, instance_id)
+        self.stats.add("stores_submitted", ctx.device)
+        c0, c1 = self._chunk_range(key)
+        session = self.sessions.get(key.request_id)
+        assert session is not None
+        with session.lock:
+            hashes = self._chain(session, key)[c0:c1]
+            session.scopes = [self._scope(key, r) for r in range(key.world_size)]
+        n = len(hashes)
+        if n == 0:
+            self.stats.add("stores_finished", ctx.device)
+            return [STUB_EVENT, True]
+        blocks = self._block_tensors(ctx, block_ids, n)
+        scope = self._scope(key, key.worker_id or 0)
+        todo = [
+            i
+            for i in range(n)
+            if not all(
+                bool((b == self.null_block_id).all())
+                for b in self._chunk_blocks(ctx, blocks, i, self.chunk_size)
+            )
+        ]
+        want = [hashes[i] for i in todo]
+        res = self.index.reserve_write(scope, want, ctx.chunk_bytes, instance_id)
+        staged = [(i, off) for i, (status, off, _) in zip(todo, res, strict=True) if status == "reserved"]
+        staged_hashes = [hashes[i] for i, _ in staged]
+        try:
+            for i, off in staged:
+                gather(
+                    ctx.groups,
+                    ctx.layer_tensors,
+                    self._chunk_blocks(ctx, blocks, i, self.chunk_size),
+                    self.l1.view(off, ctx.chunk_bytes),
+                    self.chunk_size,
+                )
+        except Exception:
+            self.index.abort_write(scope, staged_hashes, instance_id)
+            raise
+        done = self.index.finish_write(scope, staged_hashes, instance_id)
+        failed = sum(s == "oom" for s, _, _ in res) + sum(s == "not_staged" for s in done)
+        self.stats.add("l1_write_chunks", key.cache_salt, n=sum(s == "admitted" for s in done))
+        self.stats.add("stores_finished", ctx.device)
+        if failed:
+            self.stats.add("l1_allocation_failure_chunks", "l1_store", key.model_name, n=failed)
+            raise ProtocolError(
+                "not_stored",
+                f"{failed} of {len(want)} chunk(s) not stored: L1 is full of locked objects",
+                fallback=[STUB_EVENT, False],
+            )
+        return [STUB_EVENT, True]
+
+    def retrieve(
+        self, key: IPCCacheServerKey, instance_id: int, block_ids: list[list[int]], event: bytes, skip: int
+    ) -> list[Any]:
+        c0, c1 = self._chunk_range(key)
+        session = self.sessions.get(key.request_id, create=False)
+        try:
+            ctx = self._worker_context(key, instance_id)
+        except ProtocolError:
+            self._release_share(session, key.worker_id, c0, c1)
+            raise
+        self.stats.add("retrieves_submitted", ctx.device)
+        if session is None:
+            session = self.sessions.get(key.request_id)
+            assert session is not None
+        with session.lock:
+            hashes = self._chain(session, key)[c0:c1]
+        n = len(hashes)
+        scope = self._scope(key, key.worker_id or 0)
+        try:
+            if n == 0:
+                return [STUB_EVENT, True]
+            blocks = self._block_tensors(ctx, block_ids, n)
+            # Our own read lock for the copy: the lookup's may expire; eviction never sees these.
+            hit = self.index.lookup(scope, hashes, 1)
+            try:
+                if hit < n:
+                    self.stats.add(
+                        "l1_read_failure_chunks", "retrieve", "not_found", key.model_name, n=n - hit
+                    )
+                    raise ProtocolError(
+                        "not_found",
+                        f"{n - hit} of {n} chunk(s) are no longer in L1",
+                        fallback=[STUB_EVENT, False],
+                    )
+                slots = self.index.resolve(scope, hashes)
+                for i, slot in enumerate(slots):
+                    assert slot is not None
+                    local_skip = min(max(skip - i * self.chunk_size, 0), self.chunk_size)
+                    scatter(
+                        ctx.groups,
+                        ctx.layer_tensors,
+                        self._chunk_blocks(ctx, blocks, i, self.chunk_size),
+                        self.l1.view(slot[0], ctx.chunk_bytes),
+                        self.chunk_size,
+                        local_skip,
+                        self.null_block_id,
+                    )
+            finally:
+                self.index.finish_read(scope, hashes[:hit], 1)
+            self.stats.add("l1_read_chunks", key.cache_salt, n=n)
+            self.stats.add("num_chunks_loaded", str(key.worker_id), key.model_name, key.cache_salt, n=n)
+            return [STUB_EVENT, True]
+        finally:
+            self._release_share(session, key.worker_id, c0, c1)
+            self.stats.add("retrieves_finished", ctx.device)
+
+    def _release_share(self, session: Session | None, worker_id: int | None, c0: int, c1: int) -> None:
+        if session is None or worker_id is None:
+            return
+        with session.lock:
+            if session.locks is not None:
+                session.locks.release(self.index, worker_id, c0, c1, 1)
+
+    # ---- lookup and sessions (NORMAL pool) -------------------------------------------------
+
+    def lookup(self, key: IPCCacheServerKey, tp_size: int) -> None:
+        if key.num_kv_readers < 1:
+            raise ProtocolError(
+                "bad_request",
+                "num_kv_readers must be >= 1 (clients older than LMCache 0.5 are not supported)",
+            )
+        readers = min(key.num_kv_readers, MAX_READERS)
+        session = self.sessions.get(key.request_id)
+        assert session is not None
+        self.stats.add("lookups", key.model_name, key.cache_salt)
+        with session.lock:
+            if session.locks is not None:
+                session.locks.release(self.index, None, 0, len(session.locks.hashes), None)
+                session.locks = None
+            scopes = [self._scope(key, r) for r in range(key.world_size)]
+            session.scopes = scopes
+            hashes = self._chain(session, key)
+            self.stats.add(
+                "lookup_requested_tokens", key.model_name, key.cache_salt, n=len(hashes) * self.chunk_size
+            )
+            if self.contexts.layout(key.model_name, key.world_size) is None:
+                self.stats.add("lookup_early_exit", key.model_name, key.cache_salt, "no_gpu_context")
+                session.set_result(0)
+                return None
+            if not hashes:
+                self.stats.add("lookup_early_exit", key.model_name, key.cache_salt, "empty_chunk_hashes")
+                session.set_result(0)
+                return None
+            hits = [self.index.lookup(s, hashes, readers) for s in scopes]
+            hit = min(hits)
+            for s, h in zip(scopes, hits, strict=True):
+                if h > hit:
+                    self.index.finish_read(s, hashes[hit:h], readers)
+            session.locks = LookupLocks(scopes, hashes[:hit], [[readers] * hit for _ in scopes])
+            session.set_result(hit)
+        self.stats.add("lookup_hit_tokens", key.model_name, key.cache_salt, n=hit * self.chunk_size)
+        return None
+
+    def query_prefetch_status(self, request_id: str) -> int:
+        session = self.sessions.get(request_id, create=False)
+        if session is None:
+            return 0
+        with session.lock:
+            return session.take_result()
+
+    def wait_prefetch_status(self, request_id: str, timeout: float) -> int | None:
+        session = self.sessions.get(request_id)
+        assert session is not None
+        if not session.result_ready.wait(min(max(timeout, 0.0), MAX_WAIT_SECONDS)):
+            return None
+        with session.lock:
+            return session.take_result()
+
+    def free_lookup_locks(self, key: IPCCacheServerKey, tp_size: int) -> None:
+        session = self.sessions.get(key.request_id, create=False)
+        if session is None:
+            return None
+        c0, c1 = self._chunk_range(key)
+        with session.lock:
+            if session.locks is not None:
+                session.locks.release(self.index, None, c0, c1, None)
+        return None
+
+    def end_session(self, request_id: str) -> None:
+        session = self.sessions.pop(request_id)
+        if session is not None:
+            self._close_session(session, touch=True)
+
+    def _close_session(self, session: Session, touch: bool) -> None:
+        with session.lock:
+            if session.locks is not None:
+                session.locks.release(self.index, None, 0, len(session.locks.hashes), None)
+                session.locks = None
+            if touch and session.hashes:
+                for s in session.scopes:
+                    self.index.touch(s, session.hashes)
+
+    def expire_sessions(self) -> tuple[str, dict[str, Any]]:
+        old = self.sessions.expired(self.cfg.mp.session_ttl_seconds)
+        for s in old:
+            self._close_session(s, touch=False)
+        return f"Removed {len(old)} expired sessions", {"removed_sessions": len(old)}
+
+    def clear(self, force: bool) -> None:
+        report = self.index.clear(force)
+        log.info("clear(force=%s): %d objects, %d bytes", force, report["objects"], report["bytes"])
+
+    def evict_cycle(self) -> tuple[str, dict[str, Any]]:
+        r = self.index.evict_cycle()
+        evicted = r["quota_evicted_objects"] + r["watermark_evicted_objects"]
+        self.stats.add("eviction_loop_ticks")
+        if r["triggered"]:
+            self.stats.add("eviction_loop_triggered")
+        return f"evicted {evicted} objects", dict(r)

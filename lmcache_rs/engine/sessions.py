@@ -1,0 +1,123 @@
+"""Request sessions (spec C.5): the cached hash chain of a request and its lookup locks.
+
+Unlike LMCache, the chain is replaced when the request's tokens change (LMCache keeps stale
+hashes) and the TTL counts from the last use, not from creation (spec L.5).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lmcache_rs import KeyScope, L1Index, extend_chain
+
+
+@dataclass
+class LookupLocks:
+    """Read locks a lookup holds for a request: `shares[rank][chunk]` locks still owed per key.
+
+    Retrieve releases one share of its own rank's chunks, free_lookup_locks releases what is
+    left in a range, end_session or expiry release everything; each release is idempotent."""
+
+    scopes: list[KeyScope]
+    hashes: list[bytes]
+    shares: list[list[int]]
+
+    def release(self, index: L1Index, rank: int | None, start: int, end: int, n: int | None) -> int:
+        """Releases up to `n` (None: all) shares of chunks [start, end) for `rank` (None: all)."""
+        released = 0
+        ranks = range(len(self.scopes)) if rank is None else [rank]
+        end = min(end, len(self.hashes))
+        for r in ranks:
+            if not 0 <= r < len(self.scopes):
+                continue
+            row = self.shares[r]
+            i = max(start, 0)
+            while i < end:
+                take = row[i] if n is None else min(n, row[i])
+                j = i
+                while j < end and (row[j] if n is None else min(n, row[j])) == take:
+                    row[j] -= take
+                    j += 1
+                if take:
+                    index.finish_read(self.scopes[r], self.hashes[i:j], take)
+                    released += take * (j - i)
+                i = j
+        return released
+
+
+@dataclass
+class Session:
+    request_id: str
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    tokens: np.ndarray | None = None
+    hashes: list[bytes] = field(default_factory=list)
+    last_used: float = field(default_factory=time.monotonic)
+    result: int | None = None
+    result_ready: threading.Event = field(default_factory=threading.Event)
+    locks: LookupLocks | None = None
+    #: Scopes (all ranks) of the keys this request touched, for end_session's LRU touch.
+    scopes: list[KeyScope] = field(default_factory=list)
+
+    def chain(self, token_ids: list[int], end: int, chunk_size: int) -> list[bytes]:
+        """Hashes of chunks [0, min(end, len)//chunk_size), reusing the cached chain while the
+        tokens agree and replacing it when they do not."""
+        tokens = np.asarray(token_ids, dtype=np.int64)
+        n = min(end, len(tokens)) // chunk_size
+        keep = min(n, len(self.hashes))
+        if keep:
+            span = keep * chunk_size
+            cached = self.tokens
+            if cached is None or len(cached) < span or not np.array_equal(cached[:span], tokens[:span]):
+                keep = 0
+        if keep < n:
+            prev = self.hashes[keep - 1] if keep else None
+            new = extend_chain(tokens[keep * chunk_size : n * chunk_size], prev=prev, chunk_size=chunk_size)
+            self.hashes = self.hashes[:keep] + new
+            self.tokens = tokens
+        return self.hashes[:n]
+
+    def set_result(self, hit_chunks: int) -> None:
+        self.result = hit_chunks
+        self.result_ready.set()
+
+    def take_result(self) -> int:
+        """The lookup's hit in chunks, once (later calls and unknown lookups give 0)."""
+        out, self.result = self.result, None
+        self.result_ready.clear()
+        return out or 0
+
+
+class SessionManager:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sessions: dict[str, Session] = {}
+
+    def get(self, request_id: str, create: bool = True) -> Session | None:
+        with self._lock:
+            s = self._sessions.get(request_id)
+            if s is None and create:
+                s = self._sessions[request_id] = Session(request_id)
+            if s is not None:
+                s.last_used = time.monotonic()
+            return s
+
+    def pop(self, request_id: str) -> Session | None:
+        with self._lock:
+            return self._sessions.pop(request_id, None)
+
+    def expired(self, ttl: float) -> list[Session]:
+        """Removes and returns sessions idle for more than `ttl` seconds."""
+        now = time.monotonic()
+        with self._lock:
+            old = [s for s in self._sessions.values() if now - s.last_used > ttl]
+            for s in old:
+                del self._sessions[s.request_id]
+            return old
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sessions)

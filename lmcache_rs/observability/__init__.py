@@ -1,0 +1,1 @@
+"""Observability: periodic-thread registry (and, with the HTTP API, metrics)."""

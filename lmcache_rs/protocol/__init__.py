@@ -1,0 +1,1 @@
+"""The LMCache MP wire protocol: messages, operation table and frame codec."""

@@ -1,0 +1,126 @@
+"""Wire types of the LMCache 0.5.x MP protocol (spec B.3), as msgspec Structs.
+
+Structs encode as msgpack maps keyed by field name in declaration order, which is what LMCache
+clients send and expect. Field names and defaults are part of the wire contract.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+#: msgpack ext code of a `DeviceIPCWrapper` (a KV tensor handle).
+IPC_WRAPPER_EXT = 1
+
+#: Event handle the server returns on CPU paths (spec B.4: there is no device event).
+STUB_EVENT = b"stub_ipc_handle"
+
+
+class IPCCacheServerKey(msgspec.Struct, kw_only=True):
+    """What a request is about: a token prefix of one request, for one rank or all ranks."""
+
+    model_name: str
+    world_size: int
+    worker_id: int | None
+    token_ids: list[int]
+    start: int
+    end: int
+    request_id: str
+    cache_salt: str = ""
+    request_configs: dict[str, Any] | None = None
+    num_kv_readers: int = 0
+
+
+class EngineGroupInfo(msgspec.Struct, kw_only=True):
+    """One vLLM KV cache group: which layers share a block table."""
+
+    engine_group_id: int
+    layer_indices: list[int]
+    tokens_per_block: int = 0
+    sw_size_tokens: int = -1
+    extra_object_group_tag: int = 0
+    recurrent_state: bool = False
+
+
+class TensorMetadata(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Where a tensor view sits inside its shared storage."""
+
+    dtype: str
+    shape: list[int]
+    stride: list[int]
+    storage_offset: int = 0
+    device_uuid: str = ""
+
+
+class CpuShmHandle(msgspec.Struct, tag_field="type", tag="cpu_shm", kw_only=True, forbid_unknown_fields=True):
+    """A KV tensor living in a POSIX shared-memory segment (CPU workers)."""
+
+    version: int
+    metadata: TensorMetadata
+    shm_name: str
+    nbytes: int
+
+
+class CudaHandle(msgspec.Struct, tag_field="type", tag="cuda", kw_only=True, forbid_unknown_fields=True):
+    """A CUDA tensor shared through torch's storage sharing (LMCache-driven GPU workers)."""
+
+    version: int
+    metadata: TensorMetadata
+    storage_handle: list[Any] = msgspec.field(default_factory=list)
+
+
+class CudaRawHandle(
+    msgspec.Struct, tag_field="type", tag="cuda_raw", kw_only=True, forbid_unknown_fields=True
+):
+    version: int
+    metadata: TensorMetadata
+    ipc_handle: bytes
+    alloc_offset: int
+    nbytes: int
+
+
+IPCWrapper = CpuShmHandle | CudaHandle | CudaRawHandle
+
+
+class Unsupported(msgspec.Struct, kw_only=True):
+    """A handle kind this server does not map (cuda_vmm, musa, npu): kept to answer clearly."""
+
+    type: str
+
+
+def ext_hook(code: int, data: memoryview) -> Any:
+    """Decodes ext type 1 (DeviceIPCWrapper) into one of the handle Structs."""
+    if code != IPC_WRAPPER_EXT:
+        raise msgspec.ValidationError(f"unknown msgpack ext type {code}")
+    raw = msgspec.msgpack.decode(data)
+    kind = raw.get("type") if isinstance(raw, dict) else None
+    if kind not in ("cpu_shm", "cuda", "cuda_raw"):
+        return Unsupported(type=str(kind))
+    return msgspec.convert(raw, IPCWrapper)
+
+
+def to_ext(handle: CpuShmHandle | CudaHandle | CudaRawHandle) -> msgspec.msgpack.Ext:
+    """A handle as it travels: ext type 1 around its msgpack map (client side)."""
+    return msgspec.msgpack.Ext(IPC_WRAPPER_EXT, msgspec.msgpack.encode(handle))
+
+
+EngineType = Literal["vllm", "atom", "sglang", "trtllm", "mock"]
+
+
+class ErrorInfo(msgspec.Struct, kw_only=True):
+    """Body of the optional 4th reply frame that marks a failed request (docs/protocol.md)."""
+
+    code: str
+    message: str
+    op: str = ""
+
+
+class ErrorFrame(msgspec.Struct, kw_only=True):
+    error: ErrorInfo
+
+
+class BlockAllocationRecord(msgspec.Struct, kw_only=True):
+    req_id: str
+    new_block_ids: list[int] = msgspec.field(default_factory=list)
+    new_token_ids: list[int] = msgspec.field(default_factory=list)

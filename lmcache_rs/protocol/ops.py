@@ -1,0 +1,106 @@
+"""The operation table (spec B.4): names, legacy ids, argument types, pools, failure values.
+
+One row per operation. The transport decodes each argument frame with the row's types and
+routes the request to the row's pool; the engine registers one handler per supported name.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from lmcache_rs.protocol.messages import BlockAllocationRecord, EngineGroupInfo, IPCCacheServerKey, ext_hook
+
+
+class Pool(enum.Enum):
+    """Where a request runs (spec B.4, DESIGN §4)."""
+
+    #: Inline on the I/O thread: trivial constant-time answers only.
+    SYNC = "sync"
+    #: The control pool: lookups, queries, pings, session ends; never waits behind transfers.
+    NORMAL = "normal"
+    #: The data pool: all requests of one client identity run on one thread in FIFO order.
+    AFFINITY = "affinity"
+
+
+#: Marker: an op whose successful reply has no payload frame (the handler returns None).
+NO_PAYLOAD: Any = None
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    legacy_id: int | None
+    args: tuple[Any, ...] = ()
+    pool: Pool = Pool.NORMAL
+    #: Payload frame of an error reply: the op's natural failure value (what an LMCache
+    #: client decodes when it ignores the error frame).
+    fallback: Any = None
+    supported: bool = True
+    decoders: tuple[msgspec.msgpack.Decoder[Any], ...] = field(default=(), compare=False)
+
+
+def _op(name: str, legacy_id: int | None, *args: Any, **kw: Any) -> OpSpec:
+    decoders = tuple(msgspec.msgpack.Decoder(t, ext_hook=ext_hook) for t in args)
+    return OpSpec(name, legacy_id, tuple(args), decoders=decoders, **kw)
+
+
+Key = IPCCacheServerKey
+BlockIds = list[list[int]]
+A = Pool.AFFINITY
+S = Pool.SYNC
+
+OPS: tuple[OpSpec, ...] = (
+    _op("register_kv_cache", 1, int, list[Any], str, int, str, dict[str, Any], list[EngineGroupInfo], pool=A),
+    _op("unregister_kv_cache", 2, int, pool=A),
+    _op("register_q_cache", 3, supported=False),
+    _op("unregister_q_cache", 4, supported=False),
+    _op("store_q", 5, supported=False),
+    _op("store", 6, Key, int, BlockIds, bytes, pool=A, fallback=[b"", False]),
+    _op("retrieve", 7, Key, int, BlockIds, bytes, int, pool=A, fallback=[b"", False]),
+    _op("lookup", 8, Key, int),
+    _op("query_prefetch_status", 9, str, fallback=0),
+    _op("wait_prefetch_status", 10, str, float),
+    _op("free_lookup_locks", 12, Key, int),
+    _op("end_session", 13, str),
+    _op("register_kv_cache_engine_driven_context", 14, supported=False),
+    _op("unregister_kv_cache_engine_driven_context", 15, supported=False),
+    _op("prepare_store", 16, supported=False),
+    _op("commit_store", 17, supported=False, fallback=False),
+    _op("prepare_retrieve", 18, supported=False),
+    _op("commit_retrieve", 19, supported=False, fallback=False),
+    _op("clear", 20, bool),
+    _op("get_chunk_size", 21, pool=S),
+    _op("ping", 22, int | None),
+    _op("report_block_allocation", 23, int, str, list[BlockAllocationRecord]),
+    _op("noop", 24, pool=S),
+    _op("cb_register_rope", 25, supported=False),
+    _op("cb_unregister_rope", 26, supported=False),
+    _op("cb_retrieve_pre_computed", 27, supported=False),
+    _op("cb_unified_lookup", 28, supported=False),
+    _op("p2p_lookup_and_lock", 29, supported=False),
+    _op("p2p_query_lookup_results", 30, supported=False),
+    _op("p2p_unlock_objects", 31, supported=False),
+    _op("get_experimental", 32, pool=S),
+    _op("cb_protocol_handshake", 33, supported=False),
+    _op("cb_reorder_plan", None, supported=False),
+    _op("subscribe_kv_events", None, supported=False),
+    _op("server_module_call", None, supported=False),
+)
+
+BY_NAME: dict[str, OpSpec] = {op.name: op for op in OPS}
+BY_ID: dict[int, OpSpec] = {op.legacy_id: op for op in OPS if op.legacy_id is not None}
+
+
+def find(op: int | str) -> OpSpec | None:
+    """The row for an integer legacy id or a string name (bools are not ids)."""
+    if isinstance(op, bool):
+        return None
+    if isinstance(op, int):
+        return BY_ID.get(op)
+    if isinstance(op, str):
+        return BY_NAME.get(op)
+    return None

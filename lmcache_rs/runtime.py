@@ -1,0 +1,92 @@
+"""Builds the server from one ServerConfig, starts it in order and stops it in reverse.
+
+Nothing is built at import time and nothing is global: tests run several runtimes in one
+process. SIGTERM/SIGINT stop intake, let in-flight requests finish and be answered, stop the
+periodic threads, and exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from types import FrameType
+
+from lmcache_rs.config import ServerConfig
+from lmcache_rs.engine.engine import Engine
+from lmcache_rs.observability.periodic import Level, PeriodicRegistry, PeriodicThread
+from lmcache_rs.storage.l1 import L1Store
+from lmcache_rs.transport.zmq_server import ZmqServer
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self.started_at = time.time()
+        self.l1 = L1Store(cfg.storage_manager)
+        self.engine = Engine(cfg, self.l1)
+        self.periodic = PeriodicRegistry()
+        self.periodic.register(
+            PeriodicThread("l1-eviction-cycle", 1.0, Level.CRITICAL, self.engine.evict_cycle)
+        )
+        self.periodic.register(
+            PeriodicThread(
+                "session-cleanup",
+                min(60.0, cfg.mp.session_ttl_seconds),
+                Level.MEDIUM,
+                self.engine.expire_sessions,
+            )
+        )
+        if cfg.mp.worker_reap_timeout_seconds > 0:
+            self.periodic.register(
+                PeriodicThread(
+                    "worker-reaper",
+                    max(cfg.mp.worker_reap_timeout_seconds / 4, 0.25),
+                    Level.MEDIUM,
+                    self.engine.reap_workers,
+                )
+            )
+        self.server = ZmqServer(cfg.mp, self.engine)
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        self.periodic.start_all()
+        self.server.start()
+        log.info(
+            "lmcache-rs serving on %s: L1 %.2f GiB (%s), chunk %d tokens, policy %s",
+            self.server.url,
+            self.l1.index.capacity_bytes / (1 << 30),
+            "pinned" if self.l1.pinned else "DRAM",
+            self.cfg.mp.chunk_size,
+            self.cfg.storage_manager.eviction_policy,
+        )
+
+    def stop(self) -> None:
+        if self._stopped.is_set():
+            return
+        log.info("stopping: finishing in-flight requests")
+        self.server.stop()
+        self.periodic.stop_all()
+        self._stopped.set()
+        log.info("stopped")
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+    def run_until_signal(self) -> None:
+        """Starts, blocks until SIGTERM/SIGINT, stops."""
+        stop_requested = threading.Event()
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            log.info("received %s", signal.Signals(signum).name)
+            stop_requested.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        while not stop_requested.wait(0.5):
+            pass
+        self.stop()

@@ -1,0 +1,1 @@
+"""Storage tiers: L1 (Rust index over one torch buffer)."""

@@ -1,0 +1,1 @@
+"""Moving KV bytes with torch: mapping worker tensors and paged gather/scatter."""

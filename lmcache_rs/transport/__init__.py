@@ -1,0 +1,1 @@
+"""The ZMQ ROUTER server: the only code that touches the engine socket."""
