@@ -47,8 +47,8 @@ class Server:
         return self.proc.returncode
 
 
-def start_server(tmp_path: os.PathLike[str], *flags: str) -> Server:
-    port = free_port()
+def start_server(tmp_path: os.PathLike[str], *flags: str, port: int | None = None) -> Server:
+    port = port or free_port()
     log_path = os.path.join(tmp_path, f"server-{port}.log")
     cmd = [
         sys.executable,
@@ -86,8 +86,8 @@ def start_server(tmp_path: os.PathLike[str], *flags: str) -> Server:
 def server_factory(tmp_path: os.PathLike[str]) -> Iterator[object]:
     started: list[Server] = []
 
-    def make(*flags: str) -> Server:
-        s = start_server(tmp_path, *flags)
+    def make(*flags: str, port: int | None = None) -> Server:
+        s = start_server(tmp_path, *flags, port=port)
         started.append(s)
         return s
 

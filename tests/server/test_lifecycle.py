@@ -113,3 +113,25 @@ def test_killed_worker_is_reaped(server_factory) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_worker_reregisters_after_a_server_restart(server_factory) -> None:
+    """What the vLLM heartbeat does on an unhealthy->healthy edge: register again, same id."""
+    from .kv import Worker  # noqa: PLC0415
+
+    first = server_factory()
+    port = int(first.url.rsplit(":", 1)[1])
+    with first.client() as c:
+        w = Worker(c)
+        t = tokens(512)
+        assert w.store(t, list(range(1, 33)))
+        assert first.stop() == 0
+        second = server_factory(port=port)
+        assert c.ping(w.instance_id)
+        with pytest.raises(ServerError) as e:  # the new server has never seen this worker
+            w.store(t, list(range(1, 33)))
+        assert e.value.code == "unknown_instance"
+        c.register_kv_cache(w.instance_id, w.kv.handles(), w.model, 1)
+        assert w.store(t, list(range(1, 33)))
+        w.close()
+    assert second.proc.poll() is None
