@@ -36,6 +36,12 @@ need_python() {
         die "the Python venv module is required"
 }
 
+# Tools the test suite uses beyond Python packages: promtool checks the /metrics output.
+need_test_tools() {
+    command -v promtool >/dev/null || apt_install --no-install-recommends prometheus ||
+        say "warning: promtool unavailable; the Prometheus format test will be skipped"
+}
+
 # Runtime + test dependencies, read from pyproject.toml (the single source).
 python_deps() {
     "$VENV/bin/python" - <<'PY'
@@ -50,6 +56,7 @@ PY
 setup() {
     need_rust
     need_python
+    need_test_tools
     if [ ! -x "$VENV/bin/python" ]; then
         say "creating $VENV"
         mkdir -p "$(dirname "$VENV")"

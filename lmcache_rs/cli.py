@@ -144,7 +144,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     g = s.add_argument_group("HTTP API")
     g.add_argument("--http-host", default=http.http_host, help="address of the operator HTTP API")
-    g.add_argument("--http-port", type=int, default=http.http_port, help="port of the operator HTTP API")
+    g.add_argument(
+        "--http-port",
+        type=int,
+        default=http.http_port,
+        help="port of the operator HTTP API (0: any free port)",
+    )
+    g.add_argument("--no-http", dest="http_enabled", action="store_false", help="do not serve the HTTP API")
     g = s.add_argument_group("logging")
     g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
@@ -198,7 +204,7 @@ def build_config(ns: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         mp=MPConfig(**mp_kw),
         storage_manager=StorageConfig(**st_kw),
-        http=HttpConfig(http_host=ns.http_host, http_port=ns.http_port),
+        http=HttpConfig(http_host=ns.http_host, http_port=ns.http_port, enabled=ns.http_enabled),
     )
 
 

@@ -15,6 +15,10 @@ from types import FrameType
 
 from lmcache_rs.config import ServerConfig
 from lmcache_rs.engine.engine import Engine
+from lmcache_rs.http.app import create_app
+from lmcache_rs.http.server import HttpServer
+from lmcache_rs.http.state import HttpState
+from lmcache_rs.observability.metrics import Metrics
 from lmcache_rs.observability.periodic import Level, PeriodicRegistry, PeriodicThread
 from lmcache_rs.storage.l1 import L1Store
 from lmcache_rs.transport.zmq_server import ZmqServer
@@ -50,11 +54,19 @@ class Runtime:
                 )
             )
         self.server = ZmqServer(cfg.mp, self.engine)
+        self.metrics = Metrics(self)
+        self.http_state = HttpState(config=cfg)
+        self.http: HttpServer | None = None
+        if cfg.http.enabled:
+            self.http = HttpServer(create_app(self.http_state), cfg.http.http_host, cfg.http.http_port)
         self._stopped = threading.Event()
 
     def start(self) -> None:
+        if self.http is not None:
+            self.http.start()  # answers 503 on engine routes until the runtime is published
         self.periodic.start_all()
         self.server.start()
+        self.http_state.runtime = self
         log.info(
             "lmcache-rs serving on %s: L1 %.2f GiB (%s), chunk %d tokens, policy %s",
             self.server.url,
@@ -70,6 +82,8 @@ class Runtime:
         log.info("stopping: finishing in-flight requests")
         self.server.stop()
         self.periodic.stop_all()
+        if self.http is not None:
+            self.http.stop()
         self._stopped.set()
         log.info("stopped")
 

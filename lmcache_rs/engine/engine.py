@@ -46,6 +46,10 @@ class EngineStats:
         with self.lock:
             return dict(self.counters)
 
+    def reset(self) -> None:
+        with self.lock:
+            self.counters.clear()
+
 
 class Engine:
     def __init__(self, cfg: ServerConfig, l1: L1Store) -> None:

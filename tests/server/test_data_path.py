@@ -6,11 +6,10 @@ import time
 
 import pytest
 import torch
+from kvsim import MODEL, Worker, lookup, tokens
 
 from lmcache_rs.client import ServerError
 from lmcache_rs.client.client import make_key
-
-from .kv import MODEL, Worker, lookup, tokens
 
 C = 256  # chunk size
 BPC = C // 16  # blocks per chunk

@@ -9,11 +9,10 @@ import textwrap
 import time
 
 import pytest
+from kvsim import MODEL, tokens
 
 from lmcache_rs.client import ServerError
 from lmcache_rs.client.client import make_key
-
-from .kv import MODEL, tokens
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -117,7 +116,7 @@ def test_killed_worker_is_reaped(server_factory) -> None:
 
 def test_worker_reregisters_after_a_server_restart(server_factory) -> None:
     """What the vLLM heartbeat does on an unhealthy->healthy edge: register again, same id."""
-    from .kv import Worker  # noqa: PLC0415
+    from kvsim import Worker  # noqa: PLC0415
 
     first = server_factory()
     port = int(first.url.rsplit(":", 1)[1])

@@ -5,11 +5,10 @@ from __future__ import annotations
 import time
 
 import pytest
+from kvsim import MODEL, Worker, lookup, tokens
 
 from lmcache_rs.client import ServerError
 from lmcache_rs.client.client import make_key
-
-from .kv import MODEL, Worker, lookup, tokens
 
 C = 256
 BPC = 16

@@ -1,0 +1,1 @@
+"""The operator HTTP API (Litestar): never on the inference data path."""

@@ -1,0 +1,32 @@
+"""`GET /conf` (seed) and `GET /config` (LMCache 0.5.6 name): the loaded configuration."""
+
+from __future__ import annotations
+
+import msgspec
+from litestar import MediaType, Response, Router, get
+from litestar.di import NamedDependency
+
+from lmcache_rs.http.errors import ApiError
+from lmcache_rs.http.state import HttpState
+
+
+def _config(http_state: NamedDependency[HttpState]) -> Response[bytes]:
+    if http_state.config is None:
+        raise ApiError(503, {"error": "configs not initialized"})
+    body = msgspec.json.format(msgspec.json.encode(http_state.config), indent=2)
+    return Response(body, media_type=MediaType.JSON)
+
+
+@get("/conf", sync_to_thread=False)
+def conf(http_state: NamedDependency[HttpState]) -> Response[bytes]:
+    """Every configuration section (mp, storage_manager, http) as indented JSON."""
+    return _config(http_state)
+
+
+@get("/config", sync_to_thread=False)
+def config(http_state: NamedDependency[HttpState]) -> Response[bytes]:
+    """Alias of /conf."""
+    return _config(http_state)
+
+
+router = Router(path="/", route_handlers=[conf, config], tags=["config"])

@@ -1,0 +1,133 @@
+"""`GET /`, `GET /healthcheck`, `GET /status`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from litestar import Response, Router, get
+from litestar.di import NamedDependency
+
+from lmcache_rs.http.errors import ApiError
+from lmcache_rs.http.state import HttpState
+
+if TYPE_CHECKING:
+    from lmcache_rs.runtime import Runtime
+
+
+class Root(msgspec.Struct):
+    status: str
+    service: str
+
+
+class Health(msgspec.Struct, omit_defaults=True):
+    status: str
+    reason: str | None = None
+
+
+@get("/", sync_to_thread=False)
+def root() -> Root:
+    """Basic liveness: the HTTP server is running."""
+    return Root(status="ok", service="LMCache HTTP API")
+
+
+def health_problem(runtime: NamedDependency[Runtime]) -> str | None:
+    """Why the server is unhealthy, or None: a critical/high periodic thread that is not
+    running or has not ticked within 3 intervals (e.g. the L1 eviction cycle)."""
+    bad = runtime.periodic.unhealthy()
+    if not bad:
+        return None
+    parts = []
+    for t in bad:
+        st = t.status()
+        since = "never ran" if st.last_run_ago is None else f"last ran {st.last_run_ago:.1f} s ago"
+        state = "not running" if not st.is_running else since
+        parts.append(f"periodic thread {t.name} ({t.level.value}, every {t.interval:g} s) {state}")
+    return "; ".join(parts)
+
+
+@get("/healthcheck", sync_to_thread=False)
+def healthcheck(http_state: NamedDependency[HttpState]) -> Response[Health]:
+    """200 when the engine is initialized and its critical periodic threads tick; else 503."""
+    runtime = http_state.runtime
+    if runtime is None:
+        return Response(Health(status="unhealthy", reason="engine not initialized"), status_code=503)
+    problem = health_problem(runtime)
+    if problem is not None:
+        return Response(Health(status="unhealthy", reason=problem), status_code=503)
+    return Response(Health(status="healthy"), status_code=200)
+
+
+@get("/status", sync_to_thread=False)
+def status(runtime: NamedDependency[Runtime]) -> dict[str, Any]:
+    """A snapshot of the engine: L1, registered workers, sessions, periodic threads."""
+    stats = runtime.l1.index.stats()
+    cfg = runtime.cfg
+    contexts = runtime.engine.contexts.all()
+    evict = runtime.periodic.get("l1-eviction-cycle")
+    l1 = {
+        "is_healthy": True,
+        "total_object_count": stats["total_objects"],
+        "resident_object_count": stats["resident_objects"],
+        "write_locked_count": stats["staging_objects"],
+        "read_locked_count": stats["read_locked_objects"],
+        "temporary_count": stats["temporary_objects"],
+        "staging_object_count": stats["staging_objects"],
+        "staging_bytes": stats["staging_bytes"],
+        "memory_used_bytes": stats["used_bytes"],
+        "memory_total_bytes": stats["capacity_bytes"],
+        "memory_configured_bytes": cfg.storage_manager.l1_size_bytes,
+        "memory_usage_ratio": stats["usage_ratio"],
+        "free_blocks": stats["free_blocks"],
+        "largest_free_block_bytes": stats["largest_free_block"],
+        "pinned": runtime.l1.pinned,
+        "write_ttl_seconds": cfg.storage_manager.l1_write_ttl_seconds,
+        "read_ttl_seconds": cfg.storage_manager.l1_read_ttl_seconds,
+        "counters": stats["counters"],
+    }
+    eviction = {
+        "is_healthy": bool(evict and evict.is_running and evict.is_active),
+        "thread_alive": bool(evict and evict.is_running),
+        "eviction_policy": cfg.storage_manager.eviction_policy,
+        "trigger_watermark": cfg.storage_manager.eviction_trigger_watermark,
+        "eviction_ratio": cfg.storage_manager.eviction_ratio,
+        "demand_eviction": cfg.storage_manager.demand_eviction,
+    }
+    healthy = health_problem(runtime) is None
+    storage = {
+        "is_healthy": healthy,
+        "l1_manager": l1,
+        "l1_eviction_controller": eviction,
+        "l1_usage": [stats["used_bytes"], stats["capacity_bytes"]],
+        "cache_salts": stats["salts"],
+        "num_l2_adapters": 0,
+        "l2_adapters": [],
+    }
+    return {
+        "is_healthy": healthy,
+        "engine_type": "MPCacheEngine",
+        "chunk_size": cfg.mp.chunk_size,
+        "hash_algorithm": cfg.mp.hash_algorithm,
+        "registered_gpu_ids": sorted(c.instance_id for c in contexts),
+        "gpu_context_meta": {str(c.instance_id): c.status() for c in contexts},
+        "active_sessions": len(runtime.engine.sessions),
+        "active_prefetch_jobs": 0,
+        "storage_manager": storage,
+        "worker_liveness": {
+            "enabled": cfg.mp.worker_reap_timeout_seconds > 0,
+            "reap_timeout_seconds": cfg.mp.worker_reap_timeout_seconds,
+            "registration_grace_seconds": cfg.mp.worker_registration_grace_seconds,
+            "tracked_instances": len(contexts),
+        },
+        "request_server": {
+            "url": runtime.server.url,
+            "requests_total": runtime.server.requests_total,
+            "pending_requests": runtime.server.pending,
+            "errors": dict(runtime.server.errors),
+        },
+    }
+
+
+router = Router(path="/", route_handlers=[root, healthcheck, status], tags=["health"])
+
+__all__ = ["ApiError", "router"]

@@ -1,0 +1,203 @@
+"""Prometheus metrics: one registry per server and a collector that reads snapshots.
+
+Nothing is counted twice: the collector turns the Rust index's stats snapshot and the
+engine's counters into metric families at scrape time. Names keep LMCache 0.5.6's
+`lmcache_mp_*` (spec H) so dashboards keep working; ours are `lmcache_rs_*`. `reset()` really
+resets: it records a baseline that later scrapes subtract (Prometheus treats the drop as a
+counter reset).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from lmcache_rs.runtime import Runtime
+
+L1_TAG = "_default"
+
+# engine stats key -> (metric name, documentation, label names)
+ENGINE_COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "l1_read_chunks": ("lmcache_mp_l1_read_chunks", "Chunks read from L1 by retrieves.", ("cache_salt",)),
+    "l1_write_chunks": ("lmcache_mp_l1_write_chunks", "Chunks written into L1 by stores.", ("cache_salt",)),
+    "l1_allocation_failure_chunks": (
+        "lmcache_mp_l1_allocation_failure_chunks",
+        "Chunks that could not get L1 space.",
+        ("during", "model_name"),
+    ),
+    "l1_read_failure_chunks": (
+        "lmcache_mp_l1_read_failure_chunks",
+        "Chunks a retrieve could not read.",
+        ("during", "reason", "model_name"),
+    ),
+    "lookups": ("lmcache_mp_lookups_requests", "Lookup requests.", ("model_name", "cache_salt")),
+    "lookup_requested_tokens": (
+        "lmcache_mp_lookup_requested_tokens",
+        "Tokens (complete chunks) asked for by lookups.",
+        ("model_name", "cache_salt"),
+    ),
+    "lookup_hit_tokens": (
+        "lmcache_mp_lookup_hit_tokens",
+        "Tokens found by lookups (every rank).",
+        ("model_name", "cache_salt"),
+    ),
+    "lookup_early_exit": (
+        "lmcache_mp_lookup_early_exit_requests",
+        "Lookups answered 0 before looking (no registered layout, no complete chunk).",
+        ("model_name", "cache_salt", "reason"),
+    ),
+    "stores_submitted": ("lmcache_mp_num_submitted_stores", "Store requests received.", ("device",)),
+    "stores_finished": ("lmcache_mp_num_finished_stores", "Store requests finished.", ("device",)),
+    "retrieves_submitted": ("lmcache_mp_num_submitted_retrieves", "Retrieve requests received.", ("device",)),
+    "retrieves_finished": ("lmcache_mp_num_finished_retrieves", "Retrieve requests finished.", ("device",)),
+    "num_chunks_loaded": (
+        "lmcache_mp_num_chunks_loaded",
+        "Chunks copied back into workers' KV caches.",
+        ("worker_id", "model_name", "cache_salt"),
+    ),
+    "block_allocation_records": (
+        "lmcache_rs_block_allocation_records",
+        "report_block_allocation records received.",
+        ("model_name",),
+    ),
+}
+
+# Rust counter -> (metric name, documentation, extra labels)
+CORE_COUNTERS: dict[str, tuple[str, str, dict[str, str]]] = {
+    "eviction_cycles": ("lmcache_mp_l1_eviction_loop_ticks", "Runs of the L1 eviction cycle.", {}),
+    "eviction_triggered": (
+        "lmcache_mp_l1_eviction_loop_triggered",
+        "Eviction cycles that found usage at or above the watermark.",
+        {},
+    ),
+    "evicted_watermark_objects": ("lmcache_rs_l1_evicted_objects", "", {"reason": "watermark"}),
+    "evicted_quota_objects": ("lmcache_rs_l1_evicted_objects", "", {"reason": "quota"}),
+    "evicted_demand_objects": ("lmcache_rs_l1_evicted_objects", "", {"reason": "demand"}),
+    "deleted_objects": ("lmcache_rs_l1_evicted_objects", "", {"reason": "deleted"}),
+    "cleared_objects": ("lmcache_rs_l1_evicted_objects", "", {"reason": "cleared"}),
+    "expired_read_locks": ("lmcache_rs_l1_expired_read_locks", "Read locks released by their TTL.", {}),
+    "expired_staging": ("lmcache_rs_l1_expired_staging", "Write reservations reclaimed by their TTL.", {}),
+    "duplicate_writes": (
+        "lmcache_rs_l1_duplicate_writes",
+        "Staged copies dropped because another writer finished first.",
+        {},
+    ),
+}
+EVICTED_DOC = "Objects that left L1, by reason."
+
+
+class ServerCollector(Collector):
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self._lock = threading.Lock()
+        self._core_base: dict[str, int] = {}
+        self._error_base: dict[str, int] = {}
+
+    def reset(self) -> None:
+        stats = self.runtime.l1.index.stats()
+        with self._lock:
+            self._core_base = dict(stats["counters"])
+            self._error_base = dict(self.runtime.server.errors)
+        self.runtime.engine.stats.reset()
+
+    def collect(self) -> Iterator[Metric]:
+        rt = self.runtime
+        stats = rt.l1.index.stats()
+        with self._lock:
+            core_base = dict(self._core_base)
+            error_base = dict(self._error_base)
+        # Engine counters.
+        families: dict[str, CounterMetricFamily] = {}
+        for key, value in rt.engine.stats.snapshot().items():
+            spec = ENGINE_COUNTERS.get(key[0])
+            if spec is None:
+                continue
+            name, doc, labels = spec
+            fam = families.get(name)
+            if fam is None:
+                fam = families[name] = CounterMetricFamily(name, doc, labels=list(labels))
+            fam.add_metric(list(key[1:]), value)
+        yield from families.values()
+        # Core counters (evictions are one family with a reason label).
+        evicted = CounterMetricFamily("lmcache_rs_l1_evicted_objects", EVICTED_DOC, labels=["reason"])
+        total_evicted = 0
+        for key, (name, doc, labels) in CORE_COUNTERS.items():
+            value = stats["counters"][key] - core_base.get(key, 0)
+            if name == "lmcache_rs_l1_evicted_objects":
+                evicted.add_metric([labels["reason"]], value)
+                if labels["reason"] in ("watermark", "quota", "demand"):
+                    total_evicted += value
+                continue
+            fam = CounterMetricFamily(name, doc, labels=[])
+            fam.add_metric([], value)
+            yield fam
+        yield evicted
+        fam = CounterMetricFamily(
+            "lmcache_mp_l1_evicted_chunks",
+            "Chunks evicted from L1 (watermark, quota, demand).",
+            labels=["l1_tag"],
+        )
+        fam.add_metric([L1_TAG], total_evicted)
+        yield fam
+        errors = CounterMetricFamily(
+            "lmcache_rs_request_errors", "Requests answered with an error reply, by code.", labels=["code"]
+        )
+        for code, n in sorted(rt.server.errors.items()):
+            errors.add_metric([code], n - error_base.get(code, 0))
+        yield errors
+        # Gauges.
+        backend = "pinned" if rt.l1.pinned else "dram"
+        for name, doc, value in (
+            ("lmcache_mp_l1_memory_usage_bytes", "Bytes allocated in L1.", stats["used_bytes"]),
+            ("lmcache_mp_l1_usage_ratio", "L1 used / capacity.", stats["usage_ratio"]),
+            ("lmcache_mp_l1_staging_bytes", "Bytes reserved by writes in flight.", stats["staging_bytes"]),
+            ("lmcache_rs_l1_capacity_bytes", "L1 capacity.", stats["capacity_bytes"]),
+        ):
+            g = GaugeMetricFamily(name, doc, labels=["backend", "l1_tag"])
+            g.add_metric([backend, L1_TAG], value)
+            yield g
+        objects = GaugeMetricFamily("lmcache_rs_l1_objects", "Objects in L1 by state.", labels=["state"])
+        objects.add_metric(["resident"], stats["resident_objects"])
+        objects.add_metric(["read_locked"], stats["read_locked_objects"])
+        objects.add_metric(["staging"], stats["staging_objects"])
+        objects.add_metric(["temporary"], stats["temporary_objects"])
+        yield objects
+        jobs = GaugeMetricFamily("lmcache_mp_active_prefetch_jobs", "Prefetch jobs in progress.")
+        jobs.add_metric([], 0)
+        yield jobs
+        sessions = GaugeMetricFamily("lmcache_rs_active_sessions", "Request sessions held.")
+        sessions.add_metric([], len(rt.engine.sessions))
+        yield sessions
+        limit = GaugeMetricFamily(
+            "lmcache_rs_quota_limit_bytes", "IsolatedLRU quota per cache_salt.", labels=["cache_salt"]
+        )
+        usage = GaugeMetricFamily(
+            "lmcache_rs_quota_usage_bytes", "Bytes a cache_salt holds in L1.", labels=["cache_salt"]
+        )
+        for s in stats["salts"]:
+            if s["quota_bytes"] is not None:
+                limit.add_metric([s["cache_salt"]], s["quota_bytes"])
+            usage.add_metric([s["cache_salt"]], s["bytes"])
+        yield limit
+        yield usage
+
+
+class Metrics:
+    """The server's registry and its collector."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.collector = ServerCollector(runtime)
+        self.registry.register(self.collector)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def reset(self) -> None:
+        self.collector.reset()
