@@ -15,7 +15,9 @@ log = logging.getLogger(__name__)
 class HttpServer:
     def __init__(self, app: Litestar, host: str, port: int) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose
+        # proto says TCP; with proto 0, Nagle + delayed ACKs add ~40 ms to keep-alive requests.
+        self._sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
         self._sock.listen(2048)  # connections queue from now on, before uvicorn starts accepting
