@@ -107,6 +107,54 @@ pub fn prefix_hashes<T: TokenId>(
     Ok(all)
 }
 
+/// Token ids from a msgpack array of non-negative integers, as LMCache clients send
+/// `token_ids` (the server decodes them here, without building a Python list).
+pub fn msgpack_tokens(raw: &[u8]) -> CoreResult<Vec<u32>> {
+    let bad = |what: &str| CoreError::InvalidArgument(format!("token_ids: {what}"));
+    let (&tag, mut rest) = raw.split_first().ok_or_else(|| bad("empty"))?;
+    let take = |rest: &mut &[u8], n: usize| -> CoreResult<u64> {
+        if rest.len() < n {
+            return Err(bad("truncated"));
+        }
+        let (head, tail) = rest.split_at(n);
+        *rest = tail;
+        Ok(head.iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b)))
+    };
+    let len = match tag {
+        0x90..=0x9f => usize::from(tag & 0x0f),
+        0xdc => take(&mut rest, 2)? as usize,
+        0xdd => take(&mut rest, 4)? as usize,
+        _ => return Err(bad("not a msgpack array")),
+    };
+    if len > rest.len() {
+        return Err(bad("truncated"));
+    }
+    let mut out = Vec::with_capacity(len);
+    for position in 0..len {
+        let (&t, tail) = rest.split_first().ok_or_else(|| bad("truncated"))?;
+        rest = tail;
+        let value: i128 = match t {
+            0x00..=0x7f => i128::from(t),
+            0xcc => i128::from(take(&mut rest, 1)?),
+            0xcd => i128::from(take(&mut rest, 2)?),
+            0xce => i128::from(take(&mut rest, 4)?),
+            0xcf => i128::from(take(&mut rest, 8)?),
+            0xd0 => i128::from(take(&mut rest, 1)? as u8 as i8),
+            0xd1 => i128::from(take(&mut rest, 2)? as u16 as i16),
+            0xd2 => i128::from(take(&mut rest, 4)? as u32 as i32),
+            0xd3 => i128::from(take(&mut rest, 8)? as i64),
+            0xe0..=0xff => i128::from(t as i8),
+            _ => return Err(bad(&format!("element {position} is not an integer"))),
+        };
+        let v = u32::try_from(value).map_err(|_| CoreError::InvalidToken { position, value })?;
+        out.push(v);
+    }
+    if !rest.is_empty() {
+        return Err(bad("trailing bytes"));
+    }
+    Ok(out)
+}
+
 /// Lower-case hex of a hash (for logs, file names and test vectors).
 pub fn to_hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -178,6 +226,27 @@ mod tests {
         let head = hash_chunks(&none_hash(), &tokens[..512], 256).unwrap();
         let tail = hash_chunks(head.last().unwrap(), &tokens[512..], 256).unwrap();
         assert_eq!([head, tail].concat(), full);
+    }
+
+    #[test]
+    fn msgpack_token_arrays() {
+        // [0, 127, 128, 65535, 65536, 4294967295] with the smallest encodings, plus int8 1.
+        let raw = [
+            0x97, 0x00, 0x7f, 0xcc, 0x80, 0xcd, 0xff, 0xff, 0xce, 0x00, 0x01, 0x00, 0x00, 0xce, 0xff, 0xff,
+            0xff, 0xff, 0xd0, 0x01,
+        ];
+        assert_eq!(msgpack_tokens(&raw).unwrap(), [0, 127, 128, 65535, 65536, u32::MAX, 1]);
+        let mut big = vec![0xdc, 0x01, 0x00];
+        big.extend((0..256).map(|i| (i % 128) as u8));
+        assert_eq!(msgpack_tokens(&big).unwrap().len(), 256);
+        assert_eq!(msgpack_tokens(&[0x90]).unwrap(), Vec::<u32>::new());
+        assert!(matches!(msgpack_tokens(&[0x91, 0xff]), Err(CoreError::InvalidToken { value: -1, .. })));
+        assert!(msgpack_tokens(&[0x91, 0xcf, 0, 0, 0, 1, 0, 0, 0, 0]).is_err());
+        assert!(msgpack_tokens(&[0x92, 0x01]).is_err());
+        assert!(msgpack_tokens(&[0x91, 0xa1, 0x61]).is_err());
+        assert!(msgpack_tokens(&[0x91, 0x01, 0x02]).is_err());
+        assert!(msgpack_tokens(&[0x01]).is_err());
+        assert!(msgpack_tokens(&[]).is_err());
     }
 
     #[test]

@@ -21,7 +21,7 @@ from lmcache_rs.config import ServerConfig
 from lmcache_rs.engine.contexts import ContextRegistry, KVContext, RegistrationError, build_context
 from lmcache_rs.engine.sessions import LookupLocks, Session, SessionManager
 from lmcache_rs.protocol.codec import ProtocolError
-from lmcache_rs.protocol.messages import STUB_EVENT, BlockAllocationRecord, EngineGroupInfo, IPCCacheServerKey
+from lmcache_rs.protocol.messages import STUB_EVENT, BlockAllocationRecord, EngineGroupInfo, ServerKey
 from lmcache_rs.storage.l1 import L1Store
 from lmcache_rs.transfer.gather import gather, scatter
 
@@ -81,28 +81,30 @@ class Engine:
 
     # ---- helpers ---------------------------------------------------------------------------
 
-    def _scope(self, key: IPCCacheServerKey, rank: int) -> KeyScope:
+    def _scope(self, key: ServerKey, rank: int) -> KeyScope:
         try:
             return KeyScope(key.model_name, mp_kv_rank(key.world_size, rank), 0, key.cache_salt)
         except InvalidKeyError as e:
             raise ProtocolError("invalid_key", str(e)) from None
 
-    def _chunk_range(self, key: IPCCacheServerKey) -> tuple[int, int]:
+    def _first_chunk(self, key: ServerKey) -> int:
         if key.start < 0 or key.end < key.start:
             raise ProtocolError("bad_request", f"bad token range [{key.start}, {key.end})")
         if key.start % self.chunk_size:
             raise ProtocolError(
                 "bad_request", f"start {key.start} is not a multiple of the chunk size {self.chunk_size}"
             )
-        return key.start // self.chunk_size, min(key.end, len(key.token_ids)) // self.chunk_size
+        return key.start // self.chunk_size
 
-    def _chain(self, session: Session, key: IPCCacheServerKey) -> list[bytes]:
+    def _prefix(self, session: Session, key: ServerKey) -> list[bytes]:
+        """Hashes of the request's complete chunks up to `key.end` (caller holds session.lock)."""
         try:
-            return session.chain(key.token_ids, key.end, self.chunk_size)
+            hashes, n_tokens = session.chain(bytes(key.token_ids), self.chunk_size)
         except LmcacheCoreError as e:
             raise ProtocolError("bad_request", str(e)) from None
+        return hashes[: min(key.end, n_tokens) // self.chunk_size]
 
-    def _worker_context(self, key: IPCCacheServerKey, instance_id: int) -> KVContext:
+    def _worker_context(self, key: ServerKey, instance_id: int) -> KVContext:
         ctx = self.contexts.get(instance_id)
         if ctx is None:
             raise ProtocolError(
@@ -168,21 +170,12 @@ class Engine:
                 engine_group_infos,
                 self.chunk_size,
             )
-            self._scope(
-                IPCCacheServerKey(
-                    model_name=model_name,
-                    world_size=world_size,
-                    worker_id=0,
-                    token_ids=[],
-                    start=0,
-                    end=0,
-                    request_id="",
-                ),
-                0,
-            )
+            KeyScope(model_name, mp_kv_rank(world_size, 0))  # the keys it will store are valid
             self.contexts.add(ctx)
         except RegistrationError as e:
             raise ProtocolError("bad_registration", str(e)) from None
+        except InvalidKeyError as e:
+            raise ProtocolError("invalid_key", str(e)) from None
         log.info(
             "registered instance %d: %s world %d, %d layers, %d blocks, %d bytes per chunk",
             instance_id,
@@ -226,16 +219,14 @@ class Engine:
 
     # ---- store / retrieve (AFFINITY pool) ------------------------------------------------------
 
-    def store(
-        self, key: IPCCacheServerKey, instance_id: int, block_ids: list[list[int]], event: bytes
-    ) -> list[Any]:
+    def store(self, key: ServerKey, instance_id: int, block_ids: list[list[int]], event: bytes) -> list[Any]:
         ctx = self._worker_context(key, instance_id)
         self.stats.add("stores_submitted", ctx.device)
-        c0, c1 = self._chunk_range(key)
+        c0 = self._first_chunk(key)
         session = self.sessions.get(key.request_id)
         assert session is not None
         with session.lock:
-            hashes = self._chain(session, key)[c0:c1]
+            hashes = self._prefix(session, key)[c0:]
             session.scopes = [self._scope(key, r) for r in range(key.world_size)]
         n = len(hashes)
         if n == 0:
@@ -281,9 +272,10 @@ class Engine:
         return [STUB_EVENT, True]
 
     def retrieve(
-        self, key: IPCCacheServerKey, instance_id: int, block_ids: list[list[int]], event: bytes, skip: int
+        self, key: ServerKey, instance_id: int, block_ids: list[list[int]], event: bytes, skip: int
     ) -> list[Any]:
-        c0, c1 = self._chunk_range(key)
+        c0 = self._first_chunk(key)
+        c1 = key.end // self.chunk_size  # refined below once the tokens are hashed
         session = self.sessions.get(key.request_id, create=False)
         try:
             ctx = self._worker_context(key, instance_id)
@@ -295,8 +287,9 @@ class Engine:
             session = self.sessions.get(key.request_id)
             assert session is not None
         with session.lock:
-            hashes = self._chain(session, key)[c0:c1]
+            hashes = self._prefix(session, key)[c0:]
         n = len(hashes)
+        c1 = c0 + n
         scope = self._scope(key, key.worker_id or 0)
         try:
             if n == 0:
@@ -345,7 +338,7 @@ class Engine:
 
     # ---- lookup and sessions (NORMAL pool) -------------------------------------------------
 
-    def lookup(self, key: IPCCacheServerKey, tp_size: int) -> None:
+    def lookup(self, key: ServerKey, tp_size: int) -> None:
         if key.num_kv_readers < 1:
             raise ProtocolError(
                 "bad_request",
@@ -361,7 +354,7 @@ class Engine:
                 session.locks = None
             scopes = [self._scope(key, r) for r in range(key.world_size)]
             session.scopes = scopes
-            hashes = self._chain(session, key)
+            hashes = self._prefix(session, key)
             self.stats.add(
                 "lookup_requested_tokens", key.model_name, key.cache_salt, n=len(hashes) * self.chunk_size
             )
@@ -398,11 +391,11 @@ class Engine:
         with session.lock:
             return session.take_result()
 
-    def free_lookup_locks(self, key: IPCCacheServerKey, tp_size: int) -> None:
+    def free_lookup_locks(self, key: ServerKey, tp_size: int) -> None:
         session = self.sessions.get(key.request_id, create=False)
         if session is None:
             return None
-        c0, c1 = self._chunk_range(key)
+        c0, c1 = self._first_chunk(key), key.end // self.chunk_size
         with session.lock:
             if session.locks is not None:
                 session.locks.release(self.index, None, c0, c1, None)

@@ -10,9 +10,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from lmcache_rs import KeyScope, L1Index, extend_chain
+from lmcache_rs import KeyScope, L1Index, chunk_hashes_msgpack
 
 
 @dataclass
@@ -53,8 +51,9 @@ class LookupLocks:
 class Session:
     request_id: str
     lock: threading.Lock = field(default_factory=threading.Lock)
-    tokens: np.ndarray | None = None
+    raw_tokens: bytes = b""
     hashes: list[bytes] = field(default_factory=list)
+    n_tokens: int = 0
     last_used: float = field(default_factory=time.monotonic)
     result: int | None = None
     result_ready: threading.Event = field(default_factory=threading.Event)
@@ -62,23 +61,14 @@ class Session:
     #: Scopes (all ranks) of the keys this request touched, for end_session's LRU touch.
     scopes: list[KeyScope] = field(default_factory=list)
 
-    def chain(self, token_ids: list[int], end: int, chunk_size: int) -> list[bytes]:
-        """Hashes of chunks [0, min(end, len)//chunk_size), reusing the cached chain while the
-        tokens agree and replacing it when they do not."""
-        tokens = np.asarray(token_ids, dtype=np.int64)
-        n = min(end, len(tokens)) // chunk_size
-        keep = min(n, len(self.hashes))
-        if keep:
-            span = keep * chunk_size
-            cached = self.tokens
-            if cached is None or len(cached) < span or not np.array_equal(cached[:span], tokens[:span]):
-                keep = 0
-        if keep < n:
-            prev = self.hashes[keep - 1] if keep else None
-            new = extend_chain(tokens[keep * chunk_size : n * chunk_size], prev=prev, chunk_size=chunk_size)
-            self.hashes = self.hashes[:keep] + new
-            self.tokens = tokens
-        return self.hashes[:n]
+    def chain(self, raw_tokens: bytes, chunk_size: int) -> tuple[list[bytes], int]:
+        """Hashes of every complete chunk of the request's tokens (given as their msgpack
+        encoding) and the token count. Cached while the request sends the same tokens, replaced
+        as soon as they differ (LMCache keeps stale hashes)."""
+        if raw_tokens != self.raw_tokens or not self.raw_tokens:
+            self.hashes, self.n_tokens = chunk_hashes_msgpack(raw_tokens, chunk_size)
+            self.raw_tokens = raw_tokens
+        return self.hashes, self.n_tokens
 
     def set_result(self, hit_chunks: int) -> None:
         self.result = hit_chunks

@@ -32,6 +32,22 @@ class IPCCacheServerKey(msgspec.Struct, kw_only=True):
     num_kv_readers: int = 0
 
 
+class ServerKey(msgspec.Struct, kw_only=True):
+    """`IPCCacheServerKey` as the server decodes it: `token_ids` stays raw msgpack, hashed in
+    Rust (`chunk_hashes_msgpack`) without ever becoming a Python list."""
+
+    model_name: str
+    world_size: int
+    worker_id: int | None
+    token_ids: msgspec.Raw
+    start: int
+    end: int
+    request_id: str
+    cache_salt: str = ""
+    request_configs: dict[str, Any] | None = None
+    num_kv_readers: int = 0
+
+
 class EngineGroupInfo(msgspec.Struct, kw_only=True):
     """One vLLM KV cache group: which layers share a block table."""
 

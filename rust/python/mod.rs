@@ -153,6 +153,24 @@ fn extend_chain<'py>(
     hashes_to_list(py, &hashes)
 }
 
+/// Chunk hashes of a msgpack-encoded token array (the wire form of `token_ids`), without a
+/// Python list in between. Returns `(hashes of every complete chunk, number of tokens)`.
+#[pyfunction]
+#[pyo3(signature = (raw, chunk_size = 256))]
+fn chunk_hashes_msgpack<'py>(
+    py: Python<'py>,
+    raw: &[u8],
+    chunk_size: usize,
+) -> PyResult<(Bound<'py, PyList>, usize)> {
+    let (hashes, n) = py
+        .detach(|| {
+            let tokens = hash::msgpack_tokens(raw)?;
+            Ok::<_, CoreError>((hash::prefix_hashes(&tokens, chunk_size, 0, None)?, tokens.len()))
+        })
+        .map_err(to_py_err)?;
+    Ok((hashes_to_list(py, &hashes)?, n))
+}
+
 /// `world << 24 | global_rank << 16 | local_world << 8 | local_rank`; every field <= 255.
 #[pyfunction]
 fn kv_rank(world_size: u32, global_rank: u32, local_world_size: u32, local_rank: u32) -> PyResult<u32> {
@@ -491,6 +509,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(none_hash, m)?)?;
     m.add_function(wrap_pyfunction!(chunk_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(extend_chain, m)?)?;
+    m.add_function(wrap_pyfunction!(chunk_hashes_msgpack, m)?)?;
     m.add_function(wrap_pyfunction!(kv_rank, m)?)?;
     m.add_function(wrap_pyfunction!(mp_kv_rank, m)?)?;
     m.add_function(wrap_pyfunction!(validate_salt, m)?)?;

@@ -95,3 +95,25 @@ def test_non_integer_input_is_a_clear_error() -> None:
 )
 def test_matches_an_independent_implementation(tokens: list[int], chunk_size: int) -> None:
     assert lm.chunk_hashes(tokens, chunk_size=chunk_size) == reference_hashes(tokens, chunk_size)
+
+
+@settings(max_examples=60, deadline=None)
+@given(tokens=st.lists(st.integers(min_value=0, max_value=2**32 - 1), max_size=600))
+def test_msgpack_token_arrays_hash_like_lists(tokens: list[int]) -> None:
+    """The server hashes `token_ids` straight from their wire encoding."""
+    import msgspec  # noqa: PLC0415
+
+    hashes, n = lm.chunk_hashes_msgpack(msgspec.msgpack.encode(tokens), chunk_size=16)
+    assert n == len(tokens)
+    assert hashes == lm.chunk_hashes(tokens, chunk_size=16)
+
+
+def test_msgpack_token_errors() -> None:
+    import msgspec  # noqa: PLC0415
+
+    with pytest.raises(lm.LmcacheCoreError, match="token id"):
+        lm.chunk_hashes_msgpack(msgspec.msgpack.encode([1, -1]))
+    with pytest.raises(lm.LmcacheCoreError, match="not a msgpack array"):
+        lm.chunk_hashes_msgpack(msgspec.msgpack.encode("abc"))
+    with pytest.raises(lm.LmcacheCoreError, match="not an integer"):
+        lm.chunk_hashes_msgpack(msgspec.msgpack.encode([1, 2.5]))
