@@ -16,7 +16,7 @@ import zmq
 
 from lmcache_rs.protocol import ops
 from lmcache_rs.protocol.codec import encode
-from lmcache_rs.protocol.messages import ErrorFrame, IPCCacheServerKey, ext_hook, to_ext
+from lmcache_rs.protocol.messages import ErrorFrame, IPCCacheServerKey, encode_tokens, ext_hook, to_ext
 
 _decoder = msgspec.msgpack.Decoder(ext_hook=ext_hook)
 _error_decoder = msgspec.msgpack.Decoder(ErrorFrame)
@@ -182,7 +182,7 @@ def make_key(
         model_name=model_name,
         world_size=world_size,
         worker_id=worker_id,
-        token_ids=list(token_ids),
+        token_ids=encode_tokens(list(token_ids)),
         start=start,
         end=len(token_ids) if end is None else end,
         request_id=request_id,

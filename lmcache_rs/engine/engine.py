@@ -21,7 +21,7 @@ from lmcache_rs.config import ServerConfig
 from lmcache_rs.engine.contexts import ContextRegistry, KVContext, RegistrationError, build_context
 from lmcache_rs.engine.sessions import LookupLocks, Session, SessionManager
 from lmcache_rs.protocol.codec import ProtocolError
-from lmcache_rs.protocol.messages import STUB_EVENT, BlockAllocationRecord, EngineGroupInfo, ServerKey
+from lmcache_rs.protocol.messages import STUB_EVENT, BlockAllocationRecord, EngineGroupInfo, IPCCacheServerKey
 from lmcache_rs.storage.l1 import L1Store
 from lmcache_rs.transfer.gather import gather, scatter
 
@@ -81,13 +81,13 @@ class Engine:
 
     # ---- helpers ---------------------------------------------------------------------------
 
-    def _scope(self, key: ServerKey, rank: int) -> KeyScope:
+    def _scope(self, key: IPCCacheServerKey, rank: int) -> KeyScope:
         try:
             return KeyScope(key.model_name, mp_kv_rank(key.world_size, rank), 0, key.cache_salt)
         except InvalidKeyError as e:
             raise ProtocolError("invalid_key", str(e)) from None
 
-    def _first_chunk(self, key: ServerKey) -> int:
+    def _first_chunk(self, key: IPCCacheServerKey) -> int:
         if key.start < 0 or key.end < key.start:
             raise ProtocolError("bad_request", f"bad token range [{key.start}, {key.end})")
         if key.start % self.chunk_size:
@@ -96,7 +96,7 @@ class Engine:
             )
         return key.start // self.chunk_size
 
-    def _prefix(self, session: Session, key: ServerKey) -> list[bytes]:
+    def _prefix(self, session: Session, key: IPCCacheServerKey) -> list[bytes]:
         """Hashes of the request's complete chunks up to `key.end` (caller holds session.lock)."""
         try:
             hashes, n_tokens = session.chain(bytes(key.token_ids), self.chunk_size)
@@ -104,7 +104,7 @@ class Engine:
             raise ProtocolError("bad_request", str(e)) from None
         return hashes[: min(key.end, n_tokens) // self.chunk_size]
 
-    def _worker_context(self, key: ServerKey, instance_id: int) -> KVContext:
+    def _worker_context(self, key: IPCCacheServerKey, instance_id: int) -> KVContext:
         ctx = self.contexts.get(instance_id)
         if ctx is None:
             raise ProtocolError(
@@ -219,7 +219,9 @@ class Engine:
 
     # ---- store / retrieve (AFFINITY pool) ------------------------------------------------------
 
-    def store(self, key: ServerKey, instance_id: int, block_ids: list[list[int]], event: bytes) -> list[Any]:
+    def store(
+        self, key: IPCCacheServerKey, instance_id: int, block_ids: list[list[int]], event: bytes
+    ) -> list[Any]:
         ctx = self._worker_context(key, instance_id)
         self.stats.add("stores_submitted", ctx.device)
         c0 = self._first_chunk(key)
@@ -272,7 +274,7 @@ class Engine:
         return [STUB_EVENT, True]
 
     def retrieve(
-        self, key: ServerKey, instance_id: int, block_ids: list[list[int]], event: bytes, skip: int
+        self, key: IPCCacheServerKey, instance_id: int, block_ids: list[list[int]], event: bytes, skip: int
     ) -> list[Any]:
         c0 = self._first_chunk(key)
         c1 = key.end // self.chunk_size  # refined below once the tokens are hashed
@@ -338,7 +340,7 @@ class Engine:
 
     # ---- lookup and sessions (NORMAL pool) -------------------------------------------------
 
-    def lookup(self, key: ServerKey, tp_size: int) -> None:
+    def lookup(self, key: IPCCacheServerKey, tp_size: int) -> None:
         if key.num_kv_readers < 1:
             raise ProtocolError(
                 "bad_request",
@@ -391,7 +393,7 @@ class Engine:
         with session.lock:
             return session.take_result()
 
-    def free_lookup_locks(self, key: ServerKey, tp_size: int) -> None:
+    def free_lookup_locks(self, key: IPCCacheServerKey, tp_size: int) -> None:
         session = self.sessions.get(key.request_id, create=False)
         if session is None:
             return None

@@ -18,23 +18,10 @@ STUB_EVENT = b"stub_ipc_handle"
 
 
 class IPCCacheServerKey(msgspec.Struct, kw_only=True):
-    """What a request is about: a token prefix of one request, for one rank or all ranks."""
-
-    model_name: str
-    world_size: int
-    worker_id: int | None
-    token_ids: list[int]
-    start: int
-    end: int
-    request_id: str
-    cache_salt: str = ""
-    request_configs: dict[str, Any] | None = None
-    num_kv_readers: int = 0
-
-
-class ServerKey(msgspec.Struct, kw_only=True):
-    """`IPCCacheServerKey` as the server decodes it: `token_ids` stays raw msgpack, hashed in
-    Rust (`chunk_hashes_msgpack`) without ever becoming a Python list."""
+    """What a request is about: a token prefix of one request, for one rank (`worker_id`) or
+    all ranks (None). `token_ids` is kept as its msgpack encoding (an array of ints): the
+    server hashes those bytes in Rust (`chunk_hashes_msgpack`) without building a Python list;
+    clients build it with `encode_tokens`."""
 
     model_name: str
     world_size: int
@@ -103,6 +90,11 @@ class Unsupported(msgspec.Struct, kw_only=True):
     """A handle kind this server does not map (cuda_vmm, musa, npu): kept to answer clearly."""
 
     type: str
+
+
+def encode_tokens(token_ids: list[int]) -> msgspec.Raw:
+    """`token_ids` in their wire form, for `IPCCacheServerKey`."""
+    return msgspec.Raw(msgspec.msgpack.encode(token_ids))
 
 
 def ext_hook(code: int, data: memoryview) -> Any:

@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from lmcache_rs.protocol.messages import BlockAllocationRecord, EngineGroupInfo, ServerKey, ext_hook
+from lmcache_rs.protocol.messages import BlockAllocationRecord, EngineGroupInfo, IPCCacheServerKey, ext_hook
 
 
 class Pool(enum.Enum):
@@ -48,7 +48,7 @@ def _op(name: str, legacy_id: int | None, *args: Any, **kw: Any) -> OpSpec:
     return OpSpec(name, legacy_id, tuple(args), decoders=decoders, **kw)
 
 
-Key = ServerKey
+Key = IPCCacheServerKey
 BlockIds = list[list[int]]
 A = Pool.AFFINITY
 S = Pool.SYNC
