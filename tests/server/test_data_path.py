@@ -201,3 +201,28 @@ def test_lookups_are_answered_while_transfers_queue(server) -> None:
         assert all(ok for _, ok in results)
         assert lookup_latency < 30  # answered, not starved (speed is measured in benches)
         w.close()
+
+
+def test_scattered_and_reversed_block_ids_roundtrip(server) -> None:
+    """Block ids in no order (vLLM reuses freed blocks anywhere): every run shape scatters right."""
+    import random  # noqa: PLC0415
+
+    with server.client() as c:
+        w = Worker(c)
+        t = tokens(2 * C, seed=50)
+        src = blocks(1, 2)
+        assert w.store(t, src)
+        assert lookup(c, t, "r") == 2
+        rng = random.Random(3)
+        dst = rng.sample([b for b in range(100, 250) if not 200 <= b < 206], 2 * BPC)
+        dst[3:9] = list(range(200, 206))  # one run of six inside the shuffle
+        dst = [x for x in dst[:BPC]] + list(reversed(dst[BPC:]))
+        assert len(set(dst)) == len(dst)
+        assert w.retrieve(t, dst, "r", skip=16 + 3)
+        got = w.kv.blocks_view(dst)
+        want = w.kv.blocks_view(src)
+        for g, e in zip(got, want, strict=True):
+            assert torch.equal(g[:, 2:], e[:, 2:])  # blocks after the skipped ones
+            assert torch.equal(g[:, 1, 3:], e[:, 1, 3:])  # the partially skipped block's tail
+        c.end_session("r")
+        w.close()
