@@ -8,12 +8,11 @@ import platform
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lmcache_rs.client import MPClient
+from lmcache_rs.client.client import wait_for_server
 
 
 def free_port() -> int:
@@ -45,15 +44,7 @@ class ServerProcess:
             *flags,
         ]
         self.proc = subprocess.Popen(cmd)
-        deadline = time.monotonic() + 60
-        with MPClient(self.url, timeout=1.0) as c:
-            while True:
-                try:
-                    c.noop()
-                    break
-                except TimeoutError:
-                    if self.proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError("server did not start") from None
+        wait_for_server(self.url, 60, alive=lambda: self.proc.poll() is None)
 
     def stop(self) -> None:
         self.proc.terminate()

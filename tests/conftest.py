@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 from lmcache_rs.client import MPClient
+from lmcache_rs.client.client import wait_for_server
 
 
 def free_port() -> int:
@@ -73,18 +73,12 @@ def start_server(tmp_path: os.PathLike[str], *flags: str, port: int | None = Non
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     server = Server(proc, f"tcp://127.0.0.1:{port}", log_path, f"http://127.0.0.1:{http_port}")
-    deadline = time.monotonic() + 60
-    with server.client(timeout=1.0) as c:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
-            try:
-                if c.noop() == "OK":
-                    return server
-            except TimeoutError:
-                if time.monotonic() > deadline:
-                    server.stop()
-                    raise RuntimeError(f"server did not answer within 60 s:\n{server.log()}") from None
+    try:
+        wait_for_server(server.url, 60, alive=lambda: proc.poll() is None)
+    except (RuntimeError, TimeoutError) as e:
+        server.stop()
+        raise RuntimeError(f"{e}:\n{server.log()}") from None
+    return server
 
 
 @pytest.fixture

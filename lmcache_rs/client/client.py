@@ -9,6 +9,8 @@ raises `TimeoutError`. One client is used by one thread at a time.
 from __future__ import annotations
 
 import itertools
+import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -164,6 +166,22 @@ class MPClient:
 
     def clear(self, force: bool = False) -> None:
         self.call("clear", force)
+
+
+def wait_for_server(url: str, timeout: float = 60.0, alive: Callable[[], bool] = lambda: True) -> None:
+    """Blocks until the server at `url` answers `noop`; raises TimeoutError after `timeout`
+    seconds, or RuntimeError as soon as `alive()` says the server process is gone."""
+    deadline = time.monotonic() + timeout
+    with MPClient(url, timeout=1.0) as c:
+        while True:
+            if not alive():
+                raise RuntimeError(f"the server for {url} exited before answering")
+            try:
+                c.noop()
+                return
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s") from None
 
 
 def make_key(
