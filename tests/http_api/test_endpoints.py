@@ -212,6 +212,12 @@ def test_threads_and_periodic_threads(api) -> None:
     assert dump.rstrip().splitlines()[-1].startswith("Total threads: ")
     only = api.get("/threads", params={"name": "MQ-SERVER"}).text
     assert only.rstrip().endswith("Total threads: 1")
+    ident = only.split("ident=", 1)[1].split(",", 1)[0]
+    by_id = api.get("/threads", params={"thread_id": ident}).text
+    assert "mq-server-thread" in by_id
+    assert by_id.rstrip().endswith("Total threads: 1")
+    assert api.get("/threads", params={"thread_id": "1"}).text.rstrip().endswith("Total threads: 0")
+    assert api.get("/threads", params={"thread_id": "x"}).status_code == 400
     pt = api.get("/periodic-threads").json()
     names = {t["name"] for t in pt["threads"]}
     assert {"l1-eviction-cycle", "session-cleanup", "worker-reaper"} <= names
