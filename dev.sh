@@ -6,6 +6,8 @@
 # The Python environment lives outside the checkout (torch is large: installed once, reused
 # by every clone and CI run); override with LMCACHE_RS_VENV.
 set -euo pipefail
+# CI may run with a trimmed environment: derive HOME (cargo, the venv location) if it is unset.
+export HOME="${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}"
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cd "$ROOT"
 VENV=${LMCACHE_RS_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/lmcache-rs/venv}
