@@ -351,9 +351,7 @@ class Engine:
         assert session is not None
         self.stats.add("lookups", key.model_name, key.cache_salt)
         with session.lock:
-            if session.locks is not None:
-                session.locks.release(self.index, None, 0, len(session.locks.hashes), None)
-                session.locks = None
+            session.drop_locks(self.index)
             scopes = [self._scope(key, r) for r in range(key.world_size)]
             session.scopes = scopes
             hashes = self._prefix(session, key)
@@ -410,9 +408,7 @@ class Engine:
 
     def _close_session(self, session: Session, touch: bool) -> None:
         with session.lock:
-            if session.locks is not None:
-                session.locks.release(self.index, None, 0, len(session.locks.hashes), None)
-                session.locks = None
+            session.drop_locks(self.index)
             if touch and session.hashes:
                 for s in session.scopes:
                     self.index.touch(s, session.hashes)

@@ -70,6 +70,12 @@ class Session:
             self.raw_tokens = raw_tokens
         return self.hashes, self.n_tokens
 
+    def drop_locks(self, index: L1Index) -> None:
+        """Releases every lock the last lookup still holds (caller holds `lock`)."""
+        if self.locks is not None:
+            self.locks.release(index, None, 0, len(self.locks.hashes), None)
+            self.locks = None
+
     def set_result(self, hit_chunks: int) -> None:
         self.result = hit_chunks
         self.result_ready.set()
