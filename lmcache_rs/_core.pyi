@@ -1,6 +1,6 @@
 """Type stubs for the compiled core (rust/python/mod.rs). Kept by hand, like the bindings."""
 
-from collections.abc import Sequence
+from collections.abc import Buffer, Sequence
 from typing import Any, Final, Literal, TypedDict, final
 
 import numpy as np
@@ -18,6 +18,7 @@ class InconsistentStateError(LmcacheCoreError): ...
 Tokens = Sequence[int] | np.ndarray[Any, Any] | Any
 
 def none_hash() -> bytes: ...
+def checksum(data: Buffer) -> bytes: ...
 def chunk_hashes(
     tokens: Tokens, chunk_size: int = 256, start: int = 0, end: int | None = None
 ) -> list[bytes]: ...

@@ -65,6 +65,11 @@ fn hash_one<T: TokenId>(prev: &[u8], tokens: &[T], buf: &mut Vec<u8>) -> Blake3H
     *blake3::hash(buf).as_bytes()
 }
 
+/// blake3 of a byte string: the integrity checksum of a stored object (L2 headers).
+pub fn checksum(bytes: &[u8]) -> Blake3Hash {
+    blake3::hash(bytes).into()
+}
+
 /// The chain's seed: blake3 of the 8-byte big-endian integer 0 followed by token 0.
 pub fn none_hash() -> Blake3Hash {
     hash_one(&0i64.to_be_bytes(), &[0u32], &mut Vec::with_capacity(12))

@@ -27,7 +27,9 @@ pub mod python;
 pub use arena::{Allocation, Arena, ArenaStats};
 pub use clock::{Clock, ManualClock, MonotonicClock};
 pub use error::{CoreError, CoreResult};
-pub use hash::{hash_chunks, msgpack_tokens, none_hash, prefix_hashes, Blake3Hash, TokenId, HASH_LEN};
+pub use hash::{
+    checksum, hash_chunks, msgpack_tokens, none_hash, prefix_hashes, Blake3Hash, TokenId, HASH_LEN,
+};
 pub use index::{
     ClearReport, Counters, CycleReport, EvictionPolicy, Finish, L1Config, L1Index, L1Stats, Reserve,
     SaltStats, Slot,

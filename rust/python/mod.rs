@@ -110,6 +110,29 @@ fn hashes_to_list<'py>(py: Python<'py>, hashes: &[Blake3Hash]) -> PyResult<Bound
     PyList::new(py, hashes.iter().map(|h| PyBytes::new(py, h)))
 }
 
+/// blake3 of a contiguous byte buffer (bytes, memoryview, a numpy array's `.data`), computed
+/// without the GIL and without copying: the integrity checksum of stored objects.
+#[pyfunction]
+fn checksum<'py>(py: Python<'py>, data: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
+    let buf = PyBuffer::<u8>::get(data)?;
+    let digest = match buf.as_slice_ptr() {
+        Some(ptr) => {
+            let slice = BorrowedSlice(ptr);
+            py.detach(move || {
+                let slice = slice;
+                // SAFETY: BorrowedSlice's contract; `buf` is alive until after detach.
+                hash::checksum(unsafe { slice.0.as_ref() })
+            })
+        }
+        None => {
+            let owned = buf.to_vec(py)?;
+            py.detach(|| hash::checksum(&owned))
+        }
+    };
+    drop(buf);
+    Ok(PyBytes::new(py, &digest))
+}
+
 /// The blake3 chain seed (spec C.1).
 #[pyfunction]
 fn none_hash(py: Python<'_>) -> Bound<'_, PyBytes> {
@@ -507,6 +530,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("OutOfMemoryError", py.get_type::<OutOfMemoryError>())?;
     m.add("InconsistentStateError", py.get_type::<InconsistentStateError>())?;
     m.add_function(wrap_pyfunction!(none_hash, m)?)?;
+    m.add_function(wrap_pyfunction!(checksum, m)?)?;
     m.add_function(wrap_pyfunction!(chunk_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(extend_chain, m)?)?;
     m.add_function(wrap_pyfunction!(chunk_hashes_msgpack, m)?)?;

@@ -117,3 +117,19 @@ def test_msgpack_token_errors() -> None:
         lm.chunk_hashes_msgpack(msgspec.msgpack.encode("abc"))
     with pytest.raises(lm.LmcacheCoreError, match="not an integer"):
         lm.chunk_hashes_msgpack(msgspec.msgpack.encode([1, 2.5]))
+
+
+@given(st.binary(max_size=5000))
+@settings(max_examples=50, deadline=None)
+def test_checksum_is_blake3_of_any_buffer(data: bytes) -> None:
+    want = blake3.blake3(data).digest()
+    assert lm.checksum(data) == want
+    assert lm.checksum(memoryview(data)) == want
+    assert lm.checksum(np.frombuffer(data, dtype=np.uint8).data) == want
+
+
+def test_checksum_of_a_tensor_view_and_non_contiguous_buffer() -> None:
+    t = torch.arange(1 << 16, dtype=torch.int32).view(torch.uint8)
+    assert lm.checksum(memoryview(t[100:5000].numpy())) == blake3.blake3(t[100:5000].numpy().tobytes()).digest()
+    strided = np.arange(1000, dtype=np.uint8)[::3]
+    assert lm.checksum(strided) == blake3.blake3(strided.tobytes()).digest()
