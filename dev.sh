@@ -38,10 +38,13 @@ need_python() {
         die "the Python venv module is required"
 }
 
-# Tools the test suite uses beyond Python packages: promtool checks the /metrics output.
+# Tools the test suite uses beyond Python packages: promtool checks the /metrics output,
+# redis-server backs the L2 tests (each test starts its own on a free loopback port).
 need_test_tools() {
     command -v promtool >/dev/null || apt_install --no-install-recommends prometheus ||
         say "warning: promtool unavailable; the Prometheus format test will be skipped"
+    command -v redis-server >/dev/null || apt_install --no-install-recommends redis-server ||
+        die "redis-server is required by the L2 tests (apt-get install redis-server)"
 }
 
 # Runtime + test dependencies, read from pyproject.toml (the single source).

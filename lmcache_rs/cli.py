@@ -13,6 +13,7 @@ from lmcache_rs.config import (
     ServerConfig,
     StorageConfig,
     default_l1_size_gb,
+    parse_l2_adapter,
 )
 
 
@@ -142,6 +143,43 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="do not evict on the store path when L1 is full (LMCache's behaviour)",
     )
+    g = s.add_argument_group("L2 (disk, Redis/Valkey)")
+    g.add_argument(
+        "--l2-adapter",
+        action="append",
+        default=[],
+        metavar="JSON",
+        help='an L2 adapter (repeatable), e.g. \'{"type": "fs", "base_path": "/var/cache/lmcache", '
+        '"max_capacity_gb": 100}\' or \'{"type": "redis", "url": "redis://127.0.0.1:6379/0"}\'; '
+        "optional keys: name, max_capacity_gb, eviction {eviction_policy, trigger_watermark, "
+        "eviction_ratio}; fs: fsync; redis/valkey: key_prefix, ttl_seconds, cluster, "
+        "socket_timeout_seconds. See docs/operations.md",
+    )
+    g.add_argument(
+        "--l2-store-policy",
+        default=st.l2_store_policy,
+        choices=["default", "skip_l1"],
+        help="default: every chunk stored in L1 is also written to every adapter; skip_l1: and "
+        "then dropped from L1",
+    )
+    g.add_argument(
+        "--l2-prefetch-policy",
+        default=st.l2_prefetch_policy,
+        choices=["default", "retain"],
+        help="default: chunks a lookup loads from L2 leave L1 after they are retrieved; retain: they stay",
+    )
+    g.add_argument(
+        "--l2-prefetch-max-in-flight",
+        type=int,
+        default=st.l2_prefetch_max_in_flight,
+        help="concurrent lookups loading from L2",
+    )
+    g.add_argument(
+        "--l2-write-queue-size",
+        type=int,
+        default=st.l2_write_queue_size,
+        help="chunks waiting to be written to L2; beyond it writes are skipped and counted",
+    )
     g = s.add_argument_group("HTTP API")
     g.add_argument("--http-host", default=http.http_host, help="address of the operator HTTP API")
     g.add_argument(
@@ -187,8 +225,13 @@ def build_config(ns: argparse.Namespace) -> ServerConfig:
             "l1_write_ttl_seconds",
             "l1_read_ttl_seconds",
             "demand_eviction",
+            "l2_store_policy",
+            "l2_prefetch_policy",
+            "l2_prefetch_max_in_flight",
+            "l2_write_queue_size",
         )
     }
+    st_kw["l2_adapters"] = [parse_l2_adapter(a) for a in ns.l2_adapter]
     if ns.l1_size_gb is not None:
         st_kw["l1_size_gb"] = ns.l1_size_gb
     quotas: dict[str, float] = {}

@@ -80,8 +80,87 @@ class MPConfig(msgspec.Struct, kw_only=True):
         _check(self.max_pending_requests >= 1, "--max-pending-requests", "must be >= 1")
 
 
+POLICIES = ("LRU", "IsolatedLRU", "noop")
+
+
+class L2Eviction(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """An L2 adapter's eviction (spec F `eviction`). No policy: the server's --eviction-policy."""
+
+    eviction_policy: str | None = None
+    trigger_watermark: float = 0.8
+    eviction_ratio: float = 0.2
+
+    def check(self, flag: str) -> None:
+        p = self.eviction_policy
+        _check(p is None or p in POLICIES, flag, f"eviction_policy must be one of {POLICIES}, got {p!r}")
+        w = self.trigger_watermark
+        _check(0 < w <= 1, flag, f"trigger_watermark must be in (0, 1], got {w}")
+        _check(0 <= self.eviction_ratio <= 1, flag, "eviction_ratio must be in [0, 1]")
+
+
+class _L2Base(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_field="type"):
+    #: Shown in /status and metrics (default: `<type>-<position>`).
+    name: str | None = None
+    #: 0: unlimited (then only quotas evict).
+    max_capacity_gb: float = 0.0
+    eviction: L2Eviction = msgspec.field(default_factory=L2Eviction)
+
+    def check(self, flag: str) -> None:
+        c = self.max_capacity_gb
+        _check(math.isfinite(c) and c >= 0, flag, f"max_capacity_gb must be >= 0, got {c}")
+        self.eviction.check(flag)
+
+    @property
+    def capacity_bytes(self) -> int:
+        return int(self.max_capacity_gb * GiB)
+
+
+class FsL2Config(_L2Base, tag="fs"):
+    """A local directory, one file per object (written to a temp file, then renamed)."""
+
+    base_path: str
+    #: fsync each object before it becomes visible (survives power loss, slower).
+    fsync: bool = False
+
+    def check(self, flag: str) -> None:
+        super().check(flag)
+        _check(bool(self.base_path), flag, "base_path must not be empty")
+
+
+class RedisL2Config(_L2Base, tag="redis"):
+    """A Redis (or Valkey) server or cluster, shared by every server that names it."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "lmcache-rs:"
+    #: Objects unused this long expire (0: never; quotas and capacity still evict).
+    ttl_seconds: float = 0.0
+    cluster: bool = False
+    socket_timeout_seconds: float = 2.0
+
+    def check(self, flag: str) -> None:
+        super().check(flag)
+        _check(self.ttl_seconds >= 0, flag, "ttl_seconds must be >= 0")
+        _check(self.socket_timeout_seconds > 0, flag, "socket_timeout_seconds must be > 0")
+        _check(self.url.startswith(("redis://", "rediss://", "unix://")), flag, f"bad url {self.url!r}")
+
+
+class ValkeyL2Config(RedisL2Config, tag="valkey"):
+    """Same as `redis` (Valkey speaks the same protocol)."""
+
+
+L2AdapterConfig = FsL2Config | RedisL2Config | ValkeyL2Config
+
+
+def parse_l2_adapter(text: str) -> L2AdapterConfig:
+    """One `--l2-adapter` JSON value, e.g. `{"type": "fs", "base_path": "/var/cache/kv"}`."""
+    try:
+        return msgspec.json.decode(text, type=L2AdapterConfig)
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        raise ConfigError(f"--l2-adapter {text!r}: {e}") from None
+
+
 class StorageConfig(msgspec.Struct, kw_only=True):
-    """L1 (spec A.3)."""
+    """L1 and L2 (spec A.3, F)."""
 
     l1_size_gb: float = msgspec.field(default_factory=default_l1_size_gb)
     l1_align_bytes: int = 4096
@@ -93,6 +172,14 @@ class StorageConfig(msgspec.Struct, kw_only=True):
     demand_eviction: bool = True
     #: Initial IsolatedLRU quotas, GiB per cache_salt (`_default` is the empty salt).
     quotas_gb: dict[str, float] = msgspec.field(default_factory=dict)
+    l2_adapters: list[L2AdapterConfig] = msgspec.field(default_factory=list)
+    #: default: L1 keeps what it wrote to L2; skip_l1: L1 drops it once every adapter has it.
+    l2_store_policy: str = "default"
+    #: default: objects loaded from L2 leave L1 after their reads; retain: they stay.
+    l2_prefetch_policy: str = "default"
+    l2_prefetch_max_in_flight: int = 8
+    #: Chunks waiting for write-through; when full, new ones are skipped (and counted).
+    l2_write_queue_size: int = 4096
 
     def __post_init__(self) -> None:
         for salt, gb in self.quotas_gb.items():
@@ -110,7 +197,7 @@ class StorageConfig(msgspec.Struct, kw_only=True):
             "must hold at least one aligned block",
         )
         _check(
-            self.eviction_policy in ("LRU", "IsolatedLRU", "noop"),
+            self.eviction_policy in POLICIES,
             "--eviction-policy",
             f"must be LRU, IsolatedLRU or noop, got {self.eviction_policy!r}",
         )
@@ -119,6 +206,23 @@ class StorageConfig(msgspec.Struct, kw_only=True):
         _check(0 <= self.eviction_ratio <= 1, "--eviction-ratio", "must be in [0, 1]")
         _check(self.l1_write_ttl_seconds > 0, "--l1-write-ttl-seconds", "must be > 0")
         _check(self.l1_read_ttl_seconds > 0, "--l1-read-ttl-seconds", "must be > 0")
+        names = set()
+        for i, a in enumerate(self.l2_adapters):
+            a.check("--l2-adapter")
+            if a.name is None:
+                a.name = f"{type(a).__struct_config__.tag}-{i}"
+            _check(a.name not in names, "--l2-adapter", f"duplicate name {a.name!r}")
+            names.add(a.name)
+        _check(
+            self.l2_store_policy in ("default", "skip_l1"), "--l2-store-policy", "must be default or skip_l1"
+        )
+        _check(
+            self.l2_prefetch_policy in ("default", "retain"),
+            "--l2-prefetch-policy",
+            "must be default or retain",
+        )
+        _check(self.l2_prefetch_max_in_flight >= 1, "--l2-prefetch-max-in-flight", "must be >= 1")
+        _check(self.l2_write_queue_size >= 1, "--l2-write-queue-size", "must be >= 1")
 
     @property
     def l1_size_bytes(self) -> int:

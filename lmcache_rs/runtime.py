@@ -22,6 +22,7 @@ from lmcache_rs.http.state import HttpState
 from lmcache_rs.observability.metrics import Metrics
 from lmcache_rs.observability.periodic import Level, PeriodicRegistry, PeriodicThread
 from lmcache_rs.storage.l1 import L1Store
+from lmcache_rs.storage.l2.tier import L2Tier
 from lmcache_rs.transport.zmq_server import ZmqServer
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,12 @@ log = logging.getLogger(__name__)
 GIL_SWITCH_INTERVAL_S = 0.0002
 
 
+#: The write-through thread wakes this often and writes for up to FLUSH_BUDGET_SECONDS a run;
+#: a run stuck for longer than L2_FLUSH_MAX_RUN_S (a hung L2) makes the server unhealthy.
+L2_FLUSH_INTERVAL_S = 0.1
+L2_FLUSH_MAX_RUN_S = 30.0
+
+
 class Runtime:
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
@@ -41,6 +48,21 @@ class Runtime:
         self.l1 = L1Store(cfg.storage_manager)
         self.engine = Engine(cfg, self.l1)
         self.periodic = PeriodicRegistry()
+        self.l2: L2Tier | None = None
+        if cfg.storage_manager.l2_adapters:
+            self.l2 = self.engine.l2 = L2Tier(cfg.storage_manager, self.l1, self.engine.stats.add)
+            self.periodic.register(
+                PeriodicThread(
+                    "l2-write-through",
+                    L2_FLUSH_INTERVAL_S,
+                    Level.HIGH,
+                    self.l2.flush,
+                    max_run_seconds=L2_FLUSH_MAX_RUN_S,
+                )
+            )
+            self.periodic.register(
+                PeriodicThread("l2-eviction-cycle", 1.0, Level.MEDIUM, self.l2.evict_cycle)
+            )
         self.periodic.register(
             PeriodicThread("l1-eviction-cycle", 1.0, Level.CRITICAL, self.engine.evict_cycle)
         )
@@ -77,12 +99,13 @@ class Runtime:
         self.server.start()
         self.http_state.runtime = self
         log.info(
-            "lmcache-rs serving on %s: L1 %.2f GiB (%s), chunk %d tokens, policy %s",
+            "lmcache-rs serving on %s: L1 %.2f GiB (%s), chunk %d tokens, policy %s, L2 %s",
             self.server.url,
             self.l1.index.capacity_bytes / (1 << 30),
             "pinned" if self.l1.pinned else "DRAM",
             self.cfg.mp.chunk_size,
             self.cfg.storage_manager.eviction_policy,
+            ", ".join(a.name for a in self.l2.adapters) if self.l2 is not None else "none",
         )
 
     def stop(self) -> None:
@@ -90,7 +113,13 @@ class Runtime:
             return
         log.info("stopping: finishing in-flight requests")
         self.server.stop()
+        if self.l2 is not None:
+            left = self.l2.drain()
+            if left:
+                log.warning("stopping with %d chunks not written to L2", left)
         self.periodic.stop_all()
+        if self.l2 is not None:
+            self.l2.close()
         if self.http is not None:
             self.http.stop()
         self._stopped.set()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -99,6 +101,66 @@ def server_factory(tmp_path: os.PathLike[str]) -> Iterator[object]:
 @pytest.fixture
 def server(server_factory) -> Server:
     return server_factory()
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port (no persistence), restartable on that port."""
+
+    def __init__(self, exe: str, workdir: str) -> None:
+        self.exe = exe
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        import redis  # noqa: PLC0415
+
+        self.proc = subprocess.Popen(
+            [
+                self.exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.workdir,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        with redis.Redis(port=self.port, socket_timeout=1) as r:
+            while True:
+                try:
+                    r.ping()
+                    return
+                except redis.ConnectionError:
+                    if self.proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"redis-server on port {self.port} did not start") from None
+                    time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def redis_server(tmp_path: os.PathLike[str]) -> Iterator[RedisServer]:
+    """redis-server is part of the test environment (./dev.sh setup installs it): a missing
+    binary fails the L2 tests instead of skipping them."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.fail("redis-server is not installed (./dev.sh setup installs it)")
+    r = RedisServer(exe, str(tmp_path))
+    r.start()
+    yield r
+    r.kill()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

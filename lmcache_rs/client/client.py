@@ -153,10 +153,17 @@ class MPClient:
         event_out, ok = self.call("retrieve", key, instance_id, block_ids, event, skip_first_n_tokens)
         return event_out, ok
 
-    def lookup(self, key: IPCCacheServerKey, tp_size: int = 1) -> int:
-        """lookup + query_prefetch_status, as the vLLM scheduler does: the hit in chunks."""
+    def lookup(self, key: IPCCacheServerKey, tp_size: int = 1, timeout: float = 30.0) -> int:
+        """lookup, then query_prefetch_status until the result is ready (an L2 prefetch answers
+        nil while it loads), as the vLLM scheduler does: the hit in chunks."""
         self.call("lookup", key, tp_size)
-        return int(self.call("query_prefetch_status", key.request_id))
+        result = self.call("query_prefetch_status", key.request_id)
+        deadline = time.monotonic() + timeout
+        while result is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"lookup {key.request_id!r}: no result within {timeout} s")
+            result = self.call("wait_prefetch_status", key.request_id, 1.0)
+        return int(result)
 
     def free_lookup_locks(self, key: IPCCacheServerKey, tp_size: int = 1) -> None:
         self.call("free_lookup_locks", key, tp_size)

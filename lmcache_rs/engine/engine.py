@@ -23,6 +23,7 @@ from lmcache_rs.engine.sessions import LookupLocks, Session, SessionManager
 from lmcache_rs.protocol.codec import ProtocolError
 from lmcache_rs.protocol.messages import STUB_EVENT, BlockAllocationRecord, EngineGroupInfo, IPCCacheServerKey
 from lmcache_rs.storage.l1 import L1Store
+from lmcache_rs.storage.l2.tier import L2Tier
 from lmcache_rs.transfer.gather import gather, scatter
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ class Engine:
         self.contexts = ContextRegistry()
         self.sessions = SessionManager()
         self.stats = EngineStats()
+        #: The L2 tier, set by the runtime when adapters are configured.
+        self.l2: L2Tier | None = None
         self.handlers: dict[str, Callable[..., Any]] = {
             "register_kv_cache": self.register_kv_cache,
             "unregister_kv_cache": self.unregister_kv_cache,
@@ -261,6 +264,8 @@ class Engine:
             self.index.abort_write(scope, staged_hashes, instance_id)
             raise
         done = self.index.finish_write(scope, staged_hashes, instance_id)
+        if self.l2 is not None:
+            self.l2.enqueue(scope, [h for h, st in zip(staged_hashes, done, strict=True) if st == "admitted"])
         failed = sum(s == "oom" for s, _, _ in res) + sum(s == "not_staged" for s in done)
         self.stats.add("l1_write_chunks", key.cache_salt, n=sum(s == "admitted" for s in done))
         self.stats.add("stores_finished", ctx.device)
@@ -352,6 +357,7 @@ class Engine:
         self.stats.add("lookups", key.model_name, key.cache_salt)
         with session.lock:
             session.drop_locks(self.index)
+            session.generation += 1  # an L2 prefetch of an earlier lookup will not install
             scopes = [self._scope(key, r) for r in range(key.world_size)]
             session.scopes = scopes
             hashes = self._prefix(session, key)
@@ -372,11 +378,53 @@ class Engine:
                 if h > hit:
                     self.index.finish_read(s, hashes[hit:h], readers)
             session.locks = LookupLocks(scopes, hashes[:hit], [[readers] * hit for _ in scopes])
+            self._count_hit(key, hit, "l1")
+            l2 = self.l2
+            if l2 is not None and hit < len(hashes):
+                gen = session.generation
+                session.pending = True
+                session.result_ready.clear()
+                if l2.submit(lambda: self._prefetch(session, gen, key, scopes, hashes, hit, readers)):
+                    return None
+                self.stats.add("l2_prefetch_skipped", key.model_name, "busy")
             session.set_result(hit)
-        self.stats.add("lookup_hit_tokens", key.model_name, key.cache_salt, n=hit * self.chunk_size)
         return None
 
-    def query_prefetch_status(self, request_id: str) -> int:
+    def _count_hit(self, key: IPCCacheServerKey, chunks: int, tier: str) -> None:
+        tokens = chunks * self.chunk_size
+        self.stats.add("lookup_hit_tokens", key.model_name, key.cache_salt, n=tokens)
+        self.stats.add(f"lookup_hit_{tier}_tokens", key.model_name, key.cache_salt, n=tokens)
+
+    def _prefetch(
+        self,
+        session: Session,
+        gen: int,
+        key: IPCCacheServerKey,
+        scopes: list[KeyScope],
+        hashes: list[bytes],
+        hit: int,
+        readers: int,
+    ) -> None:
+        """Loads what L1 missed from L2 (prefetch pool) and completes the lookup's result."""
+        assert self.l2 is not None
+        try:
+            loaded = self.l2.load(scopes, hashes[hit:], readers, key.model_name)
+        except Exception:
+            log.exception("L2 prefetch for %s failed", key.request_id)
+            loaded = 0
+        with session.lock:
+            if session.generation != gen or session.closed or session.locks is None:
+                for s in scopes:  # superseded by a newer lookup, or the session ended
+                    self.index.finish_read(s, hashes[hit : hit + loaded], readers)
+                return
+            if loaded:
+                session.locks.hashes = hashes[: hit + loaded]
+                for row in session.locks.shares:
+                    row.extend([readers] * loaded)
+            session.set_result(hit + loaded)
+        self._count_hit(key, loaded, "l2")
+
+    def query_prefetch_status(self, request_id: str) -> int | None:
         session = self.sessions.get(request_id, create=False)
         if session is None:
             return 0
@@ -408,6 +456,7 @@ class Engine:
 
     def _close_session(self, session: Session, touch: bool) -> None:
         with session.lock:
+            session.closed = True
             session.drop_locks(self.index)
             if touch and session.hashes:
                 for s in session.scopes:

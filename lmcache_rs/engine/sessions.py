@@ -57,6 +57,12 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     result: int | None = None
     result_ready: threading.Event = field(default_factory=threading.Event)
+    #: A lookup's L2 prefetch is still loading (queries answer nil until it is done).
+    pending: bool = False
+    #: Bumped by every lookup; a prefetch that finds it changed (or the session closed)
+    #: releases what it loaded instead of installing it.
+    generation: int = 0
+    closed: bool = False
     locks: LookupLocks | None = None
     #: Scopes (all ranks) of the keys this request touched, for end_session's LRU touch.
     scopes: list[KeyScope] = field(default_factory=list)
@@ -78,10 +84,14 @@ class Session:
 
     def set_result(self, hit_chunks: int) -> None:
         self.result = hit_chunks
+        self.pending = False
         self.result_ready.set()
 
-    def take_result(self) -> int:
-        """The lookup's hit in chunks, once (later calls and unknown lookups give 0)."""
+    def take_result(self) -> int | None:
+        """The lookup's hit in chunks, once (later calls and unknown lookups give 0); None
+        while its L2 prefetch is still running (spec B.4: nil while running)."""
+        if self.pending:
+            return None
         out, self.result = self.result, None
         self.result_ready.clear()
         return out or 0

@@ -58,7 +58,7 @@ def healthcheck(http_state: NamedDependency[HttpState]) -> Response[Health]:
     return Response(Health(status="healthy"), status_code=200)
 
 
-@get("/status", sync_to_thread=False)
+@get("/status", sync_to_thread=True)
 def status(runtime: NamedDependency[Runtime]) -> dict[str, Any]:
     """A snapshot of the engine: L1, registered workers, sessions, periodic threads."""
     stats = runtime.l1.index.stats()
@@ -94,14 +94,16 @@ def status(runtime: NamedDependency[Runtime]) -> dict[str, Any]:
         "demand_eviction": cfg.storage_manager.demand_eviction,
     }
     healthy = health_problem(runtime) is None
+    l2 = runtime.l2.status() if runtime.l2 is not None else None
     storage = {
-        "is_healthy": healthy,
+        "is_healthy": healthy and (l2 is None or l2.is_healthy),
         "l1_manager": l1,
         "l1_eviction_controller": eviction,
         "l1_usage": [stats["used_bytes"], stats["capacity_bytes"]],
         "cache_salts": stats["salts"],
-        "num_l2_adapters": 0,
-        "l2_adapters": [],
+        "num_l2_adapters": 0 if l2 is None else len(l2.adapters),
+        "l2_adapters": [] if l2 is None else l2.adapters,
+        "l2": l2,
     }
     return {
         "is_healthy": healthy,
@@ -111,7 +113,7 @@ def status(runtime: NamedDependency[Runtime]) -> dict[str, Any]:
         "registered_gpu_ids": sorted(c.instance_id for c in contexts),
         "gpu_context_meta": {str(c.instance_id): c.status() for c in contexts},
         "active_sessions": len(runtime.engine.sessions),
-        "active_prefetch_jobs": 0,
+        "active_prefetch_jobs": 0 if l2 is None else l2.prefetch_in_flight,
         "storage_manager": storage,
         "worker_liveness": {
             "enabled": cfg.mp.worker_reap_timeout_seconds > 0,

@@ -2,6 +2,8 @@
 
 Quotas are soft: a salt over its budget is evicted down to it on the next eviction cycle
 (about 1 s); a salt without a quota has limit 0 (allowlist). `_default` names the empty salt.
+A quota applies to L1 and, separately, to each L2 adapter whose policy is IsolatedLRU;
+`current_usage_gb` is the salt's L1 + L2 bytes, split in `l1_usage_gb` and `l2_usage_gb`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ DEFAULT_SALT = "_default"
 class QuotaEntry(msgspec.Struct):
     limit_gb: float
     current_usage_gb: float
+    l1_usage_gb: float
+    l2_usage_gb: float
 
 
 class QuotaList(msgspec.Struct):
@@ -45,6 +49,8 @@ class QuotaGet(msgspec.Struct):
     limit_gb: float
     current_usage_gb: float
     exists: bool
+    l1_usage_gb: float
+    l2_usage_gb: float
 
 
 class QuotaDeleted(msgspec.Struct):
@@ -88,16 +94,25 @@ def parse_limit(raw: bytes) -> tuple[Any, float]:
     return given, value
 
 
-@get("/quota", sync_to_thread=False)
+def l2_usage(runtime: Runtime) -> dict[str, int]:
+    return runtime.l2.usage_by_salt() if runtime.l2 is not None else {}
+
+
+@get("/quota", sync_to_thread=True)
 def list_quotas(runtime: NamedDependency[Runtime]) -> QuotaList:
-    """Every registered quota with the salt's live L1 usage."""
+    """Every registered quota with the salt's live L1 + L2 usage."""
     idx = runtime.l1.index
-    return QuotaList(
-        users={
-            to_path(salt): QuotaEntry(limit_gb=limit / GiB, current_usage_gb=idx.salt_usage(salt) / GiB)
-            for salt, limit in idx.list_quotas()
-        }
-    )
+    l2 = l2_usage(runtime)
+    users = {}
+    for salt, limit in idx.list_quotas():
+        l1_bytes, l2_bytes = idx.salt_usage(salt), l2.get(salt, 0)
+        users[to_path(salt)] = QuotaEntry(
+            limit_gb=limit / GiB,
+            current_usage_gb=(l1_bytes + l2_bytes) / GiB,
+            l1_usage_gb=l1_bytes / GiB,
+            l2_usage_gb=l2_bytes / GiB,
+        )
+    return QuotaList(users=users)
 
 
 @put("/quota/{cache_salt:str}")
@@ -111,17 +126,20 @@ async def set_quota(
     return QuotaSet(cache_salt=cache_salt, limit_gb=given, status="ok")
 
 
-@get("/quota/{cache_salt:str}", sync_to_thread=False)
+@get("/quota/{cache_salt:str}", sync_to_thread=True)
 def get_quota(cache_salt: FromPath[str], runtime: NamedDependency[Runtime]) -> QuotaGet:
-    """One salt's quota and live usage; `exists` is false (limit 0) when it has none."""
+    """One salt's quota and live L1 + L2 usage; `exists` is false (limit 0) when it has none."""
     salt = to_salt(cache_salt)
     idx = runtime.l1.index
     limit = idx.get_quota(salt)
+    l1_bytes, l2_bytes = idx.salt_usage(salt), l2_usage(runtime).get(salt, 0)
     return QuotaGet(
         cache_salt=cache_salt,
         limit_gb=0.0 if limit is None else limit / GiB,
-        current_usage_gb=idx.salt_usage(salt) / GiB,
+        current_usage_gb=(l1_bytes + l2_bytes) / GiB,
         exists=limit is not None,
+        l1_usage_gb=l1_bytes / GiB,
+        l2_usage_gb=l2_bytes / GiB,
     )
 
 

@@ -61,6 +61,61 @@ ENGINE_COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Chunks copied back into workers' KV caches.",
         ("worker_id", "model_name", "cache_salt"),
     ),
+    "lookup_hit_l1_tokens": (
+        "lmcache_mp_lookup_hit_l1_tokens",
+        "Lookup hit tokens that were already in L1.",
+        ("model_name", "cache_salt"),
+    ),
+    "lookup_hit_l2_tokens": (
+        "lmcache_mp_lookup_hit_l2_tokens",
+        "Lookup hit tokens loaded from L2 by the lookup's prefetch.",
+        ("model_name", "cache_salt"),
+    ),
+    "l2_store_chunks": (
+        "lmcache_mp_l2_store_completed_objects_chunks",
+        "Chunks written to an L2 adapter by write-through.",
+        ("l2_name", "cache_salt"),
+    ),
+    "l2_store_skipped": (
+        "lmcache_rs_l2_store_skipped_chunks",
+        "Chunks not written to L2 (queue_full, unavailable, error, evicted_from_l1); '*': every adapter.",
+        ("l2_name", "reason"),
+    ),
+    "l2_errors": (
+        "lmcache_rs_l2_errors",
+        "Failed L2 operations, by adapter and operation.",
+        ("l2_name", "op"),
+    ),
+    "l2_corrupt_objects": (
+        "lmcache_rs_l2_corrupt_objects",
+        "L2 objects that failed verification (deleted, served as a miss).",
+        ("l2_name",),
+    ),
+    "l2_prefetch_lookup_chunks": (
+        "lmcache_mp_l2_prefetch_lookup_objects_chunks",
+        "Chunks a lookup found in L2 (every rank) and set out to load.",
+        ("l2_name", "cache_salt"),
+    ),
+    "l2_prefetch_load_chunks": (
+        "lmcache_mp_l2_prefetch_load_completed_chunks",
+        "Chunks loaded from L2 into L1 (per rank).",
+        ("l2_name", "cache_salt"),
+    ),
+    "l2_prefetch_failure_chunks": (
+        "lmcache_mp_l2_prefetch_failure_chunks",
+        "Chunks a prefetch could not load (l1_oom, in_flight, not_found).",
+        ("reason", "model_name"),
+    ),
+    "l2_prefetch_skipped": (
+        "lmcache_rs_l2_prefetch_skipped_requests",
+        "Lookups that did not ask L2 because the prefetch backlog was full.",
+        ("model_name", "reason"),
+    ),
+    "l2_evicted_chunks": (
+        "lmcache_mp_l2_evicted_objects_chunks",
+        "Objects evicted from an L2 adapter, by reason (quota, watermark).",
+        ("l2_name", "reason"),
+    ),
     "block_allocation_records": (
         "lmcache_rs_block_allocation_records",
         "report_block_allocation records received.",
@@ -169,8 +224,28 @@ class ServerCollector(Collector):
         objects.add_metric(["temporary"], stats["temporary_objects"])
         yield objects
         jobs = GaugeMetricFamily("lmcache_mp_active_prefetch_jobs", "Prefetch jobs in progress.")
-        jobs.add_metric([], 0)
+        l2 = rt.l2.status() if rt.l2 is not None else None
+        jobs.add_metric([], 0 if l2 is None else l2.prefetch_in_flight)
         yield jobs
+        if l2 is not None:
+            used = GaugeMetricFamily(
+                "lmcache_mp_l2_usage_bytes", "Bytes stored in an L2 adapter.", labels=["l2_name"]
+            )
+            up = GaugeMetricFamily(
+                "lmcache_rs_l2_adapter_up",
+                "1 while an L2 adapter answers, 0 after an error.",
+                labels=["l2_name"],
+            )
+            for a in l2.adapters:
+                used.add_metric([a.name], a.total_bytes_used)
+                up.add_metric([a.name], int(a.is_healthy))
+            yield used
+            yield up
+            depth = GaugeMetricFamily(
+                "lmcache_rs_l2_write_queue_depth", "Chunks waiting for L2 write-through."
+            )
+            depth.add_metric([], l2.write_queue_depth)
+            yield depth
         sessions = GaugeMetricFamily("lmcache_rs_active_sessions", "Request sessions held.")
         sessions.add_metric([], len(rt.engine.sessions))
         yield sessions

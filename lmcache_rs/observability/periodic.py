@@ -55,11 +55,23 @@ Job = Callable[[], str | tuple[str, dict[str, Any]] | None]
 
 
 class PeriodicThread:
-    def __init__(self, name: str, interval: float, level: Level, job: Job, init_wait: float = 0.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        interval: float,
+        level: Level,
+        job: Job,
+        init_wait: float = 0.0,
+        max_run_seconds: float | None = None,
+    ) -> None:
         if interval <= 0:
             raise ValueError(f"interval of {name} must be > 0, got {interval}")
         self.name = name
         self.interval = interval
+        #: A run in progress for longer than this makes the thread inactive (a job that
+        #: works in bounded slices longer than its interval, like the L2 flush, sets it).
+        self.max_run_seconds = 3 * interval if max_run_seconds is None else max_run_seconds
+        self._run_started: float | None = None
         self.level = level
         self.init_wait = init_wait
         self._job = job
@@ -89,6 +101,8 @@ class PeriodicThread:
         """Runs the job now on the calling thread and records the result."""
         t0 = time.monotonic()
         wall = time.time()
+        with self._lock:
+            self._run_started = t0
         try:
             out = self._job()
             message, extra = out if isinstance(out, tuple) else (out or "ok", {})
@@ -113,6 +127,7 @@ class PeriodicThread:
             self._last = summary
             self._last_run_mono = time.monotonic()
             self._last_run_wall = wall
+            self._run_started = None
         return summary
 
     def _loop(self) -> None:
@@ -132,7 +147,9 @@ class PeriodicThread:
             return False
         now = time.monotonic()
         with self._lock:
-            last = self._last_run_mono
+            last, started = self._last_run_mono, self._run_started
+        if started is not None:  # a run is in progress
+            return now - started < self.max_run_seconds
         if last is None:
             assert self._started_at is not None
             return now - self._started_at < self.init_wait + 3 * self.interval

@@ -66,8 +66,8 @@ def test_quota_crud_and_default_mapping(api) -> None:
     assert api.put("/quota/_default", json={"limit_gb": 2}).json()["status"] == "ok"
     assert api.get("/quota").json() == {
         "users": {
-            "_default": {"limit_gb": 2.0, "current_usage_gb": 0.0},
-            "alice": {"limit_gb": 10.0, "current_usage_gb": 0.0},
+            "_default": {"limit_gb": 2.0, "current_usage_gb": 0.0, "l1_usage_gb": 0.0, "l2_usage_gb": 0.0},
+            "alice": {"limit_gb": 10.0, "current_usage_gb": 0.0, "l1_usage_gb": 0.0, "l2_usage_gb": 0.0},
         }
     }
     assert api.get("/quota/alice").json() == {
@@ -75,12 +75,16 @@ def test_quota_crud_and_default_mapping(api) -> None:
         "limit_gb": 10.0,
         "current_usage_gb": 0.0,
         "exists": True,
+        "l1_usage_gb": 0.0,
+        "l2_usage_gb": 0.0,
     }
     assert api.get("/quota/nobody").json() == {
         "cache_salt": "nobody",
         "limit_gb": 0.0,
         "current_usage_gb": 0.0,
         "exists": False,
+        "l1_usage_gb": 0.0,
+        "l2_usage_gb": 0.0,
     }
     r = api.delete("/quota/alice")
     assert (r.status_code, r.json()) == (200, {"cache_salt": "alice", "status": "removed"})
