@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -23,6 +24,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free and valid too."""
+    for _ in range(1000):
+        port = random.randrange(20000, 55000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair for a Redis Cluster node")
 
 
 @dataclass
@@ -106,14 +121,14 @@ def server(server_factory) -> Server:
 class RedisServer:
     """A real redis-server on a free loopback port (no persistence), restartable on that port."""
 
-    def __init__(self, exe: str, workdir: str) -> None:
+    def __init__(self, exe: str, workdir: str, port: int | None = None) -> None:
         self.exe = exe
         self.workdir = workdir
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, extra: list[str] | None = None) -> None:
         import redis  # noqa: PLC0415
 
         self.proc = subprocess.Popen(
@@ -129,6 +144,7 @@ class RedisServer:
                 "no",
                 "--dir",
                 self.workdir,
+                *(extra or []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -161,6 +177,54 @@ def redis_server(tmp_path: os.PathLike[str]) -> Iterator[RedisServer]:
     r.start()
     yield r
     r.kill()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: os.PathLike[str]) -> Iterator[str]:
+    """A real three-node Redis Cluster (no replicas) on free loopback ports; yields a node URL."""
+    exe, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if exe is None or cli is None:
+        pytest.fail("redis-server and redis-cli are not installed (./dev.sh setup installs them)")
+    nodes = []
+    for i in range(3):
+        d = os.path.join(tmp_path, f"node{i}")
+        os.makedirs(d)
+        r = RedisServer(exe, d, free_cluster_port())
+        r.start(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
+        nodes.append(r)
+    try:
+        subprocess.run(
+            [
+                cli,
+                "--cluster",
+                "create",
+                *[f"127.0.0.1:{n.port}" for n in nodes],
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        _wait_cluster_ok(cli, nodes[0].port)
+        yield nodes[0].url
+    finally:
+        for n in nodes:
+            n.kill()
+
+
+def _wait_cluster_ok(cli: str, port: int) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        out = subprocess.run(
+            [cli, "-p", str(port), "cluster", "info"], capture_output=True, text=True, check=False
+        )
+        if "cluster_state:ok" in out.stdout:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"redis cluster did not become ready: {out.stdout}")
+        time.sleep(0.1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

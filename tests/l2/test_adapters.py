@@ -216,3 +216,29 @@ def test_redis_down_raises_unavailable(redis_server) -> None:
         with pytest.raises(L2Unavailable):
             call()
     assert os.path.isdir(redis_server.workdir)
+
+
+def test_redis_cluster_pool(redis_cluster: str) -> None:
+    """`cluster: true`: objects spread over the nodes, the accounting scripts run in one slot."""
+    a = RedisAdapter(
+        "c", redis_cluster, "lmrs:", 0, 0, L2Eviction(eviction_policy="IsolatedLRU"), "LRU", cluster=True
+    )
+    b = RedisAdapter(
+        "c2", redis_cluster, "lmrs:", 0, 0, L2Eviction(eviction_policy="IsolatedLRU"), "LRU", cluster=True
+    )
+    for i in range(12):
+        assert a.put(key(i, salt="alice"), memoryview(payload(i)))
+    assert not b.put(key(0, salt="alice"), memoryview(payload(0)))
+    got = read(b, key(3, salt="alice"))
+    assert got is not None
+    assert np.array_equal(got, payload(3))
+    per_object = a.usage()["alice"].bytes // 12
+    assert a.usage()["alice"].objects == 12
+    nodes = a.r.get_nodes()
+    assert sum(redis_py.Redis(host=n.host, port=n.port).dbsize() > 0 for n in nodes) >= 2
+    r = a.evict_cycle({"alice": 4 * per_object}.get)
+    assert r.quota_objects == 8
+    assert b.usage()["alice"].objects == 4
+    assert read(a, key(3, salt="alice")) is not None, "read just now: kept"
+    a.close()
+    b.close()

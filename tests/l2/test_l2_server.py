@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import torch
 from kvsim import MODEL, Worker, lookup, tokens
 from prometheus_client.parser import text_string_to_metric_families
@@ -248,16 +249,14 @@ def test_corrupt_object_is_a_miss_never_served(server_factory, tmp_path: Path) -
         w.close()
 
 
-def test_quotas_evict_l2_by_salt(server_factory, tmp_path: Path) -> None:
-    s = server_factory(
-        *fs_flags(tmp_path / "l2"),
-        "--eviction-policy",
-        "IsolatedLRU",
-        "--quota",
-        "alice=1",
-        "--quota",
-        "bob=1",
+@pytest.mark.parametrize("kind", ["fs", "redis"])
+def test_quotas_evict_l2_by_salt(server_factory, tmp_path: Path, request, kind: str) -> None:
+    adapter = (
+        fs_flags(tmp_path / "l2")
+        if kind == "fs"
+        else redis_flags(request.getfixturevalue("redis_server").url)
     )
+    s = server_factory(*adapter, "--eviction-policy", "IsolatedLRU", "--quota", "alice=1", "--quota", "bob=1")
     gib = 1 << 30
     with s.client() as c:
         w = Worker(c)
