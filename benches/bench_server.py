@@ -89,6 +89,7 @@ def data_path(url: str, a: argparse.Namespace) -> dict[str, Any]:
             c.end_session(rid)
         out["retrieve_warm_gbps"] = gbps(nbytes, min(times))
         assert all(torch.equal(x, y) for x, y in zip(kv.blocks_view(src), kv.blocks_view(dst), strict=True))
+        out["sweep"] = chunk_sweep(c, iid, a, src, dst, nbytes // (a.tokens // a.chunk_size))
         c.unregister_kv_cache(iid)
         c.clear(True)
     kv.close()
@@ -98,10 +99,140 @@ def data_path(url: str, a: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def chunk_sweep(
+    c: MPClient, iid: int, a: argparse.Namespace, src: list[int], dst: list[int], chunk_bytes: int
+) -> list[dict[str, float]]:
+    """Warm store and retrieve GB/s by chunks per request, next to memcpy of the same bytes."""
+    bpc = a.chunk_size // a.block_size
+    rows = []
+    max_chunks = a.tokens // a.chunk_size
+    for chunks in sorted({1, 2, 4, 8, 16, max_chunks} & set(range(1, max_chunks + 1))):
+        n_tok = chunks * a.chunk_size
+        store_t, retr_t = [], []
+        for r in range(3):
+            c.clear(True)
+            toks = [(9_000_000 + r * 7919 + i) % 50_000_000 for i in range(n_tok)]
+            key = make_key(toks, f"sw{chunks}-{r}", model_name="bench-model", worker_id=0)
+            t = time.perf_counter()
+            _, ok = c.store(key, iid, [src[: chunks * bpc]])
+            store_t.append(time.perf_counter() - t)
+            assert ok
+            assert c.lookup(make_key(toks, f"sw{chunks}-{r}", model_name="bench-model")) == chunks
+            t = time.perf_counter()
+            _, ok = c.retrieve(key, iid, [dst[: chunks * bpc]])
+            retr_t.append(time.perf_counter() - t)
+            assert ok
+            c.end_session(f"sw{chunks}-{r}")
+        nbytes = chunks * chunk_bytes
+        rows.append(
+            {
+                "chunks": chunks,
+                "bytes": nbytes,
+                "store_gbps": gbps(nbytes, min(store_t)),
+                "retrieve_gbps": gbps(nbytes, min(retr_t)),
+                "memcpy_gbps": memcpy_gbps(nbytes, reps=3),
+            }
+        )
+    c.clear(True)
+    return rows
+
+
 def register_tiny(c: MPClient) -> ShmKVCache:
     kv = ShmKVCache(1, 4096 + 1, 16, 1, 16, torch.float16)
     c.register_kv_cache(0x71A1, kv.handles(), TINY, 1, {"kv_layout": "NHD"})
     return kv
+
+
+def server_timing(http: str | None) -> dict[str, tuple[float, float, float]]:
+    """Per op (requests, handler seconds, queue seconds) from the server's /metrics."""
+    if http is None:
+        return {}
+    import httpx  # noqa: PLC0415
+    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+
+    out: dict[str, list[float]] = {}
+    for fam in text_string_to_metric_families(httpx.get(http + "/metrics", timeout=10).text):
+        if fam.name not in ("lmcache_rs_request_seconds", "lmcache_rs_request_queue_seconds"):
+            continue
+        for sm in fam.samples:
+            row = out.setdefault(sm.labels["op"], [0.0, 0.0, 0.0])
+            if sm.name.endswith("_count"):
+                row[0] = sm.value
+            elif fam.name == "lmcache_rs_request_seconds":
+                row[1] = sm.value
+            else:
+                row[2] = sm.value
+    return {k: (v[0], v[1], v[2]) for k, v in out.items()}
+
+
+def timing_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[str, float]]:
+    out = {}
+    for op, (n, busy, wait) in after.items():
+        n0, busy0, wait0 = before.get(op, (0, 0.0, 0.0))
+        if n - n0 > 0:
+            out[op] = {
+                "requests": n - n0,
+                "handler_mean_us": (busy - busy0) / (n - n0) * 1e6,
+                "queue_mean_us": (wait - wait0) / (n - n0) * 1e6,
+            }
+    return out
+
+
+def wait_prefault(http: str, timeout: float = 300.0) -> None:
+    """Waits until the server has committed its L1 pages (background prefault at start)."""
+    import httpx  # noqa: PLC0415
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        l1 = httpx.get(http + "/status", timeout=10).json()["storage_manager"]["l1_manager"]
+        if l1["prefaulted_bytes"] >= l1["memory_total_bytes"]:
+            return
+        time.sleep(0.2)
+
+
+def plot(data: dict[str, Any], out_dir: str) -> list[str]:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    sweep = data["data_path"]["sweep"]
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    x = [r["chunks"] for r in sweep]
+    for key, label in (
+        ("memcpy_gbps", "memcpy (same bytes)"),
+        ("store_gbps", "store"),
+        ("retrieve_gbps", "retrieve"),
+    ):
+        ax.plot(x, [r[key] for r in sweep], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("chunks per request (32 MiB each, Llama-3.1-8B shape)")
+    ax.set_ylabel("GB/s")
+    ax.set_title("Warm store / retrieve throughput vs request size")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    paths.append(os.path.join(out_dir, "bench-throughput.png"))
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=110)
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    cp = data["control_path"]
+    clients = [k for k in (1, 2, 4, 8) if f"lookup_8k_hit_{k}c" in cp]
+    for q, style in (("p50_us", "o-"), ("p99_us", "s--")):
+        ax.plot(
+            clients, [cp[f"lookup_8k_hit_{k}c"][q] for k in clients], style, label=f"lookup 8k hit {q[:3]}"
+        )
+    ax.axhline(cp["noop"]["p50_us"], color="gray", linestyle=":", label="noop round trip p50 (1 client)")
+    ax.set_xlabel("concurrent clients (plus one streaming stores)")
+    ax.set_ylabel("microseconds")
+    ax.set_title("Lookup latency vs concurrency")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    paths.append(os.path.join(out_dir, "bench-latency.png"))
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=110)
+    return paths
 
 
 def lookup_worker(url: str, n_tokens: int, hit: bool, n: int, q: Any) -> None:
@@ -124,6 +255,27 @@ def lookup_worker(url: str, n_tokens: int, hit: bool, n: int, q: Any) -> None:
                 samples.append(dt)
                 hits += got == n_tokens // 256
     q.put((samples, hits, time.perf_counter() - start))
+
+
+def noop_worker(url: str, n: int, q: Any) -> None:
+    with MPClient(url) as c:
+        for _ in range(50):
+            c.noop()
+        t = time.perf_counter()
+        for _ in range(n):
+            c.noop()
+        q.put((n, time.perf_counter() - t))
+
+
+def run_clients(ctx: Any, target: Any, clients: int, *args: Any) -> list[Any]:
+    q = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args, q)) for _ in range(clients)]
+    for p in procs:
+        p.start()
+    results = [q.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return results
 
 
 def store_streamer(url: str, stop: Any) -> None:
@@ -162,35 +314,28 @@ def control_path(url: str, a: argparse.Namespace) -> dict[str, Any]:
             if i >= 200:
                 noop.append(time.perf_counter() - t)
         out["noop"] = {"p50_us": pct(noop, 0.5) * 1e6, "p99_us": pct(noop, 0.99) * 1e6}
+        res = run_clients(ctx, noop_worker, 8, url, max(200, a.n // 8))
+        out["noop_8c"] = {"ops_per_s": sum(n for n, _ in res) / max(t for _, t in res)}
         stop = ctx.Event()
         streamer = ctx.Process(target=store_streamer, args=(url, stop))
         streamer.start()
         time.sleep(1.0)
-        for n_tokens in (1024, 8192, 32768):
-            for hit in (True, False):
-                for clients in (1, 8):
-                    if hit:
-                        fill()
-                    q = ctx.Queue()
-                    per = max(20, a.n // (10 * clients))
-                    procs = [
-                        ctx.Process(target=lookup_worker, args=(url, n_tokens, hit, per, q))
-                        for _ in range(clients)
-                    ]
-                    for p in procs:
-                        p.start()
-                    results = [q.get() for _ in procs]
-                    samples = [s for r in results for s in r[0]]
-                    for p in procs:
-                        p.join()
-                    wall = max(r[2] for r in results)  # measured by the clients, spawn excluded
-                    name = f"lookup_{n_tokens // 1024}k_{'hit' if hit else 'miss'}_{clients}c"
-                    out[name] = {
-                        "p50_us": pct(samples, 0.5) * 1e6,
-                        "p99_us": pct(samples, 0.99) * 1e6,
-                        "lookups_per_s": len(samples) / wall,
-                        "full_hit_ratio": sum(r[1] for r in results) / len(samples),
-                    }
+        cases = [(n, h, k) for n in (1024, 8192, 32768) for h in (True, False) for k in (1, 8)]
+        cases += [(8192, True, 2), (8192, True, 4)]  # the concurrency plot
+        for n_tokens, hit, clients in cases:
+            if hit:
+                fill()
+            per = max(20, a.n // (10 * clients))
+            results = run_clients(ctx, lookup_worker, clients, url, n_tokens, hit, per)
+            samples = [s for r in results for s in r[0]]
+            wall = max(r[2] for r in results)  # measured by the clients, spawn excluded
+            name = f"lookup_{n_tokens // 1024}k_{'hit' if hit else 'miss'}_{clients}c"
+            out[name] = {
+                "p50_us": pct(samples, 0.5) * 1e6,
+                "p99_us": pct(samples, 0.99) * 1e6,
+                "lookups_per_s": len(samples) / wall,
+                "full_hit_ratio": sum(r[1] for r in results) / len(samples),
+            }
         stop.set()
         streamer.join()
         c.unregister_kv_cache(0x71A1)
@@ -233,21 +378,27 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8192, help="tokens moved by one store/retrieve")
     ap.add_argument("--n", type=int, default=2000, help="latency samples per case (split over clients)")
     ap.add_argument("--objects", type=int, default=1_000_000, help="objects for the index memory figure")
+    ap.add_argument("--http", help="with --url: the server's HTTP API, for server-side op timing")
+    ap.add_argument("--plot", metavar="DIR", help="write bench-throughput.png and bench-latency.png here")
     ap.add_argument("--out", default="bench-results/server.json")
     a = ap.parse_args()
     srv = None
     url = a.url
+    http = a.http
     if url is None:
         per_token = (
             2 * a.layers * a.heads * a.head_dim * torch.empty((), dtype=DTYPES[a.dtype]).element_size()
         )
         l1_gb = max(1.0, 1.5 * a.tokens * per_token / (1 << 30))
         srv = ServerProcess("--l1-size-gb", f"{l1_gb:.2f}", "--chunk-size", str(a.chunk_size))
-        url = srv.url
+        url, http = srv.url, srv.http
+        wait_prefault(http)
     data: dict[str, Any] = {"shape": vars(a)}
     try:
         data["data_path"] = data_path(url, a)
+        before = server_timing(http)
         data["control_path"] = control_path(url, a)
+        data["server_side_timing"] = timing_delta(before, server_timing(http))
         if srv is not None:
             with open(f"/proc/{srv.proc.pid}/status") as f:
                 data["server_rss_bytes"] = next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmRSS"))
@@ -266,15 +417,36 @@ def main() -> None:
             f"{d['retrieve_warm_gbps']:.2f} GB/s ({d['retrieve_warm_over_memcpy']:.2f}x memcpy)",
         ),
     ]
-    for k, v in data["control_path"].items():
+    for r in d["sweep"]:
+        rows.append(
+            (
+                f"  {r['chunks']:>3} chunks/request",
+                f"store {r['store_gbps']:.2f}  retrieve {r['retrieve_gbps']:.2f}  "
+                f"memcpy {r['memcpy_gbps']:.2f} GB/s",
+            )
+        )
+    cp = data["control_path"]
+    rows.append(("noop, 8 clients", f"{cp['noop_8c']['ops_per_s']:.0f} ops/s"))
+    for k, v in cp.items():
+        if k == "noop_8c":
+            continue
         extra = (
             f"  {v['lookups_per_s']:8.0f}/s  hit {v['full_hit_ratio']:.2f}" if "lookups_per_s" in v else ""
         )
         rows.append((k, f"p50 {v['p50_us']:8.1f} us   p99 {v['p99_us']:8.1f} us{extra}"))
+    for op, t in sorted(data["server_side_timing"].items()):
+        rows.append(
+            (
+                f"server side: {op}",
+                f"handler {t['handler_mean_us']:7.1f} us  queued {t['queue_mean_us']:7.1f} us (mean)",
+            )
+        )
     m = data["index_memory"]
     rows.append((f"index bytes/object at {m['objects']}", f"{m['index_bytes_per_object']:.0f} B"))
     if "server_rss_bytes" in data:
         rows.append(("server RSS after the run", f"{data['server_rss_bytes'] / (1 << 20):.0f} MiB"))
+    if a.plot:
+        data["plots"] = plot(data, a.plot)
     emit(f"lmcache-rs server benchmark ({a.tokens} tokens per transfer)", rows, data, a.out)
 
 

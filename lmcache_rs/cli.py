@@ -143,6 +143,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="do not evict on the store path when L1 is full (LMCache's behaviour)",
     )
+    g.add_argument(
+        "--no-l1-prefault",
+        dest="l1_prefault",
+        action="store_false",
+        help="do not commit L1's memory at start (pages are then faulted in by the first stores)",
+    )
     g = s.add_argument_group("L2 (disk, Redis/Valkey)")
     g.add_argument(
         "--l2-adapter",
@@ -225,6 +231,7 @@ def build_config(ns: argparse.Namespace) -> ServerConfig:
             "l1_write_ttl_seconds",
             "l1_read_ttl_seconds",
             "demand_eviction",
+            "l1_prefault",
             "l2_store_policy",
             "l2_prefetch_policy",
             "l2_prefetch_max_in_flight",

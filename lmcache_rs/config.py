@@ -170,6 +170,8 @@ class StorageConfig(msgspec.Struct, kw_only=True):
     l1_write_ttl_seconds: float = 600.0
     l1_read_ttl_seconds: float = 300.0
     demand_eviction: bool = True
+    #: Commit L1's pages at start (in the background), so stores never pay first-touch faults.
+    l1_prefault: bool = True
     #: Initial IsolatedLRU quotas, GiB per cache_salt (`_default` is the empty salt).
     quotas_gb: dict[str, float] = msgspec.field(default_factory=dict)
     l2_adapters: list[L2AdapterConfig] = msgspec.field(default_factory=list)

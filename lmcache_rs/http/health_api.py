@@ -81,6 +81,7 @@ def status(runtime: NamedDependency[Runtime]) -> dict[str, Any]:
         "free_blocks": stats["free_blocks"],
         "largest_free_block_bytes": stats["largest_free_block"],
         "pinned": runtime.l1.pinned,
+        "prefaulted_bytes": runtime.l1.prefaulted_bytes,
         "write_ttl_seconds": cfg.storage_manager.l1_write_ttl_seconds,
         "read_ttl_seconds": cfg.storage_manager.l1_read_ttl_seconds,
         "counters": stats["counters"],

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -153,12 +153,14 @@ class ServerCollector(Collector):
         self._lock = threading.Lock()
         self._core_base: dict[str, int] = {}
         self._error_base: dict[str, int] = {}
+        self._timing_base: dict[str, tuple[int, float, float]] = {}
 
     def reset(self) -> None:
         stats = self.runtime.l1.index.stats()
         with self._lock:
             self._core_base = dict(stats["counters"])
             self._error_base = dict(self.runtime.server.errors)
+            self._timing_base = self.runtime.server.timing_snapshot()
         self.runtime.engine.stats.reset()
 
     def collect(self) -> Iterator[Metric]:
@@ -167,6 +169,7 @@ class ServerCollector(Collector):
         with self._lock:
             core_base = dict(self._core_base)
             error_base = dict(self._error_base)
+            timing_base = dict(self._timing_base)
         # Engine counters.
         families: dict[str, CounterMetricFamily] = {}
         for key, value in rt.engine.stats.snapshot().items():
@@ -206,6 +209,22 @@ class ServerCollector(Collector):
         for code, n in sorted(rt.server.errors.items()):
             errors.add_metric([code], n - error_base.get(code, 0))
         yield errors
+        handler = SummaryMetricFamily(
+            "lmcache_rs_request_seconds",
+            "Time in the handler per request (server side), by op.",
+            labels=["op"],
+        )
+        queued = SummaryMetricFamily(
+            "lmcache_rs_request_queue_seconds",
+            "Time a request waited for a pool thread, by op.",
+            labels=["op"],
+        )
+        for op, (n, busy, wait) in sorted(rt.server.timing_snapshot().items()):
+            n0, busy0, wait0 = timing_base.get(op, (0, 0.0, 0.0))
+            handler.add_metric([op], count_value=n - n0, sum_value=busy - busy0)
+            queued.add_metric([op], count_value=n - n0, sum_value=wait - wait0)
+        yield handler
+        yield queued
         # Gauges.
         backend = "pinned" if rt.l1.pinned else "dram"
         for name, doc, value in (

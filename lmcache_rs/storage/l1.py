@@ -1,6 +1,18 @@
-"""L1: one torch byte buffer (pinned when CUDA is present) indexed by the Rust core."""
+"""L1: one torch byte buffer (pinned when CUDA is present) indexed by the Rust core.
+
+Without CUDA the buffer is an anonymous mapping with transparent huge pages requested, and
+its pages are committed up front by a background thread (`MADV_POPULATE_WRITE`: page tables
+filled, contents untouched, so it can run while stores write). Otherwise the first store into
+each 4 KiB page pays a page fault: measured 0.05-0.13x memcpy for a cold store.
+"""
 
 from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import mmap
+import threading
 
 import torch
 
@@ -11,6 +23,14 @@ from lmcache_rs.config import StorageConfig
 def _salt(name: str) -> str:
     """The HTTP/CLI spelling of the empty salt is `_default` (seed document, /quota)."""
     return "" if name == "_default" else name
+
+
+log = logging.getLogger(__name__)
+
+#: Linux >= 5.14: fault pages in writable without changing their contents.
+MADV_POPULATE_WRITE = 23
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
 class L1Store:
@@ -30,8 +50,34 @@ class L1Store:
         for salt, gb in cfg.quotas_gb.items():
             self.index.set_quota(_salt(salt), int(gb * (1 << 30)))
         self.pinned = torch.cuda.is_available()
-        # Untouched pages of a CPU buffer are not committed by the OS until written.
-        self.buffer = torch.empty(self.index.capacity_bytes, dtype=torch.uint8, pin_memory=self.pinned)
+        size = self.index.capacity_bytes
+        self.prefaulted_bytes = 0
+        self._mm: mmap.mmap | None = None
+        if self.pinned:  # cudaHostAlloc commits (and pins) every page now
+            self.buffer = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+            self.prefaulted_bytes = size
+            return
+        self._mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        with contextlib.suppress(OSError, AttributeError):
+            self._mm.madvise(mmap.MADV_HUGEPAGE)
+        self.buffer = torch.frombuffer(self._mm, dtype=torch.uint8)
+        if cfg.l1_prefault:
+            threading.Thread(target=self._prefault, name="l1-prefault", daemon=True).start()
+
+    def _prefault(self) -> None:
+        """Commits the buffer's pages in 256 MiB steps (ctypes drops the GIL around madvise)."""
+        assert self._mm is not None
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self._mm))
+        size = len(self._mm)
+        step = 256 << 20
+        for off in range(0, size, step):
+            n = min(step, size - off)
+            if _libc.madvise(ctypes.c_void_p(base + off), ctypes.c_size_t(n), MADV_POPULATE_WRITE) != 0:
+                log.info(
+                    "L1 pages not prefaulted (madvise: errno %d); first stores fault them", ctypes.get_errno()
+                )
+                return
+            self.prefaulted_bytes = off + n
 
     def view(self, offset: int, size: int) -> torch.Tensor:
         return self.buffer[offset : offset + size]

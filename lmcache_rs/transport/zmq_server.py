@@ -75,6 +75,9 @@ class ZmqServer:
         self._thread = threading.Thread(target=self._loop, name="mq-server-thread", daemon=True)
         self.requests_total = 0
         self.errors: dict[str, int] = {}
+        #: Per operation: [requests, seconds in the handler, seconds queued for a pool thread].
+        self.timing: dict[str, list[float]] = {}
+        self._timing_lock = threading.Lock()
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -201,7 +204,7 @@ class ZmqServer:
         else:
             ex = self._normal
         try:
-            ex.submit(self._run_async, identity, uid, op_frame, spec, args)
+            ex.submit(self._run_async, identity, uid, op_frame, spec, args, time.perf_counter())
         except RuntimeError:  # executor shut down under us
             with self._pending_lock:
                 self._pending -= 1
@@ -214,6 +217,33 @@ class ZmqServer:
     # ---- workers -----------------------------------------------------------------------------
 
     def _run(
+        self,
+        identity: bytes,
+        uid: bytes,
+        op: bytes,
+        spec: ops.OpSpec,
+        arg_frames: list[bytes],
+        queued_at: float | None = None,
+    ) -> list[bytes]:
+        t0 = time.perf_counter()
+        try:
+            return self._handle(identity, uid, op, spec, arg_frames)
+        finally:
+            t1 = time.perf_counter()
+            with self._timing_lock:
+                row = self.timing.get(spec.name)
+                if row is None:
+                    row = self.timing[spec.name] = [0, 0.0, 0.0]
+                row[0] += 1
+                row[1] += t1 - t0
+                if queued_at is not None:
+                    row[2] += t0 - queued_at
+
+    def timing_snapshot(self) -> dict[str, tuple[int, float, float]]:
+        with self._timing_lock:
+            return {k: (int(v[0]), v[1], v[2]) for k, v in self.timing.items()}
+
+    def _handle(
         self, identity: bytes, uid: bytes, op: bytes, spec: ops.OpSpec, arg_frames: list[bytes]
     ) -> list[bytes]:
         try:
@@ -226,9 +256,11 @@ class ZmqServer:
             log.exception("handler %s failed", spec.name)
             return self._error(identity, uid, op, spec, ProtocolError("internal", f"{type(e).__name__}: {e}"))
 
-    def _run_async(self, identity: bytes, uid: bytes, op: bytes, spec: ops.OpSpec, args: list[bytes]) -> None:
+    def _run_async(
+        self, identity: bytes, uid: bytes, op: bytes, spec: ops.OpSpec, args: list[bytes], queued_at: float
+    ) -> None:
         try:
-            self._replies.put(self._run(identity, uid, op, spec, args))
+            self._replies.put(self._run(identity, uid, op, spec, args, queued_at))
         finally:
             with self._pending_lock:
                 self._pending -= 1
