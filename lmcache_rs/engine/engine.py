@@ -239,14 +239,11 @@ class Engine:
             return [STUB_EVENT, True]
         blocks = self._block_tensors(ctx, block_ids, n)
         scope = self._scope(key, key.worker_id or 0)
-        todo = [
-            i
-            for i in range(n)
-            if not all(
-                bool((b == self.null_block_id).all())
-                for b in self._chunk_blocks(ctx, blocks, i, self.chunk_size)
-            )
-        ]
+        # Chunks made only of null blocks (in every group) are not stored: one vectorized test.
+        null = torch.ones(n, dtype=torch.bool)
+        for g, b in zip(ctx.groups, blocks, strict=True):
+            null &= (b.view(n, self.chunk_size // g.block_size) == self.null_block_id).all(dim=1)
+        todo = (~null).nonzero().flatten().tolist()
         want = [hashes[i] for i in todo]
         res = self.index.reserve_write(scope, want, ctx.chunk_bytes, instance_id)
         staged = [(i, off) for i, (status, off, _) in zip(todo, res, strict=True) if status == "reserved"]

@@ -31,8 +31,7 @@ class GroupLayout:
         return self.heads * self.head_dim
 
     def chunk_bytes(self, chunk_tokens: int) -> int:
-        item = torch.empty((), dtype=self.dtype).element_size()
-        return self.kv_size * len(self.layers) * chunk_tokens * self.hidden * item
+        return self.kv_size * len(self.layers) * chunk_tokens * self.hidden * self.dtype.itemsize
 
     def plane(self, tensor: torch.Tensor, kv: int) -> torch.Tensor:
         """One K or V plane of a layer tensor, as `[NB, BS, H, D]` token-major (a view for NHD)."""
