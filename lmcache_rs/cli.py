@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from lmcache_rs.config import (
@@ -15,6 +16,8 @@ from lmcache_rs.config import (
     default_l1_size_gb,
     parse_l2_adapter,
 )
+
+TOKEN_ENV = "LMCACHE_RS_HTTP_TOKEN"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -195,9 +198,26 @@ def _parser() -> argparse.ArgumentParser:
         help="port of the operator HTTP API (0: any free port)",
     )
     g.add_argument("--no-http", dest="http_enabled", action="store_false", help="do not serve the HTTP API")
+    g.add_argument(
+        "--http-auth-token-file",
+        metavar="PATH",
+        help="require 'Authorization: Bearer <token>' (the file's first line) on mutating and "
+        "sensitive endpoints (/clear-cache, /cache/clear, quota writes, /loglevel changes, /env, "
+        "/threads, /metrics/reset); the environment variable LMCACHE_RS_HTTP_TOKEN does the same",
+    )
     g = s.add_argument_group("logging")
     g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
+
+
+def auth_token(ns: argparse.Namespace) -> str | None:
+    if ns.http_auth_token_file:
+        try:
+            with open(ns.http_auth_token_file, encoding="utf-8") as f:
+                return f.readline().strip()
+        except OSError as e:
+            raise ConfigError(f"--http-auth-token-file: {e}") from None
+    return os.environ.get(TOKEN_ENV) or None
 
 
 def build_config(ns: argparse.Namespace) -> ServerConfig:
@@ -254,7 +274,9 @@ def build_config(ns: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         mp=MPConfig(**mp_kw),
         storage_manager=StorageConfig(**st_kw),
-        http=HttpConfig(http_host=ns.http_host, http_port=ns.http_port, enabled=ns.http_enabled),
+        http=HttpConfig(
+            http_host=ns.http_host, http_port=ns.http_port, enabled=ns.http_enabled, auth_token=auth_token(ns)
+        ),
     )
 
 

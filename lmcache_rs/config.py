@@ -237,9 +237,17 @@ class HttpConfig(msgspec.Struct, kw_only=True):
     http_host: str = "0.0.0.0"
     http_port: int = 8080
     enabled: bool = True
+    #: Bearer token required by mutating and sensitive endpoints (None: open). Never shown.
+    auth_token: str | None = None
 
     def __post_init__(self) -> None:
         _check(0 <= self.http_port < 65536, "--http-port", f"must be in 0..65535, got {self.http_port}")
+        t = self.auth_token
+        _check(
+            t is None or (len(t) >= 16 and t.isprintable() and " " not in t),
+            "--http-auth-token-file",
+            "the token must be at least 16 printable characters without spaces",
+        )
 
 
 class ServerConfig(msgspec.Struct, kw_only=True):

@@ -13,6 +13,7 @@ from litestar import Litestar, Router
 from litestar.openapi import OpenAPIConfig
 
 from lmcache_rs.http import common
+from lmcache_rs.http.auth import make_guard
 from lmcache_rs.http.deps import dependencies
 from lmcache_rs.http.errors import EXCEPTION_HANDLERS
 from lmcache_rs.http.state import HttpState
@@ -45,8 +46,10 @@ def create_app(state: HttpState) -> Litestar:
     from lmcache_rs.runtime import Runtime  # noqa: PLC0415
 
     routers = discover(http_pkg) + discover(common, COMMON_SKIP)
+    token = state.config.http.auth_token if state.config is not None else None
     return Litestar(
         route_handlers=routers,
+        guards=[make_guard(token)],
         dependencies=dependencies(state),
         exception_handlers=EXCEPTION_HANDLERS,
         openapi_config=OpenAPIConfig(title="lmcache-rs HTTP API", version=state.version, path="/schema"),

@@ -8,6 +8,7 @@ import msgspec
 from litestar import Request, Response, Router, post
 from litestar.di import NamedDependency
 
+from lmcache_rs.http.auth import ALWAYS, SENSITIVE
 from lmcache_rs.http.errors import ApiError
 from lmcache_rs.http.state import HttpState
 
@@ -36,7 +37,7 @@ class ClearResponse(msgspec.Struct):
     cleared: Cleared
 
 
-@post("/clear-cache", status_code=200, sync_to_thread=False)
+@post("/clear-cache", status_code=200, sync_to_thread=False, opt={SENSITIVE: ALWAYS})
 def clear_cache(http_state: NamedDependency[HttpState]) -> Response[ClearStatus]:
     """Force-clears L1 (seed document): bypasses read and write locks, so transfers in flight
     may be cut; use when idle or to recover from a bad cache state. The body is ignored."""
@@ -47,7 +48,7 @@ def clear_cache(http_state: NamedDependency[HttpState]) -> Response[ClearStatus]
     return Response(ClearStatus(status="ok"), status_code=200)
 
 
-@post("/cache/clear", status_code=200)
+@post("/cache/clear", status_code=200, opt={SENSITIVE: ALWAYS})
 async def cache_clear(request: Request, runtime: NamedDependency[Runtime]) -> ClearResponse:  # type: ignore[type-arg]
     """Clears one tier. Body (optional): {"tier": "l1", "force": false}; without force,
     locked and in-flight objects stay."""

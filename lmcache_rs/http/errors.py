@@ -3,20 +3,30 @@ turn it into the JSON body the seed document specifies for that endpoint."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 
+log = logging.getLogger(__name__)
+
 
 class ApiError(Exception):
     """An error reply: `body` is sent as given (the seed's per-endpoint shapes)."""
 
-    def __init__(self, status_code: int, body: Any, media_type: str = MediaType.JSON) -> None:
+    def __init__(
+        self,
+        status_code: int,
+        body: Any,
+        media_type: str = MediaType.JSON,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(str(body))
         self.status_code = status_code
         self.body = body
         self.media_type = media_type
+        self.headers = headers
 
 
 class EngineNotReady(ApiError):
@@ -25,7 +35,9 @@ class EngineNotReady(ApiError):
 
 
 def api_error_handler(_: Request[Any, Any, Any], exc: ApiError) -> Response[Any]:
-    return Response(content=exc.body, status_code=exc.status_code, media_type=exc.media_type)
+    return Response(
+        content=exc.body, status_code=exc.status_code, media_type=exc.media_type, headers=exc.headers
+    )
 
 
 def http_exception_handler(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
@@ -40,7 +52,7 @@ def not_found_handler(request: Request[Any, Any, Any], exc: NotFoundException) -
 
 
 def internal_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    request.logger.exception("HTTP %s %s failed", request.method, request.url.path)
+    log.error("HTTP %s %s failed", request.method, request.url.path, exc_info=exc)
     return Response(content={"error": f"internal error: {type(exc).__name__}"}, status_code=500)
 
 

@@ -18,6 +18,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath
 
 from lmcache_rs import InvalidKeyError, validate_salt
+from lmcache_rs.http.auth import ALWAYS, SENSITIVE
 from lmcache_rs.http.errors import ApiError
 
 if TYPE_CHECKING:
@@ -115,7 +116,7 @@ def list_quotas(runtime: NamedDependency[Runtime]) -> QuotaList:
     return QuotaList(users=users)
 
 
-@put("/quota/{cache_salt:str}")
+@put("/quota/{cache_salt:str}", opt={SENSITIVE: ALWAYS})
 async def set_quota(
     cache_salt: FromPath[str], request: Request, runtime: NamedDependency[Runtime]
 ) -> QuotaSet:  # type: ignore[type-arg]
@@ -143,7 +144,7 @@ def get_quota(cache_salt: FromPath[str], runtime: NamedDependency[Runtime]) -> Q
     )
 
 
-@delete("/quota/{cache_salt:str}", status_code=200, sync_to_thread=False)
+@delete("/quota/{cache_salt:str}", status_code=200, sync_to_thread=False, opt={SENSITIVE: ALWAYS})
 def delete_quota(cache_salt: FromPath[str], runtime: NamedDependency[Runtime]) -> QuotaDeleted:
     """Removes a quota; the salt's bytes are evicted on the next cycle (limit 0)."""
     removed = runtime.l1.index.remove_quota(to_salt(cache_salt))

@@ -7,12 +7,13 @@ import logging
 from litestar import MediaType, Router, get
 from litestar.params import FromQuery
 
+from lmcache_rs.http.auth import SENSITIVE, WHEN_SETTING
 from lmcache_rs.http.errors import ApiError
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
-@get("/loglevel", media_type=MediaType.TEXT, sync_to_thread=False)
+@get("/loglevel", media_type=MediaType.TEXT, sync_to_thread=False, opt={SENSITIVE: WHEN_SETTING})
 def loglevel(logger_name: FromQuery[str | None] = None, level: FromQuery[str | None] = None) -> str:
     """No parameter: every logger and its level. `logger_name`: that logger's effective level.
     `logger_name` and `level`: sets the logger and its handlers (400 on an unknown level)."""

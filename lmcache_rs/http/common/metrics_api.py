@@ -8,6 +8,8 @@ from litestar import MediaType, Response, Router, get, post
 from litestar.di import NamedDependency
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from lmcache_rs.http.auth import ALWAYS, SENSITIVE
+
 if TYPE_CHECKING:
     from lmcache_rs.runtime import Runtime
 
@@ -18,7 +20,13 @@ def metrics(runtime: NamedDependency[Runtime]) -> Response[bytes]:
     return Response(runtime.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@post("/metrics/reset", status_code=200, media_type=MediaType.TEXT, sync_to_thread=False)
+@post(
+    "/metrics/reset",
+    status_code=200,
+    media_type=MediaType.TEXT,
+    sync_to_thread=False,
+    opt={SENSITIVE: ALWAYS},
+)
 def metrics_reset(runtime: NamedDependency[Runtime]) -> str:
     """Resets every counter of this server to zero (for test harnesses and benchmarks)."""
     runtime.metrics.reset()

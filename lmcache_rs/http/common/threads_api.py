@@ -9,8 +9,10 @@ import traceback
 from litestar import MediaType, Router, get
 from litestar.params import FromQuery
 
+from lmcache_rs.http.auth import ALWAYS, SENSITIVE
 
-@get("/threads", media_type=MediaType.TEXT, sync_to_thread=True)
+
+@get("/threads", media_type=MediaType.TEXT, sync_to_thread=True, opt={SENSITIVE: ALWAYS})
 def threads(name: FromQuery[str | None] = None, thread_id: FromQuery[int | None] = None) -> str:
     """Stack of every thread; `name` keeps names containing it (case-insensitive),
     `thread_id` one ident."""
