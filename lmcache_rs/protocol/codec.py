@@ -42,7 +42,7 @@ def decode_op(frame: bytes) -> ops.OpSpec:
     """The operation of a request frame; raises ProtocolError for anything unknown."""
     try:
         op = _op_decoder.decode(frame)
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, ValueError) as e:  # ValueError: invalid UTF-8 in a str
         raise ProtocolError("bad_frame", f"operation frame is not a msgpack int or str: {e}") from None
     spec = ops.find(op)
     if spec is None:
@@ -63,7 +63,7 @@ def decode_args(spec: ops.OpSpec, frames: list[bytes]) -> tuple[Any, ...]:
     for i, (dec, frame) in enumerate(zip(spec.decoders, frames, strict=True)):
         try:
             out.append(dec.decode(frame))
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
             raise ProtocolError("bad_request", f"{spec.name} argument {i}: {e}") from None
     return tuple(out)
 

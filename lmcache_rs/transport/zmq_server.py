@@ -122,7 +122,14 @@ class ZmqServer:
                         frames = self._sock.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self._dispatch(frames)
+                    try:
+                        self._dispatch(frames)
+                    except Exception as e:  # the I/O thread must never die: answer and go on
+                        log.exception("dispatch failed")
+                        uid = frames[1] if len(frames) > 1 else _NIL_UID
+                        op = frames[2] if len(frames) > 2 else b""
+                        err = ProtocolError("internal", f"{type(e).__name__}: {e}")
+                        self._send(self._error(frames[0], uid, op, None, err))
 
     def _drain_on_stop(self, poller: zmq.Poller) -> None:
         """Answers what is still arriving (with `shutting_down`) until the socket has been quiet
