@@ -15,7 +15,7 @@ from litestar.openapi import OpenAPIConfig
 from lmcache_rs.http import common
 from lmcache_rs.http.auth import make_guard
 from lmcache_rs.http.deps import dependencies
-from lmcache_rs.http.errors import EXCEPTION_HANDLERS
+from lmcache_rs.http.errors import EXCEPTION_HANDLERS, error_responses
 from lmcache_rs.http.state import HttpState
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,15 @@ def discover(package: ModuleType, skip: frozenset[str] = frozenset()) -> list[Ro
     return routers
 
 
+def document_errors(router: Router) -> None:
+    """Adds the shared error responses to every handler's OpenAPI entry (handler-specific
+    ones win), so clients and schema fuzzers see every status code the API can answer."""
+    for route in router.routes:
+        for handler in getattr(route, "route_handlers", []):
+            text = str(handler.media_type).startswith("text/")
+            handler.responses = {**error_responses(text), **(handler.responses or {})}
+
+
 def create_app(state: HttpState) -> Litestar:
     # Imported here: the runtime builds the app, and route modules name `Runtime` in their
     # signatures (Litestar resolves those annotations at registration).
@@ -46,6 +55,8 @@ def create_app(state: HttpState) -> Litestar:
     from lmcache_rs.runtime import Runtime  # noqa: PLC0415
 
     routers = discover(http_pkg) + discover(common, COMMON_SKIP)
+    for router in routers:
+        document_errors(router)
     token = state.config.http.auth_token if state.config is not None else None
     return Litestar(
         route_handlers=routers,

@@ -33,7 +33,7 @@ def _strip_password(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def _config(http_state: NamedDependency[HttpState]) -> Response[bytes]:
+def _config(http_state: NamedDependency[HttpState]) -> Response[Any]:
     if http_state.config is None:
         raise ApiError(503, {"error": "configs not initialized"})
     body = msgspec.json.format(msgspec.json.encode(redacted(http_state.config)), indent=2)
@@ -41,13 +41,13 @@ def _config(http_state: NamedDependency[HttpState]) -> Response[bytes]:
 
 
 @get("/conf", sync_to_thread=False)
-def conf(http_state: NamedDependency[HttpState]) -> Response[bytes]:
+def conf(http_state: NamedDependency[HttpState]) -> Response[dict[str, Any]]:
     """Every configuration section (mp, storage_manager, http) as indented JSON."""
     return _config(http_state)
 
 
 @get("/config", sync_to_thread=False)
-def config(http_state: NamedDependency[HttpState]) -> Response[bytes]:
+def config(http_state: NamedDependency[HttpState]) -> Response[dict[str, Any]]:
     """Alias of /conf."""
     return _config(http_state)
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
+from litestar.openapi.datastructures import ResponseSpec
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def api_error_handler(_: Request[Any, Any, Any], exc: ApiError) -> Response[Any]
 
 
 def http_exception_handler(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
-    body: dict[str, Any] = {"error": exc.detail}
+    body: dict[str, Any] = {"error": exc.detail, "status_code": exc.status_code, "detail": exc.detail}
     if isinstance(exc, ValidationException) and exc.extra:
         body["extra"] = exc.extra
     return Response(content=body, status_code=exc.status_code, media_type=MediaType.JSON)
@@ -62,3 +63,25 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
     HTTPException: http_exception_handler,
     Exception: internal_error_handler,
 }
+
+
+def error_responses(text: bool = False) -> dict[int, ResponseSpec]:
+    """What every handler may answer besides success, for the OpenAPI document: 400 (bad
+    input), 401 (missing token, sensitive routes), 404 (unknown name), 503 (engine not up or
+    unhealthy), 500 (a bug, logged). Bodies are JSON objects (`error`, or the seed's
+    `status`/`reason` shapes); `text` handlers answer errors as text/plain."""
+
+    def spec(what: str) -> ResponseSpec:
+        if text:
+            return ResponseSpec(data_container=str, media_type=MediaType.TEXT, description=what)
+        return ResponseSpec(data_container=dict[str, Any], description=what, generate_examples=False)
+
+    return {
+        400: spec("Bad input"),
+        401: ResponseSpec(
+            data_container=dict[str, Any], description="Bearer token required", generate_examples=False
+        ),
+        404: spec("Not found"),
+        500: spec("Internal error (logged)"),
+        503: spec("Engine not initialized or unhealthy"),
+    }

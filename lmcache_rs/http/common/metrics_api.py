@@ -14,8 +14,8 @@ if TYPE_CHECKING:
     from lmcache_rs.runtime import Runtime
 
 
-@get("/metrics", sync_to_thread=True)
-def metrics(runtime: NamedDependency[Runtime]) -> Response[bytes]:
+@get("/metrics", sync_to_thread=True, media_type=CONTENT_TYPE_LATEST)
+def metrics(runtime: NamedDependency[Runtime]) -> Response[str]:
     """Every metric of this server in the Prometheus text format."""
     return Response(runtime.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
