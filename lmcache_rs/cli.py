@@ -152,6 +152,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="do not commit L1's memory at start (pages are then faulted in by the first stores)",
     )
+    g.add_argument(
+        "--verify-checksums",
+        action="store_true",
+        help="blake3 every chunk written into L1 and verify it on every retrieve (a mismatch is "
+        "reported as a miss and counted, never copied to the engine)",
+    )
     g = s.add_argument_group("L2 (disk, Redis/Valkey)")
     g.add_argument(
         "--l2-adapter",
@@ -252,6 +258,7 @@ def build_config(ns: argparse.Namespace) -> ServerConfig:
             "l1_read_ttl_seconds",
             "demand_eviction",
             "l1_prefault",
+            "verify_checksums",
             "l2_store_policy",
             "l2_prefetch_policy",
             "l2_prefetch_max_in_flight",

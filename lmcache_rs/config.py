@@ -172,6 +172,8 @@ class StorageConfig(msgspec.Struct, kw_only=True):
     demand_eviction: bool = True
     #: Commit L1's pages at start (in the background), so stores never pay first-touch faults.
     l1_prefault: bool = True
+    #: Checksum every chunk written into L1 and verify it before each retrieve copies it out.
+    verify_checksums: bool = False
     #: Initial IsolatedLRU quotas, GiB per cache_salt (`_default` is the empty salt).
     quotas_gb: dict[str, float] = msgspec.field(default_factory=dict)
     l2_adapters: list[L2AdapterConfig] = msgspec.field(default_factory=list)

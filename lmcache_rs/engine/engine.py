@@ -257,6 +257,7 @@ class Engine:
                     self.l1.view(off, ctx.chunk_bytes),
                     self.chunk_size,
                 )
+                self.l1.seal(off, ctx.chunk_bytes)
         except Exception:
             self.index.abort_write(scope, staged_hashes, instance_id)
             raise
@@ -312,6 +313,19 @@ class Engine:
                         fallback=[STUB_EVENT, False],
                     )
                 slots = self.index.resolve(scope, hashes)
+                bad = [
+                    i for i, slot in enumerate(slots) if slot is None or not self.l1.intact(slot[0], slot[1])
+                ]
+                if bad:
+                    self.stats.add("l1_checksum_mismatch_chunks", key.model_name, n=len(bad))
+                    log.error(
+                        "retrieve %s: %d chunk(s) failed L1 checksum verification", key.request_id, len(bad)
+                    )
+                    raise ProtocolError(
+                        "corrupt",
+                        f"{len(bad)} of {n} chunk(s) failed checksum verification; nothing was copied",
+                        fallback=[STUB_EVENT, False],
+                    )
                 for i, slot in enumerate(slots):
                     assert slot is not None
                     local_skip = min(max(skip - i * self.chunk_size, 0), self.chunk_size)

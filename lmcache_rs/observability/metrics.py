@@ -36,6 +36,11 @@ ENGINE_COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Chunks a retrieve could not read.",
         ("during", "reason", "model_name"),
     ),
+    "l1_checksum_mismatch_chunks": (
+        "lmcache_rs_l1_checksum_mismatch_chunks",
+        "Chunks whose L1 bytes failed --verify-checksums on retrieve (never copied out).",
+        ("model_name",),
+    ),
     "lookups": ("lmcache_mp_lookups_requests", "Lookup requests.", ("model_name", "cache_salt")),
     "lookup_requested_tokens": (
         "lmcache_mp_lookup_requested_tokens",

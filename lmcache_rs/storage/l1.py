@@ -16,7 +16,7 @@ import threading
 
 import torch
 
-from lmcache_rs import L1Index
+from lmcache_rs import L1Index, checksum
 from lmcache_rs.config import StorageConfig
 
 
@@ -49,6 +49,9 @@ class L1Store:
         )
         for salt, gb in cfg.quotas_gb.items():
             self.index.set_quota(_salt(salt), int(gb * (1 << 30)))
+        #: With --verify-checksums: blake3 of the object at each L1 offset, set by every writer
+        #: (store, L2 prefetch) before the object is admitted, checked by retrieve.
+        self.digests: dict[int, bytes] | None = {} if cfg.verify_checksums else None
         self.pinned = torch.cuda.is_available()
         size = self.index.capacity_bytes
         self.prefaulted_bytes = 0
@@ -81,3 +84,15 @@ class L1Store:
 
     def view(self, offset: int, size: int) -> torch.Tensor:
         return self.buffer[offset : offset + size]
+
+    def seal(self, offset: int, size: int) -> None:
+        """Records the checksum of a freshly written object (no-op without verification)."""
+        if self.digests is not None:
+            self.digests[offset] = checksum(memoryview(self.view(offset, size).numpy()))
+
+    def intact(self, offset: int, size: int) -> bool:
+        """Whether the object still has the bytes it was sealed with (True without verification)."""
+        if self.digests is None:
+            return True
+        want = self.digests.get(offset)
+        return want is not None and checksum(memoryview(self.view(offset, size).numpy())) == want

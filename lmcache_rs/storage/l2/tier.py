@@ -270,7 +270,9 @@ class L2Tier:
             except (L2Unavailable, OSError) as e:
                 a.failed("load", e)
                 found = False
-            if not found:
+            if found:
+                self.l1.seal(off, size)
+            else:
                 self.index.abort_write(scope, [h], writer)
                 self.count("l2_prefetch_failure_chunks", "not_found", model)
                 return i
