@@ -42,6 +42,8 @@ def health_problem(runtime: NamedDependency[Runtime]) -> str | None:
         st = t.status()
         since = "never ran" if st.last_run_ago is None else f"last ran {st.last_run_ago:.1f} s ago"
         state = "not running" if not st.is_running else since
+        if st.is_running and t.is_failing and st.last_summary is not None:
+            state = f"failed its last {st.consecutive_failures} runs ({st.last_summary.message})"
         parts.append(f"periodic thread {t.name} ({t.level.value}, every {t.interval:g} s) {state}")
     return "; ".join(parts)
 

@@ -2,8 +2,9 @@
 
 Each thread runs its job every `interval` seconds. A job that raises counts as a failed run and
 the loop goes on (LMCache's eviction thread dies silently instead, spec L.3). A thread is
-*active* when it ticked within 3 intervals; the server is healthy when every critical and high
-thread is running and active.
+*active* when it ticked within 3 intervals; it is *failing* after FAILING_AFTER failed runs in a
+row. The server is healthy when every critical and high thread is running, active and not
+failing (a loop that runs but whose every run raises does not do its job).
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from typing import Any
 import msgspec
 
 log = logging.getLogger(__name__)
+
+
+#: Consecutive failed runs that make a thread unhealthy (one success resets the count).
+FAILING_AFTER = 3
 
 
 class Level(enum.StrEnum):
@@ -42,6 +47,7 @@ class ThreadStatus(msgspec.Struct, kw_only=True):
     init_wait: float
     is_running: bool
     is_active: bool
+    consecutive_failures: int
     last_run_time: float | None
     last_run_ago: float | None
     total_runs: int
@@ -83,6 +89,7 @@ class PeriodicThread:
         self._last_run_wall: float | None = None
         self.total_runs = 0
         self.failed_runs = 0
+        self.consecutive_failures = 0
         self._last: RunSummary | None = None
 
     def start(self) -> None:
@@ -124,6 +131,7 @@ class PeriodicThread:
         with self._lock:
             self.total_runs += 1
             self.failed_runs += not summary.success
+            self.consecutive_failures = 0 if summary.success else self.consecutive_failures + 1
             self._last = summary
             self._last_run_mono = time.monotonic()
             self._last_run_wall = wall
@@ -155,6 +163,10 @@ class PeriodicThread:
             return now - self._started_at < self.init_wait + 3 * self.interval
         return now - last < 3 * self.interval
 
+    @property
+    def is_failing(self) -> bool:
+        return self.consecutive_failures >= FAILING_AFTER
+
     def status(self) -> ThreadStatus:
         with self._lock:
             last_wall, last_mono, summary = self._last_run_wall, self._last_run_mono, self._last
@@ -166,6 +178,7 @@ class PeriodicThread:
             init_wait=self.init_wait,
             is_running=self.is_running,
             is_active=self.is_active,
+            consecutive_failures=self.consecutive_failures,
             last_run_time=last_wall,
             last_run_ago=None if last_mono is None else time.monotonic() - last_mono,
             total_runs=total,
@@ -207,9 +220,11 @@ class PeriodicRegistry:
             t.stop()
 
     def unhealthy(self) -> list[PeriodicThread]:
-        """Critical and high threads that are not running or have not ticked in 3 intervals."""
+        """Critical and high threads that are not running, have not ticked in 3 intervals, or
+        failed their last FAILING_AFTER runs."""
         return [
             t
             for t in self.threads()
-            if t.level in (Level.CRITICAL, Level.HIGH) and not (t.is_running and t.is_active)
+            if t.level in (Level.CRITICAL, Level.HIGH)
+            and (not (t.is_running and t.is_active) or t.is_failing)
         ]

@@ -87,3 +87,24 @@ def test_a_thread_that_raises_is_counted_and_keeps_running(runtime: Runtime) -> 
         got = api.get("/periodic-threads/flaky").json()
         assert got["failed_runs"] >= 2
         assert got["last_summary"]["message"] in ("fine", "RuntimeError: boom")
+
+
+def test_a_thread_whose_every_run_raises_makes_the_server_unhealthy(runtime: Runtime) -> None:
+    def job() -> str:
+        raise OSError("disk gone")
+
+    t = runtime.periodic.register(PeriodicThread("broken", 0.05, Level.HIGH, job))
+    t.start()
+    deadline = time.monotonic() + 20
+    while t.total_runs < 4:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    with TestClient(create_app(runtime.http_state)) as api:
+        r = api.get("/healthcheck")
+        assert r.status_code == 503
+        assert "broken" in r.json()["reason"]
+        assert "disk gone" in r.json()["reason"]
+        runs = t.total_runs
+        time.sleep(0.3)
+        assert t.total_runs > runs, "the loop keeps running"
+        assert t.is_running

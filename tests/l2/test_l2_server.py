@@ -291,3 +291,25 @@ def test_bad_adapter_config_exits_2(tmp_path: Path) -> None:
         )
         assert r.returncode == 2, bad
         assert "--l2-adapter" in r.stderr
+
+
+def test_server_sigkilled_and_restarted_serves_l2_data(server_factory, redis_server) -> None:
+    """A crash (no drain) loses only what was not yet written through; the worker's client
+    reconnects, re-registers as the vLLM heartbeat does, and gets the stored prefix back."""
+    flags = redis_flags(redis_server.url)
+    a = server_factory(*flags)
+    port = int(a.url.rsplit(":", 1)[1])
+    t = tokens(3 * C, seed=21)
+    with a.client() as c:
+        w = Worker(c)
+        assert w.store(t, blocks(1, 3))
+        wait_written(a, 3)
+        a.kill()
+        b = server_factory(*flags, port=port)
+        c.register_kv_cache(w.instance_id, w.kv.handles(), w.model, 1, {"kv_layout": "NHD"})
+        assert lookup(c, t, "r") == 3
+        assert w.retrieve(t, blocks(100, 3), "r")
+        assert same(w, blocks(1, 3), w, blocks(100, 3))
+        c.end_session("r")
+        w.close()
+    assert b.proc.poll() is None
