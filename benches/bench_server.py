@@ -210,12 +210,9 @@ def plot(data: dict[str, Any], out_dir: str) -> list[str]:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("chunks per request (32 MiB each, Llama-3.1-8B shape)")
     ax.set_ylabel("GB/s")
-    ax.set_title("Warm store / retrieve throughput vs request size")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    paths.append(os.path.join(out_dir, "bench-throughput.png"))
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=110)
+    paths.append(
+        _save(fig, ax, "Warm store / retrieve throughput vs request size", out_dir, "bench-throughput.png")
+    )
     fig, ax = plt.subplots(figsize=(6.4, 4))
     cp = data["control_path"]
     clients = [k for k in (1, 2, 4, 8) if f"lookup_8k_hit_{k}c" in cp]
@@ -226,13 +223,18 @@ def plot(data: dict[str, Any], out_dir: str) -> list[str]:
     ax.axhline(cp["noop"]["p50_us"], color="gray", linestyle=":", label="noop round trip p50 (1 client)")
     ax.set_xlabel("concurrent clients (plus one streaming stores)")
     ax.set_ylabel("microseconds")
-    ax.set_title("Lookup latency vs concurrency")
+    paths.append(_save(fig, ax, "Lookup latency vs concurrency", out_dir, "bench-latency.png"))
+    return paths
+
+
+def _save(fig: Any, ax: Any, title: str, out_dir: str, name: str) -> str:
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    paths.append(os.path.join(out_dir, "bench-latency.png"))
     fig.tight_layout()
-    fig.savefig(paths[-1], dpi=110)
-    return paths
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=110)
+    return path
 
 
 def lookup_worker(url: str, n_tokens: int, hit: bool, n: int, q: Any) -> None:

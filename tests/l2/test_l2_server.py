@@ -128,8 +128,13 @@ def test_partial_l2_prefix_extends_the_l1_hit(server_factory, tmp_path: Path) ->
         w.close()
 
 
-def test_fs_restart_serves_what_was_stored(server_factory, tmp_path: Path) -> None:
-    flags = fs_flags(tmp_path / "l2")
+@pytest.mark.parametrize("kind", ["fs", "redis"])
+def test_restart_serves_what_was_stored(server_factory, tmp_path: Path, request, kind: str) -> None:
+    flags = (
+        fs_flags(tmp_path / "l2")
+        if kind == "fs"
+        else redis_flags(request.getfixturevalue("redis_server").url)
+    )
     a = server_factory(*flags)
     t = tokens(3 * C, seed=5)
     with a.client() as c:
@@ -166,25 +171,6 @@ def test_two_servers_share_one_redis(server_factory, redis_server) -> None:
         cb.end_session("salted")
         wa.close()
         wb.close()
-
-
-def test_redis_restart_recovery(server_factory, redis_server) -> None:
-    flags = redis_flags(redis_server.url)
-    a = server_factory(*flags)
-    t = tokens(2 * C, seed=7)
-    with a.client() as c:
-        w = Worker(c)
-        assert w.store(t, blocks(1, 2))
-    assert a.stop() == 0
-    b = server_factory(*flags)
-    with b.client() as c:
-        w2 = Worker(c)
-        assert lookup(c, t, "r") == 2
-        assert w2.retrieve(t, blocks(100, 2), "r")
-        assert same(w, blocks(1, 2), w2, blocks(100, 2))
-        c.end_session("r")
-        w2.close()
-    w.close()
 
 
 def test_redis_down_l1_keeps_serving_and_writes_resume(server_factory, redis_server) -> None:
