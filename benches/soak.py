@@ -32,6 +32,8 @@ from lmcache_rs.client.client import make_key
 
 C = 256
 BPC = 16
+#: Bytes of one soak chunk: 2 layers x K,V x 256 tokens x 2 heads x 32 x fp16 (4 KiB aligned).
+CHUNK_BYTES = 2 * 2 * C * 2 * 32 * 2
 
 
 def shm_segments() -> int:
@@ -88,6 +90,7 @@ def sample(proc: psutil.Process, http: str) -> dict[str, float]:
         "read_locked": l1["read_locked_count"],
         "staging": l1["staging_object_count"],
         "objects": l1["total_object_count"],
+        "l1_used_bytes": l1["memory_used_bytes"],
         "requests": st["request_server"]["requests_total"],
     }
 
@@ -158,6 +161,10 @@ def main() -> int:
             problems.append(f"{k} grew: {max(r[k] for r in warm)} -> {max(r[k] for r in late)}")
     if final["server_mapped_segments"] != 0:
         problems.append(f"the server still maps {final['server_mapped_segments']} worker segments")
+    if final["l1_used_bytes"] != final["objects"] * CHUNK_BYTES:
+        problems.append(
+            f"L1 holds {final['l1_used_bytes']} bytes for {final['objects']} objects of {CHUNK_BYTES} (leak)"
+        )
     for k in ("read_locked", "staging", "sessions"):
         if final[k] != 0:
             problems.append(f"{k} after traffic stopped: {final[k]}")
