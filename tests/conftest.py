@@ -165,6 +165,7 @@ class RedisServer:
                     return
                 except redis.ConnectionError:
                     if self.proc.poll() is not None or time.monotonic() > deadline:
+                        self.kill()
                         raise RuntimeError(f"redis-server on port {self.port} did not start") from None
                     time.sleep(0.05)
 
@@ -193,14 +194,13 @@ def redis_cluster(tmp_path: os.PathLike[str]) -> Iterator[str]:
     exe, cli = shutil.which("redis-server"), shutil.which("redis-cli")
     if exe is None or cli is None:
         pytest.fail("redis-server and redis-cli are not installed (./dev.sh setup installs them)")
-    nodes = []
-    for i in range(3):
-        d = os.path.join(tmp_path, f"node{i}")
-        os.makedirs(d)
-        r = RedisServer(exe, d, free_cluster_port())
-        r.start(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
-        nodes.append(r)
+    nodes: list[RedisServer] = []
     try:
+        for i in range(3):
+            d = os.path.join(tmp_path, f"node{i}")
+            os.makedirs(d)
+            nodes.append(RedisServer(exe, d, free_cluster_port()))
+            nodes[-1].start(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
         subprocess.run(
             [
                 cli,
