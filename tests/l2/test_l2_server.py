@@ -299,3 +299,34 @@ def test_server_sigkilled_and_restarted_serves_l2_data(server_factory, redis_ser
         c.end_session("r")
         w.close()
     assert b.proc.poll() is None
+
+
+def test_skip_l1_store_policy_moves_chunks_to_l2(server_factory, tmp_path: Path) -> None:
+    s = server_factory(*fs_flags(tmp_path / "l2"), "--l2-store-policy", "skip_l1")
+    with s.client() as c:
+        w = Worker(c)
+        t = tokens(2 * C, seed=31)
+        assert w.store(t, blocks(1, 2))
+        wait_written(s, 2)
+        wait_for("L1 to drop what L2 holds", lambda: l1_objects(s) == 0)
+        assert lookup(c, t, "r") == 2
+        assert w.retrieve(t, blocks(100, 2), "r")
+        assert same(w, blocks(1, 2), w, blocks(100, 2))
+        c.end_session("r")
+        w.close()
+
+
+def test_full_write_queue_skips_and_counts(server_factory, tmp_path: Path) -> None:
+    s = server_factory(*fs_flags(tmp_path / "l2"), "--l2-write-queue-size", "1")
+    with s.client() as c:
+        w = Worker(c)
+        t = tokens(8 * C, seed=32)
+        assert w.store(t, blocks(1, 8)), "the store itself succeeds"
+        wait_for(
+            "skipped writes to be counted",
+            lambda: metric(s, "lmcache_rs_l2_store_skipped_chunks_total", reason="queue_full") >= 1,
+        )
+        wait_for("the queue to drain", lambda: status(s)["storage_manager"]["l2"]["write_queue_depth"] == 0)
+        skipped = metric(s, "lmcache_rs_l2_store_skipped_chunks_total", reason="queue_full")
+        wait_for("the queued chunks to be written", lambda: l2(s)["total_objects"] + skipped == 8)
+        w.close()
