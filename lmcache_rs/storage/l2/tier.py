@@ -211,7 +211,12 @@ class L2Tier:
         writer = next(self._writers)
         got: list[int] = []
         for s, row in zip(scopes, lengths, strict=True):
-            k = self._load_scope(adapter, s, hashes[:n], row[:n], readers, writer, model)
+            try:
+                k = self._load_scope(adapter, s, hashes[:n], row[:n], readers, writer, model)
+            except Exception:  # release what earlier scopes locked, then report
+                for done_scope, done in zip(scopes, got, strict=False):
+                    self.index.finish_read(done_scope, hashes[:done], readers)
+                raise
             got.append(k)
             n = min(n, k)
         for s, k in zip(scopes, got, strict=True):
@@ -269,6 +274,9 @@ class L2Tier:
                 found = False
             except (L2Unavailable, OSError) as e:
                 a.failed("load", e)
+                found = False
+            except Exception:  # a bug: the chunks locked so far stay valid, this one is dropped
+                log.exception("L2 %s: load failed", a.name)
                 found = False
             if found:
                 self.l1.seal(off, size)
