@@ -85,10 +85,15 @@ class L1Store:
     def view(self, offset: int, size: int) -> torch.Tensor:
         return self.buffer[offset : offset + size]
 
-    def seal(self, offset: int, size: int) -> None:
-        """Records the checksum of a freshly written object (no-op without verification)."""
+    def seal(self, offset: int, size: int, digest: bytes | None = None) -> None:
+        """Records the checksum of a freshly written object (no-op without verification);
+        `digest` when the writer already verified the bytes against one (an L2 load)."""
         if self.digests is not None:
-            self.digests[offset] = checksum(memoryview(self.view(offset, size).numpy()))
+            self.digests[offset] = digest or checksum(memoryview(self.view(offset, size).numpy()))
+
+    def sealed(self, offset: int) -> bytes | None:
+        """The checksum sealed for the object at `offset`, if verification is on."""
+        return self.digests.get(offset) if self.digests is not None else None
 
     def intact(self, offset: int, size: int) -> bool:
         """Whether the object still has the bytes it was sealed with (True without verification)."""

@@ -75,7 +75,9 @@ def l1_objects(server) -> int:
 
 
 def test_l1_miss_is_served_from_fs_byte_exact(server_factory, tmp_path: Path) -> None:
-    s = server_factory(*fs_flags(tmp_path / "l2"))
+    # With L1 checksums on, write-through reuses L1's checksum for the L2 header and a load
+    # seals L1 with the checksum it verified: the retrieve's verification checks both.
+    s = server_factory(*fs_flags(tmp_path / "l2"), "--verify-checksums")
     with s.client() as c:
         w = Worker(c)
         t = tokens(3 * C + 10)

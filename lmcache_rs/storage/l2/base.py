@@ -73,9 +73,10 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(L2Key)
 
 
-def pack_header(key: L2Key, payload: memoryview) -> bytes:
+def pack_header(key: L2Key, payload: memoryview, digest: bytes | None = None) -> bytes:
+    """The object's header; `digest` is the payload's blake3 when the caller already has it."""
     kb = key.encode()
-    return HEADER.pack(MAGIC, len(kb), payload.nbytes, checksum(payload)) + kb
+    return HEADER.pack(MAGIC, len(kb), payload.nbytes, digest or checksum(payload)) + kb
 
 
 def parse_header(head: bytes | memoryview, expect: L2Key | None) -> tuple[L2Key, int, bytes, int]:
@@ -185,17 +186,19 @@ class L2Adapter(ABC):
     # ---- primitives (subclasses) -------------------------------------------------------------
 
     @abstractmethod
-    def put(self, key: L2Key, payload: memoryview) -> bool:
-        """Stores the object unless present; True when this call stored it."""
+    def put(self, key: L2Key, payload: memoryview, digest: bytes | None = None) -> bool:
+        """Stores the object unless present; True when this call stored it. `digest`: the
+        payload's blake3 if known (L1 sealed it), else it is computed."""
 
     @abstractmethod
     def lengths(self, keys: list[L2Key]) -> list[int | None]:
         """Payload length of each key, None where absent."""
 
     @abstractmethod
-    def get_into(self, key: L2Key, out: memoryview) -> bool:
-        """Reads the payload into `out` (exactly its length) and verifies it; False when the
-        object is absent. Raises IntegrityError (the object is deleted first)."""
+    def get_into(self, key: L2Key, out: memoryview) -> bytes | None:
+        """Reads the payload into `out` (exactly its length) and verifies it; returns its
+        verified blake3, or None when the object is absent. Raises IntegrityError (the object
+        is deleted first)."""
 
     @abstractmethod
     def delete(self, keys: Iterable[L2Key]) -> int:

@@ -139,12 +139,12 @@ class FsAdapter(L2Adapter):
 
     # ---- primitives ----------------------------------------------------------------------------
 
-    def put(self, key: L2Key, payload: memoryview) -> bool:
+    def put(self, key: L2Key, payload: memoryview, digest: bytes | None = None) -> bool:
         oid = key.object_id
         with self._lock:
             if oid in self._salts.get(key.cache_salt, ()):
                 return False
-        header = pack_header(key, payload)
+        header = pack_header(key, payload, digest)
         final = self._path(oid)
         tmp = self.tmp / f"{oid}.{os.getpid()}.{next(self._seq)}"
         try:
@@ -175,7 +175,7 @@ class FsAdapter(L2Adapter):
                 out.append(None if e is None else e.payload)
             return out
 
-    def get_into(self, key: L2Key, out: memoryview) -> bool:
+    def get_into(self, key: L2Key, out: memoryview) -> bytes | None:
         oid = key.object_id
         try:
             with open(self._path(oid), "rb", buffering=0) as f:
@@ -202,14 +202,14 @@ class FsAdapter(L2Adapter):
         except FileNotFoundError:
             with self._lock:
                 self._drop(key.cache_salt, oid)
-            return False
+            return None
         with self._lock:
             bucket = self._salts.get(key.cache_salt)
             if bucket is not None and oid in bucket:
                 bucket.move_to_end(oid)
                 bucket[oid].last_used = time.time()
         self.loaded += 1
-        return True
+        return digest
 
     def delete(self, keys: Iterable[L2Key]) -> int:
         n = 0

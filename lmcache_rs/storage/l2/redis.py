@@ -132,9 +132,9 @@ class RedisAdapter(L2Adapter):
     # ---- primitives ----------------------------------------------------------------------------
 
     @_unavailable
-    def put(self, key: L2Key, payload: memoryview) -> bool:
+    def put(self, key: L2Key, payload: memoryview, digest: bytes | None = None) -> bool:
         oid = key.object_id
-        blob = pack_header(key, payload) + payload
+        blob = pack_header(key, payload, digest) + payload
         if not self.r.set(self._okey(oid), blob, nx=True, px=self.ttl_ms or None):
             return False
         zset, sizes = self._rkeys(key.cache_salt)
@@ -163,12 +163,12 @@ class RedisAdapter(L2Adapter):
         return out
 
     @_unavailable
-    def get_into(self, key: L2Key, out: memoryview) -> bool:
+    def get_into(self, key: L2Key, out: memoryview) -> bytes | None:
         oid = key.object_id
         blob = self.r.get(self._okey(oid))
         if blob is None:
             self._forget(key.cache_salt, [oid])  # expired (TTL) or deleted by another server
-            return False
+            return None
         try:
             _, payload, digest, header_len = parse_header(blob, key)
             if payload != out.nbytes or len(blob) != header_len + payload:
@@ -189,7 +189,7 @@ class RedisAdapter(L2Adapter):
             pipe.pexpire(self._okey(oid), self.ttl_ms)
         pipe.execute()
         self.loaded += 1
-        return True
+        return digest
 
     def _forget(self, salt: str, oids: list[str]) -> int:
         zset, sizes = self._rkeys(salt)

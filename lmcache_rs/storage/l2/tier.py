@@ -160,7 +160,7 @@ class L2Tier:
                     continue
                 try:
                     a.make_room(HEADER.size + len(key.encode()) + payload.nbytes)
-                    if a.put(key, payload):
+                    if a.put(key, payload, self.l1.sealed(slot[0])):
                         self.count("l2_store_chunks", a.name, scope.cache_salt)
                         written += 1
                     a.succeeded()
@@ -266,20 +266,20 @@ class L2Tier:
                 self.count("l2_prefetch_failure_chunks", "l1_oom" if status == "oom" else status, model)
                 return i
             try:
-                found = a.get_into(L2Key.of(scope, h), memoryview(self.l1.view(off, size).numpy()))
+                digest = a.get_into(L2Key.of(scope, h), memoryview(self.l1.view(off, size).numpy()))
                 a.succeeded()
             except IntegrityError as e:
                 log.warning("L2 %s: corrupt object dropped (%s)", a.name, e)
                 self.count("l2_corrupt_objects", a.name)
-                found = False
+                digest = None
             except (L2Unavailable, OSError) as e:
                 a.failed("load", e)
-                found = False
+                digest = None
             except Exception:  # a bug: the chunks locked so far stay valid, this one is dropped
                 log.exception("L2 %s: load failed", a.name)
-                found = False
-            if found:
-                self.l1.seal(off, size)
+                digest = None
+            if digest is not None:
+                self.l1.seal(off, size, digest)  # already verified: no second hash pass
             else:
                 self.index.abort_write(scope, [h], writer)
                 self.count("l2_prefetch_failure_chunks", "not_found", model)
