@@ -122,6 +122,28 @@ def server_factory(tmp_path: os.PathLike[str]) -> Iterator[object]:
 
 
 @pytest.fixture
+def runtime_factory() -> Iterator[object]:
+    """A server running in this process (no HTTP), for tests that reach into its state."""
+    from lmcache_rs.config import HttpConfig, MPConfig, ServerConfig  # noqa: PLC0415
+    from lmcache_rs.runtime import Runtime  # noqa: PLC0415
+
+    started: list[Runtime] = []
+
+    def make(storage: object) -> Runtime:
+        cfg = ServerConfig(
+            mp=MPConfig(port=free_port()), storage_manager=storage, http=HttpConfig(enabled=False)
+        )
+        rt = Runtime(cfg)
+        rt.start()
+        started.append(rt)
+        return rt
+
+    yield make
+    for rt in started:
+        rt.stop()
+
+
+@pytest.fixture
 def server(server_factory) -> Server:
     return server_factory()
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import free_port
 from litestar.testing import TestClient
 
-from lmcache_rs.config import HttpConfig, MPConfig, ServerConfig, StorageConfig
+from lmcache_rs.config import StorageConfig
 from lmcache_rs.http.app import create_app
 from lmcache_rs.http.state import HttpState
 from lmcache_rs.observability.periodic import Level, PeriodicThread
@@ -39,16 +38,19 @@ def test_engine_routes_answer_503_before_the_engine_is_ready() -> None:
 
 
 @pytest.fixture
-def runtime():
-    cfg = ServerConfig(
-        mp=MPConfig(port=free_port()),
-        storage_manager=StorageConfig(l1_size_gb=0.01),
-        http=HttpConfig(enabled=False),
-    )
-    rt = Runtime(cfg)
-    rt.start()
-    yield rt
-    rt.stop()
+def runtime(runtime_factory) -> Runtime:
+    return runtime_factory(StorageConfig(l1_size_gb=0.01))
+
+
+def start_flaky(runtime: Runtime, name: str, job, runs: int = 4) -> PeriodicThread:
+    """Registers and starts a fast HIGH thread, and waits until it has run `runs` times."""
+    t = runtime.periodic.register(PeriodicThread(name, 0.05, Level.HIGH, job))
+    t.start()
+    deadline = time.monotonic() + 20
+    while t.total_runs < runs:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return t
 
 
 def test_health_turns_503_when_a_critical_thread_stops_ticking(runtime: Runtime) -> None:
@@ -73,12 +75,7 @@ def test_a_thread_that_raises_is_counted_and_keeps_running(runtime: Runtime) -> 
             raise RuntimeError("boom")
         return "fine"
 
-    t = runtime.periodic.register(PeriodicThread("flaky", 0.05, Level.HIGH, job))
-    t.start()
-    deadline = time.monotonic() + 20
-    while t.total_runs < 4:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    t = start_flaky(runtime, "flaky", job)
     st = t.status()
     assert st.failed_runs >= 2
     assert st.is_running
@@ -93,12 +90,7 @@ def test_a_thread_whose_every_run_raises_makes_the_server_unhealthy(runtime: Run
     def job() -> str:
         raise OSError("disk gone")
 
-    t = runtime.periodic.register(PeriodicThread("broken", 0.05, Level.HIGH, job))
-    t.start()
-    deadline = time.monotonic() + 20
-    while t.total_runs < 4:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    t = start_flaky(runtime, "broken", job)
     with TestClient(create_app(runtime.http_state)) as api:
         r = api.get("/healthcheck")
         assert r.status_code == 503

@@ -5,27 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import free_port
 from kvsim import Worker, lookup, tokens
 
 from lmcache_rs.client import MPClient, ServerError
-from lmcache_rs.config import HttpConfig, MPConfig, ServerConfig, StorageConfig
+from lmcache_rs.config import StorageConfig
 from lmcache_rs.runtime import Runtime
 
 C = 256
 
 
 @pytest.fixture
-def runtime():
-    cfg = ServerConfig(
-        mp=MPConfig(port=free_port()),
-        storage_manager=StorageConfig(l1_size_gb=0.01, verify_checksums=True),
-        http=HttpConfig(enabled=False),
-    )
-    rt = Runtime(cfg)
-    rt.start()
-    yield rt
-    rt.stop()
+def runtime(runtime_factory) -> Runtime:
+    return runtime_factory(StorageConfig(l1_size_gb=0.01, verify_checksums=True))
 
 
 def test_corrupted_l1_bytes_are_never_served(runtime: Runtime) -> None:
