@@ -29,6 +29,7 @@ from _common import ServerProcess, emit
 
 from lmcache_rs.client import MPClient, ShmKVCache
 from lmcache_rs.client.client import make_key
+from lmcache_rs.storage.shm_pool import POOL_PREFIX
 
 C = 256
 BPC = 16
@@ -37,13 +38,14 @@ CHUNK_BYTES = 2 * 2 * C * 2 * 32 * 2
 
 
 def shm_segments() -> int:
-    return sum(1 for n in os.listdir("/dev/shm") if "lmcache" in n)
+    return sum(1 for n in os.listdir("/dev/shm") if "lmcache" in n and not n.startswith(POOL_PREFIX))
 
 
 def mapped_segments(pid: int) -> int:
-    """Distinct /dev/shm files the server has mapped (workers' KV caches it still holds)."""
+    """Distinct /dev/shm files the server has mapped (workers' KV caches it still holds), not
+    counting its own L1 pool."""
     with open(f"/proc/{pid}/maps") as f:
-        return len({line.split()[-1] for line in f if "/dev/shm/" in line})
+        return len({line.split()[-1] for line in f if "/dev/shm/" in line and POOL_PREFIX not in line})
 
 
 def worker(url: str, seed: int, stop: Any) -> None:

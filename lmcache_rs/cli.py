@@ -8,6 +8,7 @@ import os
 import sys
 
 from lmcache_rs.config import (
+    TRANSFER_MODES,
     ConfigError,
     HttpConfig,
     MPConfig,
@@ -92,6 +93,19 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=mp.max_pending_requests,
         help="queued requests beyond this get an immediate 'overloaded' error reply",
+    )
+    g.add_argument(
+        "--supported-transfer-mode",
+        choices=TRANSFER_MODES,
+        default=mp.supported_transfer_mode,
+        help="workers served: lmcache_driven (the server copies: GPU workers, CPU workers sharing "
+        "KV in shm), engine_driven (workers copy into L1 slots: CPU vLLM's default), or both",
+    )
+    g.add_argument(
+        "--shm-name",
+        default=mp.shm_name,
+        help="engine-driven L1 pool /dev/shm/lmcache_l1_pool_NAME; 'auto': named after --port, and "
+        "L1 stays private (engine-driven workers refused) if /dev/shm is too small; '': private",
     )
     g = s.add_argument_group("L1 (CPU memory)")
     g.add_argument(
@@ -243,6 +257,8 @@ def build_config(ns: argparse.Namespace) -> ServerConfig:
             "session_ttl_seconds",
             "max_message_bytes",
             "max_pending_requests",
+            "supported_transfer_mode",
+            "shm_name",
         )
     }
     if ns.instance_id:
@@ -300,9 +316,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Heavy imports (torch) only once the configuration is valid, so --help and errors are fast.
     from lmcache_rs.runtime import Runtime  # noqa: PLC0415
+    from lmcache_rs.storage.shm_pool import ShmPoolError  # noqa: PLC0415
 
     try:
         runtime = Runtime(cfg)
+    except ShmPoolError as e:
+        print(f"lmcache-rs: cannot start: {e}", file=sys.stderr)
+        return 2
     except OSError as e:
         print(f"lmcache-rs: cannot start: {e}", file=sys.stderr)
         return 1

@@ -35,6 +35,9 @@ def _check(ok: bool, flag: str, message: str) -> None:
         raise ConfigError(f"{flag}: {message}")
 
 
+TRANSFER_MODES = ("auto", "lmcache_driven", "engine_driven")
+
+
 class MPConfig(msgspec.Struct, kw_only=True):
     """The request server (ZMQ) and engine."""
 
@@ -52,6 +55,13 @@ class MPConfig(msgspec.Struct, kw_only=True):
     session_ttl_seconds: float = 600.0
     max_message_bytes: int = 256 << 20
     max_pending_requests: int = 4096
+    #: Which worker kinds are served (spec D): lmcache_driven (register_kv_cache, store,
+    #: retrieve), engine_driven (prepare/commit, ops 14-19) or both.
+    supported_transfer_mode: str = "auto"
+    #: The L1 pool in POSIX shared memory for engine-driven workers:
+    #: `/dev/shm/lmcache_l1_pool_<name>`. "auto": named after the port, and L1 stays private
+    #: (engine-driven workers refused) when /dev/shm cannot hold it; "": always private.
+    shm_name: str = "auto"
 
     def __post_init__(self) -> None:
         _check(0 < self.port < 65536, "--port", f"must be in 1..65535, got {self.port}")
@@ -78,6 +88,19 @@ class MPConfig(msgspec.Struct, kw_only=True):
         _check(self.session_ttl_seconds > 0, "--session-ttl-seconds", "must be > 0")
         _check(self.max_message_bytes >= 1 << 20, "--max-message-bytes", "must be >= 1 MiB")
         _check(self.max_pending_requests >= 1, "--max-pending-requests", "must be >= 1")
+        _check(
+            self.supported_transfer_mode in TRANSFER_MODES,
+            "--supported-transfer-mode",
+            f"must be one of {', '.join(TRANSFER_MODES)}, got {self.supported_transfer_mode!r}",
+        )
+
+    @property
+    def engine_driven(self) -> bool:
+        return self.supported_transfer_mode in ("engine_driven", "auto")
+
+    @property
+    def lmcache_driven(self) -> bool:
+        return self.supported_transfer_mode in ("lmcache_driven", "auto")
 
 
 POLICIES = ("LRU", "IsolatedLRU", "noop")

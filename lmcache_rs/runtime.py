@@ -23,6 +23,7 @@ from lmcache_rs.observability.metrics import Metrics
 from lmcache_rs.observability.periodic import Level, PeriodicRegistry, PeriodicThread
 from lmcache_rs.storage.l1 import L1Store
 from lmcache_rs.storage.l2.tier import L2Tier
+from lmcache_rs.storage.shm_pool import auto_name
 from lmcache_rs.transport.zmq_server import ZmqServer
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,19 @@ class Runtime:
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
         self.started_at = time.time()
-        self.l1 = L1Store(cfg.storage_manager)
+        mp = cfg.mp
+        shm_name = None
+        if mp.engine_driven and mp.shm_name:
+            shm_name = auto_name(mp.port) if mp.shm_name == "auto" else mp.shm_name
+        # An explicitly named pool must exist; the automatic one may fall back to private L1.
+        self.l1 = L1Store(cfg.storage_manager, shm_name, shm_required=mp.shm_name != "auto")
+        try:
+            self._build(cfg)
+        except BaseException:
+            self.l1.close()
+            raise
+
+    def _build(self, cfg: ServerConfig) -> None:
         self.engine = Engine(cfg, self.l1)
         self.periodic = PeriodicRegistry()
         self.l2: L2Tier | None = None
@@ -99,10 +112,11 @@ class Runtime:
         self.server.start()
         self.http_state.runtime = self
         log.info(
-            "lmcache-rs serving on %s: L1 %.2f GiB (%s), chunk %d tokens, policy %s, L2 %s",
+            "lmcache-rs serving on %s: L1 %.2f GiB (%s%s), chunk %d tokens, policy %s, L2 %s",
             self.server.url,
             self.l1.index.capacity_bytes / (1 << 30),
             "pinned" if self.l1.pinned else "DRAM",
+            f", shm pool /{self.l1.shm_name}" if self.l1.shm_name else "",
             self.cfg.mp.chunk_size,
             self.cfg.storage_manager.eviction_policy,
             ", ".join(a.name for a in self.l2.adapters) if self.l2 is not None else "none",
@@ -122,6 +136,7 @@ class Runtime:
             self.l2.close()
         if self.http is not None:
             self.http.stop()
+        self.l1.close()
         self._stopped.set()
         log.info("stopped")
 

@@ -1,6 +1,8 @@
 """L1: one torch byte buffer (pinned when CUDA is present) indexed by the Rust core.
 
-Without CUDA the buffer is an anonymous mapping with transparent huge pages requested, and
+With a shared-memory pool (engine-driven workers, `storage/shm_pool.py`) the buffer is that
+pool's mapping, registered with CUDA as pinned memory where CUDA exists. Otherwise, without
+CUDA, the buffer is an anonymous mapping with transparent huge pages requested, and
 its pages are committed up front by a background thread (`MADV_POPULATE_WRITE`: page tables
 filled, contents untouched, so it can run while stores write). Otherwise the first store into
 each 4 KiB page pays a page fault: measured 0.05-0.13x memcpy for a cold store.
@@ -18,6 +20,7 @@ import torch
 
 from lmcache_rs import L1Index, checksum
 from lmcache_rs.config import StorageConfig
+from lmcache_rs.storage.shm_pool import SHM_DIR, ShmPool, ShmPoolError
 
 
 def _salt(name: str) -> str:
@@ -33,10 +36,29 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
-class L1Store:
-    """Owns the L1 buffer and its index. Offsets from the index address `buffer`."""
+def _cuda_host_register(buf: torch.Tensor) -> bool:
+    """Pins an existing mapping for DMA (cudaHostRegister); False, logged, when CUDA refuses."""
+    cudart = torch.cuda.cudart()
+    err = cudart.cudaHostRegister(buf.data_ptr(), buf.numel(), 0)
+    if int(err) != 0:
+        log.warning("cudaHostRegister of the L1 pool failed (error %d): L1 is not pinned", int(err))
+        return False
+    return True
 
-    def __init__(self, cfg: StorageConfig) -> None:
+
+class L1Store:
+    """Owns the L1 buffer and its index. Offsets from the index address `buffer`.
+
+    `shm_name`: put the buffer in the POSIX shm pool of that name; when the pool cannot be had,
+    raise (`shm_required`) or keep L1 private and say why in `pool_error`."""
+
+    def __init__(
+        self,
+        cfg: StorageConfig,
+        shm_name: str | None = None,
+        shm_required: bool = False,
+        shm_dir: str = SHM_DIR,
+    ) -> None:
         self.index = L1Index(
             cfg.l1_size_bytes,
             align_bytes=cfg.l1_align_bytes,
@@ -56,14 +78,31 @@ class L1Store:
         size = self.index.capacity_bytes
         self.prefaulted_bytes = 0
         self._mm: mmap.mmap | None = None
-        if self.pinned:  # cudaHostAlloc commits (and pins) every page now
+        self.pool: ShmPool | None = None
+        #: Why L1 is private although a pool was asked for (engine-driven workers are told).
+        self.pool_error: str | None = None
+        if shm_name:
+            try:
+                self.pool = ShmPool(shm_name, size, shm_dir)
+            except ShmPoolError as e:
+                if shm_required:
+                    raise
+                self.pool_error = str(e)
+                log.warning("L1 stays private, engine-driven workers will be refused: %s", e)
+        if self.pool is not None:
+            self._mm = self.pool.mm
+            self.buffer = torch.frombuffer(self._mm, dtype=torch.uint8)
+            if self.pinned:
+                self.pinned = _cuda_host_register(self.buffer)
+        elif self.pinned:  # cudaHostAlloc commits (and pins) every page now
             self.buffer = torch.empty(size, dtype=torch.uint8, pin_memory=True)
             self.prefaulted_bytes = size
             return
-        self._mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        else:
+            self._mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self.buffer = torch.frombuffer(self._mm, dtype=torch.uint8)
         with contextlib.suppress(OSError, AttributeError):
             self._mm.madvise(mmap.MADV_HUGEPAGE)
-        self.buffer = torch.frombuffer(self._mm, dtype=torch.uint8)
         if cfg.l1_prefault:
             threading.Thread(target=self._prefault, name="l1-prefault", daemon=True).start()
 
@@ -81,6 +120,16 @@ class L1Store:
                 )
                 return
             self.prefaulted_bytes = off + n
+
+    @property
+    def shm_name(self) -> str:
+        """The pool's name as workers open it ("" when L1 is private)."""
+        return self.pool.name if self.pool is not None else ""
+
+    def close(self) -> None:
+        """Unlinks the shared-memory pool, if any (the mapping lives as long as the buffer)."""
+        if self.pool is not None:
+            self.pool.close()
 
     def view(self, offset: int, size: int) -> torch.Tensor:
         return self.buffer[offset : offset + size]
