@@ -18,7 +18,18 @@ import zmq
 
 from lmcache_rs.protocol import ops
 from lmcache_rs.protocol.codec import encode
-from lmcache_rs.protocol.messages import ErrorFrame, IPCCacheServerKey, encode_tokens, ext_hook, to_ext
+from lmcache_rs.protocol.messages import (
+    EngineDrivenRegistered,
+    EngineDrivenRegistration,
+    ErrorFrame,
+    IPCCacheServerKey,
+    PrepareRetrieveReply,
+    PrepareStoreReply,
+    StoreSlots,
+    encode_tokens,
+    ext_hook,
+    to_ext,
+)
 
 _decoder = msgspec.msgpack.Decoder(ext_hook=ext_hook)
 _error_decoder = msgspec.msgpack.Decoder(ErrorFrame)
@@ -173,6 +184,28 @@ class MPClient:
 
     def clear(self, force: bool = False) -> None:
         self.call("clear", force)
+
+    # ---- engine-driven (spec D.3) ----------------------------------------------------------
+
+    def register_engine_driven(self, reg: EngineDrivenRegistration) -> EngineDrivenRegistered:
+        return msgspec.convert(
+            self.call("register_kv_cache_engine_driven_context", reg), EngineDrivenRegistered
+        )
+
+    def unregister_engine_driven(self, instance_id: int) -> None:
+        self.call("unregister_kv_cache_engine_driven_context", instance_id)
+
+    def prepare_store(self, key: IPCCacheServerKey, instance_id: int) -> StoreSlots:
+        return msgspec.convert(self.call("prepare_store", key, instance_id), PrepareStoreReply).context
+
+    def commit_store(self, key: IPCCacheServerKey, instance_id: int, data: bytes = b"") -> bool:
+        return bool(self.call("commit_store", key, instance_id, data))
+
+    def prepare_retrieve(self, key: IPCCacheServerKey, instance_id: int) -> PrepareRetrieveReply:
+        return msgspec.convert(self.call("prepare_retrieve", key, instance_id), PrepareRetrieveReply)
+
+    def commit_retrieve(self, key: IPCCacheServerKey, instance_id: int) -> bool:
+        return bool(self.call("commit_retrieve", key, instance_id))
 
 
 def wait_for_server(url: str, timeout: float = 60.0, alive: Callable[[], bool] = lambda: True) -> None:

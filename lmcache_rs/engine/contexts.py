@@ -5,13 +5,24 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lmcache_rs.protocol.messages import CpuShmHandle, CudaHandle, CudaRawHandle, EngineGroupInfo, Unsupported
-from lmcache_rs.transfer.cpu_shm import HandleError, MappedTensor
+from lmcache_rs import KeyScope
+from lmcache_rs.protocol.messages import (
+    CpuShmHandle,
+    CudaHandle,
+    CudaRawHandle,
+    EngineDrivenRegistration,
+    EngineGroupInfo,
+    Unsupported,
+)
+from lmcache_rs.transfer.cpu_shm import HandleError, MappedTensor, parse_dtype
 from lmcache_rs.transfer.gather import GroupLayout
+
+if TYPE_CHECKING:
+    from lmcache_rs.transfer.cuda import CudaMover
 
 
 class RegistrationError(ValueError):
@@ -36,6 +47,8 @@ class KVContext:
     last_seen: float = field(default_factory=time.monotonic)
     pinged: bool = False
     device: str = "cpu"
+    #: The CUDA copier (stream, staging) of a GPU worker; None for CPU workers.
+    mover: CudaMover | None = field(repr=False, default=None)
 
     @property
     def layout_key(self) -> tuple[str, int]:
@@ -64,6 +77,190 @@ class KVContext:
                 "cache_size_per_token": self.chunk_bytes // max(1, self.chunk_tokens),
             },
         }
+
+
+@dataclass
+class PreparedStore:
+    """A prepare_store waiting for its commit: chunks staged for this worker to write."""
+
+    scope: KeyScope
+    hashes: list[bytes]
+    offsets: list[int]
+    #: Chunks of the range that got no slot because L1 is full of locked objects.
+    oom: int
+    at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class PreparedRetrieve:
+    """A prepare_retrieve waiting for its commit: chunks read-locked while the worker copies."""
+
+    scope: KeyScope
+    hashes: list[bytes]
+    at: float = field(default_factory=time.monotonic)
+
+
+#: (request_id, worker_id, start, end, cache_salt): what pairs a commit with its prepare.
+PrepareKey = tuple[str, int | None, int, int, str]
+
+#: Prepared and not yet committed operations one worker may hold; beyond, prepare fails (a
+#: worker that never commits would otherwise pin L1 until the locks' TTLs).
+MAX_PREPARED = 1024
+
+
+@dataclass
+class EngineDrivenContext:
+    """One engine-driven worker (spec D.3): it copies chunks itself, into and out of L1 slots
+    of the shared-memory pool; the server only hands out slots and admits or unlocks them."""
+
+    instance_id: int
+    model_name: str
+    world_size: int
+    block_size: int
+    num_layers: int
+    hidden: int
+    dtype: torch.dtype
+    use_mla: bool
+    chunk_tokens: int
+    #: Tokens (physical slots) per chunk object: `num_physical_slots` or the chunk size.
+    slots: int
+    registered_at: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)
+    pinged: bool = False
+    device: str = "cpu"
+    engine_type: str = "engine_driven"
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    stores: dict[PrepareKey, list[PreparedStore]] = field(default_factory=dict, repr=False)
+    reads: dict[PrepareKey, list[PreparedRetrieve]] = field(default_factory=dict, repr=False)
+
+    @property
+    def layout_key(self) -> tuple[str, int]:
+        return (self.model_name, self.world_size)
+
+    @property
+    def chunk_shape(self) -> list[int]:
+        if self.use_mla:
+            return [self.num_layers, self.slots, self.hidden]
+        return [2, self.num_layers, self.slots, self.hidden]
+
+    @property
+    def chunk_bytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.chunk_shape:
+            n *= d
+        return n
+
+    @property
+    def dtype_str(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def prepared(self) -> int:
+        with self.lock:
+            return sum(map(len, self.stores.values())) + sum(map(len, self.reads.values()))
+
+    def push(self, table: dict[PrepareKey, list[Any]], key: PrepareKey, item: Any) -> None:
+        with self.lock:
+            table.setdefault(key, []).append(item)
+
+    def pop(self, table: dict[PrepareKey, list[Any]], key: PrepareKey) -> Any:
+        """The oldest prepared operation under `key`, removed (None if there is none)."""
+        with self.lock:
+            items = table.get(key)
+            if not items:
+                return None
+            item = items.pop(0)
+            if not items:
+                del table[key]
+            return item
+
+    def take_all(self) -> tuple[list[PreparedStore], list[PreparedRetrieve]]:
+        with self.lock:
+            stores = [p for v in self.stores.values() for p in v]
+            reads = [p for v in self.reads.values() for p in v]
+            self.stores.clear()
+            self.reads.clear()
+        return stores, reads
+
+    def take_older(self, store_cutoff: float, read_cutoff: float) -> tuple[list[PreparedStore], int]:
+        """Drops prepared operations older than the cutoffs (their locks have expired in the
+        index). Returns the stores, whose staging the caller aborts, and how many reads went."""
+        stores: list[PreparedStore] = []
+        reads = 0
+        with self.lock:
+            for table, cutoff in ((self.stores, store_cutoff), (self.reads, read_cutoff)):
+                for k in list(table):
+                    keep = [p for p in table[k] if p.at >= cutoff]
+                    gone = [p for p in table[k] if p.at < cutoff]
+                    if table is self.stores:
+                        stores.extend(gone)
+                    else:
+                        reads += len(gone)
+                    if keep:
+                        table[k] = keep
+                    else:
+                        del table[k]
+        return stores, reads
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "model_name": self.model_name,
+            "world_size": self.world_size,
+            "transfer_mode": "engine_driven",
+            "kv_cache_layout": {
+                "num_layers": self.num_layers,
+                "block_size": self.block_size,
+                "hidden_dim_sizes": [self.hidden],
+                "dtype": str(self.dtype),
+                "is_mla": self.use_mla,
+                "num_blocks": 0,
+                "gpu_kv_format": "engine_driven",
+                "gpu_kv_shape": "worker-side (copies chunks itself)",
+                "gpu_kv_concrete_shape": f"chunk {self.chunk_shape}",
+                "attention_backend": "engine-driven shared-memory slots",
+                "cache_size_per_token": self.chunk_bytes // max(1, self.chunk_tokens),
+            },
+            "prepared_operations": self.prepared(),
+        }
+
+
+def build_engine_driven(reg: EngineDrivenRegistration, chunk_size: int) -> EngineDrivenContext:
+    if not 1 <= reg.world_size <= 255:
+        raise RegistrationError(f"world_size must be in 1..255, got {reg.world_size}")
+    if len(reg.engine_group_infos) > 1:
+        raise RegistrationError(
+            f"{len(reg.engine_group_infos)} engine groups (a hybrid model): engine-driven transfer "
+            "serves one KV group; use the lmcache-driven path (register_kv_cache)"
+        )
+    for name, v in (
+        ("block_size", reg.block_size),
+        ("num_layers", reg.num_layers),
+        ("hidden_dim_size", reg.hidden_dim_size),
+    ):
+        if v <= 0:
+            raise RegistrationError(f"{name} must be > 0, got {v}")
+    if chunk_size % reg.block_size:
+        raise RegistrationError(
+            f"chunk size {chunk_size} is not a multiple of the block size {reg.block_size}"
+        )
+    slots = chunk_size if reg.num_physical_slots is None else reg.num_physical_slots
+    if slots <= 0:
+        raise RegistrationError(f"num_physical_slots must be > 0, got {slots}")
+    try:
+        dtype = parse_dtype(reg.dtype_str)
+    except HandleError as e:
+        raise RegistrationError(str(e)) from None
+    return EngineDrivenContext(
+        instance_id=reg.instance_id,
+        model_name=reg.model_name,
+        world_size=reg.world_size,
+        block_size=reg.block_size,
+        num_layers=reg.num_layers,
+        hidden=reg.hidden_dim_size,
+        dtype=dtype,
+        use_mla=reg.use_mla,
+        chunk_tokens=chunk_size,
+        slots=slots,
+    )
 
 
 def _layer_group(t: torch.Tensor, kv_layout: str | None, layers: tuple[int, ...]) -> GroupLayout:
@@ -110,10 +307,22 @@ def build_context(
                 raise RegistrationError(f"kv_cache[{i}]: {e}") from None
             mappings.append(m)
             tensors.append(m.tensor)
-        elif isinstance(h, CudaHandle | CudaRawHandle):
+        elif isinstance(h, CudaHandle):
+            if not torch.cuda.is_available():
+                raise RegistrationError(
+                    f"kv_cache[{i}] is a cuda handle and this server has no CUDA device; run it on "
+                    "the workers' node with their GPUs visible"
+                )
+            from lmcache_rs.transfer.cuda import open_cuda_tensor  # noqa: PLC0415
+
+            try:
+                tensors.append(open_cuda_tensor(h))
+            except (HandleError, RuntimeError) as e:
+                raise RegistrationError(f"kv_cache[{i}]: {e}") from None
+        elif isinstance(h, CudaRawHandle):
             raise RegistrationError(
-                f"kv_cache[{i}] is a CUDA handle ({h.__struct_config__.tag}); this server maps CUDA "
-                "handles only with a CUDA device and the CUDA transfer path"
+                f"kv_cache[{i}] is a cuda_raw handle (isolated IPC); this server maps torch "
+                "shared-storage (cuda) handles: run the workers without isolated IPC"
             )
         elif isinstance(h, Unsupported):
             raise RegistrationError(f"kv_cache[{i}]: handle type {h.type!r} is not supported")
@@ -146,7 +355,16 @@ def build_context(
         groups.append(first)
     if len(seen) != len(tensors):
         raise RegistrationError("engine groups do not cover every KV layer")
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise RegistrationError(f"KV tensors on several devices: {sorted(map(str, devices))}")
     num_blocks = int(tensors[0].shape[1] if tensors[0].dim() == 5 else tensors[0].shape[0])
+    chunk_bytes = sum(g.chunk_bytes(chunk_size) for g in groups)
+    mover = None
+    if tensors[0].is_cuda:
+        from lmcache_rs.transfer.cuda import CudaMover  # noqa: PLC0415
+
+        mover = CudaMover(tensors[0].device, chunk_bytes)
     return KVContext(
         instance_id=instance_id,
         model_name=model_name,
@@ -156,9 +374,14 @@ def build_context(
         groups=groups,
         num_blocks=num_blocks,
         chunk_tokens=chunk_size,
-        chunk_bytes=sum(g.chunk_bytes(chunk_size) for g in groups),
+        chunk_bytes=chunk_bytes,
         mappings=mappings,
+        device="cuda" if mover is not None else "cpu",
+        mover=mover,
     )
+
+
+AnyContext = KVContext | EngineDrivenContext
 
 
 class ContextRegistry:
@@ -166,10 +389,10 @@ class ContextRegistry:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._contexts: dict[int, KVContext] = {}
+        self._contexts: dict[int, AnyContext] = {}
         self._layouts: dict[tuple[str, int], tuple[int, int]] = {}  # -> (chunk_bytes, refs)
 
-    def add(self, ctx: KVContext) -> bool:
+    def add(self, ctx: AnyContext) -> bool:
         """Registers `ctx`; returns False when the instance was already registered (refresh)."""
         with self._lock:
             old = self._contexts.get(ctx.instance_id)
@@ -186,7 +409,7 @@ class ContextRegistry:
             self._contexts[ctx.instance_id] = ctx
             return True
 
-    def remove(self, instance_id: int) -> KVContext | None:
+    def remove(self, instance_id: int) -> AnyContext | None:
         with self._lock:
             ctx = self._contexts.pop(instance_id, None)
             if ctx is not None:
@@ -197,7 +420,7 @@ class ContextRegistry:
                     self._layouts[ctx.layout_key] = (chunk_bytes, refs - 1)
             return ctx
 
-    def get(self, instance_id: int) -> KVContext | None:
+    def get(self, instance_id: int) -> AnyContext | None:
         with self._lock:
             ctx = self._contexts.get(instance_id)
             if ctx is not None:
@@ -219,7 +442,7 @@ class ContextRegistry:
             layout = self._layouts.get((model_name, world_size))
             return None if layout is None else layout[0]
 
-    def all(self) -> list[KVContext]:
+    def all(self) -> list[AnyContext]:
         with self._lock:
             return list(self._contexts.values())
 

@@ -18,10 +18,34 @@ import torch
 
 from lmcache_rs import MAX_READERS, InvalidKeyError, KeyScope, LmcacheCoreError, mp_kv_rank
 from lmcache_rs.config import ServerConfig
-from lmcache_rs.engine.contexts import ContextRegistry, KVContext, RegistrationError, build_context
+from lmcache_rs.engine.contexts import (
+    MAX_PREPARED,
+    AnyContext,
+    ContextRegistry,
+    EngineDrivenContext,
+    KVContext,
+    PreparedRetrieve,
+    PreparedStore,
+    PrepareKey,
+    RegistrationError,
+    build_context,
+    build_engine_driven,
+)
 from lmcache_rs.engine.sessions import LookupLocks, Session, SessionManager
 from lmcache_rs.protocol.codec import ProtocolError
-from lmcache_rs.protocol.messages import STUB_EVENT, BlockAllocationRecord, EngineGroupInfo, IPCCacheServerKey
+from lmcache_rs.protocol.messages import (
+    STUB_EVENT,
+    BlockAllocationRecord,
+    EngineDrivenRegistered,
+    EngineDrivenRegistration,
+    EngineGroupInfo,
+    IPCCacheServerKey,
+    PrepareRetrieveReply,
+    PrepareStoreReply,
+    RetrieveSlots,
+    ShmSlot,
+    StoreSlots,
+)
 from lmcache_rs.storage.l1 import L1Store
 from lmcache_rs.storage.l2.tier import L2Tier
 from lmcache_rs.transfer.gather import gather, scatter
@@ -81,6 +105,20 @@ class Engine:
             "noop": lambda: "OK",
             "get_experimental": lambda: [],
         }
+        if not cfg.mp.lmcache_driven:
+            for name in ("register_kv_cache", "unregister_kv_cache", "store", "retrieve"):
+                del self.handlers[name]
+        if cfg.mp.engine_driven:
+            self.handlers.update(
+                {
+                    "register_kv_cache_engine_driven_context": self.register_engine_driven,
+                    "unregister_kv_cache_engine_driven_context": self.unregister_kv_cache,
+                    "prepare_store": self.prepare_store,
+                    "commit_store": self.commit_store,
+                    "prepare_retrieve": self.prepare_retrieve,
+                    "commit_retrieve": self.commit_retrieve,
+                }
+            )
 
     # ---- helpers ---------------------------------------------------------------------------
 
@@ -108,10 +146,29 @@ class Engine:
         return hashes[: min(key.end, n_tokens) // self.chunk_size]
 
     def _worker_context(self, key: IPCCacheServerKey, instance_id: int) -> KVContext:
+        ctx = self._registered(key, instance_id)
+        if not isinstance(ctx, KVContext):
+            raise ProtocolError(
+                "wrong_transfer_mode",
+                f"instance {instance_id} registered engine-driven: it uses prepare/commit, "
+                "not store/retrieve",
+            )
+        return ctx
+
+    def _engine_context(self, key: IPCCacheServerKey, instance_id: int) -> EngineDrivenContext:
+        ctx = self._registered(key, instance_id)
+        if not isinstance(ctx, EngineDrivenContext):
+            raise ProtocolError(
+                "wrong_transfer_mode",
+                f"instance {instance_id} registered its KV cache (lmcache-driven): it uses store/retrieve",
+            )
+        return ctx
+
+    def _registered(self, key: IPCCacheServerKey, instance_id: int) -> AnyContext:
         ctx = self.contexts.get(instance_id)
         if ctx is None:
             raise ProtocolError(
-                "unknown_instance", f"instance {instance_id} is not registered (register_kv_cache first)"
+                "unknown_instance", f"instance {instance_id} is not registered (register its KV cache first)"
             )
         if key.worker_id is None or not 0 <= key.worker_id < key.world_size:
             raise ProtocolError("bad_request", f"worker_id {key.worker_id} not in [0, {key.world_size})")
@@ -197,6 +254,10 @@ class Engine:
         if ctx is None:
             return False
         aborted = self.index.abort_writer(instance_id)
+        if isinstance(ctx, EngineDrivenContext):
+            _, reads = ctx.take_all()  # its staged writes went with abort_writer
+            for r in reads:
+                self.index.finish_read(r.scope, r.hashes, 1)
         log.info("instance %d %s (%d staged writes dropped)", instance_id, why, aborted)
         return True
 
@@ -236,7 +297,7 @@ class Engine:
         n = len(hashes)
         if n == 0:
             self.stats.add("stores_finished", ctx.device)
-            return [STUB_EVENT, True]
+            return [self._done_event(ctx, event), True]
         blocks = self._block_tensors(ctx, block_ids, n)
         scope = self._scope(key, key.worker_id or 0)
         # Chunks made only of null blocks (in every group) are not stored: one vectorized test.
@@ -249,14 +310,31 @@ class Engine:
         staged = [(i, off) for i, (status, off, _) in zip(todo, res, strict=True) if status == "reserved"]
         staged_hashes = [hashes[i] for i, _ in staged]
         try:
-            for i, off in staged:
-                gather(
+            if ctx.mover is not None:  # GPU worker: gather on its GPU, one DMA per chunk
+                done_event = ctx.mover.store(
                     ctx.groups,
                     ctx.layer_tensors,
-                    self._chunk_blocks(ctx, blocks, i, self.chunk_size),
-                    self.l1.view(off, ctx.chunk_bytes),
+                    [
+                        (
+                            self._chunk_blocks(ctx, blocks, i, self.chunk_size),
+                            self.l1.view(off, ctx.chunk_bytes),
+                        )
+                        for i, off in staged
+                    ],
                     self.chunk_size,
+                    event,
                 )
+            else:
+                done_event = STUB_EVENT
+                for i, off in staged:
+                    gather(
+                        ctx.groups,
+                        ctx.layer_tensors,
+                        self._chunk_blocks(ctx, blocks, i, self.chunk_size),
+                        self.l1.view(off, ctx.chunk_bytes),
+                        self.chunk_size,
+                    )
+            for _, off in staged:
                 self.l1.seal(off, ctx.chunk_bytes)
         except Exception:
             self.index.abort_write(scope, staged_hashes, instance_id)
@@ -272,9 +350,9 @@ class Engine:
             raise ProtocolError(
                 "not_stored",
                 f"{failed} of {len(want)} chunk(s) not stored: L1 is full of locked objects",
-                fallback=[STUB_EVENT, False],
+                fallback=[done_event, False],
             )
-        return [STUB_EVENT, True]
+        return [done_event, True]
 
     def retrieve(
         self, key: IPCCacheServerKey, instance_id: int, block_ids: list[list[int]], event: bytes, skip: int
@@ -298,7 +376,7 @@ class Engine:
         scope = self._scope(key, key.worker_id or 0)
         try:
             if n == 0:
-                return [STUB_EVENT, True]
+                return [self._done_event(ctx, event), True]
             blocks = self._block_tensors(ctx, block_ids, n)
             # Our own read lock for the copy: the lookup's may expire; eviction never sees these.
             hit = self.index.lookup(scope, hashes, 1)
@@ -310,7 +388,7 @@ class Engine:
                     raise ProtocolError(
                         "not_found",
                         f"{n - hit} of {n} chunk(s) are no longer in L1",
-                        fallback=[STUB_EVENT, False],
+                        fallback=[self._done_event(ctx, event), False],
                     )
                 slots = self.index.resolve(scope, hashes)
                 bad = [
@@ -324,28 +402,47 @@ class Engine:
                     raise ProtocolError(
                         "corrupt",
                         f"{len(bad)} of {n} chunk(s) failed checksum verification; nothing was copied",
-                        fallback=[STUB_EVENT, False],
+                        fallback=[self._done_event(ctx, event), False],
                     )
-                for i, slot in enumerate(slots):
-                    assert slot is not None
-                    local_skip = min(max(skip - i * self.chunk_size, 0), self.chunk_size)
-                    scatter(
-                        ctx.groups,
-                        ctx.layer_tensors,
+                copies = [
+                    (
                         self._chunk_blocks(ctx, blocks, i, self.chunk_size),
                         self.l1.view(slot[0], ctx.chunk_bytes),
-                        self.chunk_size,
-                        local_skip,
-                        self.null_block_id,
+                        min(max(skip - i * self.chunk_size, 0), self.chunk_size),
                     )
+                    for i, slot in enumerate(slots)
+                    if slot is not None
+                ]
+                if ctx.mover is not None:  # GPU worker: one DMA per chunk, scatter on its GPU
+                    done_event = ctx.mover.retrieve(
+                        ctx.groups, ctx.layer_tensors, copies, self.chunk_size, self.null_block_id, event
+                    )
+                else:
+                    done_event = STUB_EVENT
+                    for chunk_blocks, src, local_skip in copies:
+                        scatter(
+                            ctx.groups,
+                            ctx.layer_tensors,
+                            chunk_blocks,
+                            src,
+                            self.chunk_size,
+                            local_skip,
+                            self.null_block_id,
+                        )
             finally:
                 self.index.finish_read(scope, hashes[:hit], 1)
             self.stats.add("l1_read_chunks", key.cache_salt, n=n)
             self.stats.add("num_chunks_loaded", str(key.worker_id), key.model_name, key.cache_salt, n=n)
-            return [STUB_EVENT, True]
+            return [done_event, True]
         finally:
             self._release_share(session, key.worker_id, c0, c1)
             self.stats.add("retrieves_finished", ctx.device)
+
+    @staticmethod
+    def _done_event(ctx: KVContext, wait: bytes) -> bytes:
+        """The event handle of a reply that copied nothing: the CPU stub, or for a GPU worker a
+        real event recorded after its own (it waits on whatever we return)."""
+        return ctx.mover.idle(wait) if ctx.mover is not None else STUB_EVENT
 
     def _release_share(self, session: Session | None, worker_id: int | None, c0: int, c1: int) -> None:
         if session is None or worker_id is None:
@@ -477,7 +574,27 @@ class Engine:
         old = self.sessions.expired(self.cfg.mp.session_ttl_seconds)
         for s in old:
             self._close_session(s, touch=False)
-        return f"Removed {len(old)} expired sessions", {"removed_sessions": len(old)}
+        stores, reads = self._expire_prepared()
+        return f"Removed {len(old)} expired sessions", {
+            "removed_sessions": len(old),
+            "expired_prepared_stores": stores,
+            "expired_prepared_retrieves": reads,
+        }
+
+    def _expire_prepared(self) -> tuple[int, int]:
+        """Forgets prepared engine-driven operations whose locks expired in the index (their
+        worker never committed); staged writes still held by that worker are aborted."""
+        st = self.cfg.storage_manager
+        now = time.monotonic()
+        n_stores = n_reads = 0
+        for ctx in self.contexts.all():
+            if isinstance(ctx, EngineDrivenContext):
+                stores, reads = ctx.take_older(now - st.l1_write_ttl_seconds, now - st.l1_read_ttl_seconds)
+                for p in stores:
+                    self.index.abort_write(p.scope, p.hashes, ctx.instance_id)
+                n_stores += len(stores)
+                n_reads += reads
+        return n_stores, n_reads
 
     def clear(self, force: bool) -> None:
         report = self.index.clear(force)
@@ -490,3 +607,182 @@ class Engine:
         if r["triggered"]:
             self.stats.add("eviction_loop_triggered")
         return f"evicted {evicted} objects", dict(r)
+
+    # ---- engine-driven transfer (spec D.3; AFFINITY pool) ------------------------------------
+
+    def register_engine_driven(self, reg: EngineDrivenRegistration) -> EngineDrivenRegistered:
+        if not self.l1.shm_name:
+            why = self.l1.pool_error or "it runs with --shm-name ''"
+            raise ProtocolError(
+                "no_shm_pool",
+                f"engine-driven workers copy KV through the shared-memory L1 pool, and this server has "
+                f"none ({why}); pickled KV is refused",
+                fallback=EngineDrivenRegistered(),
+            )
+        pool = EngineDrivenRegistered(shm_name=self.l1.shm_name, pool_size=self.index.capacity_bytes)
+        old = self.contexts.get(reg.instance_id)
+        if old is not None:  # a re-registration (heartbeat recovery) only refreshes liveness
+            if not isinstance(old, EngineDrivenContext):
+                raise ProtocolError(
+                    "bad_registration", f"instance {reg.instance_id} is registered lmcache-driven"
+                )
+            return pool
+        try:
+            ctx = build_engine_driven(reg, self.chunk_size)
+            KeyScope(reg.model_name, mp_kv_rank(reg.world_size, 0))  # the keys it will store are valid
+            self.contexts.add(ctx)
+        except RegistrationError as e:
+            raise ProtocolError("bad_registration", str(e), fallback=EngineDrivenRegistered()) from None
+        except InvalidKeyError as e:
+            raise ProtocolError("invalid_key", str(e), fallback=EngineDrivenRegistered()) from None
+        log.info(
+            "registered engine-driven instance %d: %s world %d, chunk %s %s (%d bytes)",
+            reg.instance_id,
+            reg.model_name,
+            reg.world_size,
+            ctx.chunk_shape,
+            ctx.dtype_str,
+            ctx.chunk_bytes,
+        )
+        return pool
+
+    @staticmethod
+    def _prepare_key(key: IPCCacheServerKey) -> PrepareKey:
+        return (key.request_id, key.worker_id, key.start, key.end, key.cache_salt)
+
+    def _slot(self, ctx: EngineDrivenContext, offset: int) -> ShmSlot:
+        return ShmSlot(offset=offset, length=ctx.chunk_bytes, shape=ctx.chunk_shape, dtype=ctx.dtype_str)
+
+    def _check_prepared(self, ctx: EngineDrivenContext) -> None:
+        if ctx.prepared() >= MAX_PREPARED:
+            raise ProtocolError(
+                "overloaded",
+                f"instance {ctx.instance_id} holds {MAX_PREPARED} prepared operations without a commit",
+            )
+
+    def prepare_store(self, key: IPCCacheServerKey, instance_id: int) -> PrepareStoreReply:
+        ctx = self._engine_context(key, instance_id)
+        c0 = self._first_chunk(key)
+        session = self.sessions.get(key.request_id)
+        assert session is not None
+        with session.lock:
+            hashes = self._prefix(session, key)[c0:]
+            session.scopes = [self._scope(key, r) for r in range(key.world_size)]
+        if not hashes:
+            return PrepareStoreReply(context=StoreSlots(slots=[], chunk_indices=[]))
+        self._check_prepared(ctx)
+        self.stats.add("stores_submitted", ctx.device)
+        scope = self._scope(key, key.worker_id or 0)
+        res = self.index.reserve_write(scope, hashes, ctx.chunk_bytes, instance_id)
+        todo = [i for i, (status, _, _) in enumerate(res) if status == "reserved"]
+        oom = sum(status == "oom" for status, _, _ in res)
+        if oom:
+            self.stats.add("l1_allocation_failure_chunks", "l1_store", key.model_name, n=oom)
+        if todo:
+            offsets = [res[i][1] for i in todo]
+            ctx.push(
+                ctx.stores,
+                self._prepare_key(key),
+                PreparedStore(scope, [hashes[i] for i in todo], offsets, oom),
+            )
+        else:
+            self.stats.add("stores_finished", ctx.device)
+            if oom:
+                raise ProtocolError(
+                    "not_stored", f"none of {len(hashes)} chunk(s) stored: L1 is full of locked objects"
+                )
+        return PrepareStoreReply(
+            context=StoreSlots(slots=[self._slot(ctx, res[i][1]) for i in todo], chunk_indices=todo)
+        )
+
+    def commit_store(self, key: IPCCacheServerKey, instance_id: int, data: bytes) -> bool:
+        ctx = self._engine_context(key, instance_id)
+        p: PreparedStore | None = ctx.pop(ctx.stores, self._prepare_key(key))
+        if data:
+            if p is not None:
+                self.index.abort_write(p.scope, p.hashes, instance_id)
+                self.stats.add("stores_finished", ctx.device)
+            self.stats.add("pickle_refused_requests", "commit_store")
+            raise ProtocolError(
+                "pickle_refused",
+                f"commit_store carried {len(data)} bytes of pickled KV; this server never unpickles "
+                "client data (it would run the client's code): write into the shared-memory slots "
+                "that prepare_store returns",
+            )
+        if p is None:
+            raise ProtocolError(
+                "not_prepared",
+                "no prepare_store of this key is waiting for a commit (none was made, it was "
+                "committed already, or its reservation expired)",
+            )
+        for off in p.offsets:
+            self.l1.seal(off, ctx.chunk_bytes)
+        done = self.index.finish_write(p.scope, p.hashes, instance_id)
+        admitted = [h for h, st in zip(p.hashes, done, strict=True) if st == "admitted"]
+        if self.l2 is not None:
+            self.l2.enqueue(p.scope, admitted)
+        self.stats.add("l1_write_chunks", key.cache_salt, n=len(admitted))
+        self.stats.add("stores_finished", ctx.device)
+        lost = sum(st == "not_staged" for st in done)
+        if p.oom or lost:
+            raise ProtocolError(
+                "not_stored",
+                f"{p.oom + lost} chunk(s) of this range not stored: {p.oom} found L1 full of locked "
+                f"objects, {lost} reservation(s) expired before the commit",
+            )
+        return True
+
+    def prepare_retrieve(self, key: IPCCacheServerKey, instance_id: int) -> PrepareRetrieveReply:
+        c0 = self._first_chunk(key)
+        c1 = key.end // self.chunk_size
+        session = self.sessions.get(key.request_id, create=False)
+        try:
+            ctx = self._engine_context(key, instance_id)
+        except ProtocolError:
+            self._release_share(session, key.worker_id, c0, c1)
+            raise
+        if session is None:
+            session = self.sessions.get(key.request_id)
+            assert session is not None
+        with session.lock:
+            hashes = self._prefix(session, key)[c0:]
+        n = len(hashes)
+        c1 = c0 + n
+        scope = self._scope(key, key.worker_id or 0)
+        try:
+            self._check_prepared(ctx)
+            self.stats.add("retrieves_submitted", ctx.device)
+            # Our own read lock while the worker copies out: eviction never reuses these slots.
+            hit = self.index.lookup(scope, hashes, 1)
+            slots = self.index.resolve(scope, hashes[:hit])
+            bad = sum(s is None or not self.l1.intact(s[0], s[1]) for s in slots)
+            if hit < n or bad:
+                self.index.finish_read(scope, hashes[:hit], 1)
+                self.stats.add("retrieves_finished", ctx.device)
+                if bad:
+                    self.stats.add("l1_checksum_mismatch_chunks", key.model_name, n=bad)
+                    raise ProtocolError("corrupt", f"{bad} of {n} chunk(s) failed checksum verification")
+                self.stats.add("l1_read_failure_chunks", "retrieve", "not_found", key.model_name, n=n - hit)
+                raise ProtocolError("not_found", f"{n - hit} of {n} chunk(s) are not in L1")
+            ctx.push(ctx.reads, self._prepare_key(key), PreparedRetrieve(scope, hashes))
+            return PrepareRetrieveReply(
+                success=True,
+                context=RetrieveSlots(slots=[self._slot(ctx, s[0]) for s in slots if s is not None]),
+            )
+        finally:
+            self._release_share(session, key.worker_id, c0, c1)
+
+    def commit_retrieve(self, key: IPCCacheServerKey, instance_id: int) -> bool:
+        """Unlocks what prepare_retrieve locked. False (not an error) when nothing is waiting:
+        LMCache clients commit after a failed prepare too."""
+        ctx = self._engine_context(key, instance_id)
+        p: PreparedRetrieve | None = ctx.pop(ctx.reads, self._prepare_key(key))
+        if p is None:
+            return False
+        self.index.finish_read(p.scope, p.hashes, 1)
+        self.stats.add("l1_read_chunks", key.cache_salt, n=len(p.hashes))
+        self.stats.add(
+            "num_chunks_loaded", str(key.worker_id), key.model_name, key.cache_salt, n=len(p.hashes)
+        )
+        self.stats.add("retrieves_finished", ctx.device)
+        return True

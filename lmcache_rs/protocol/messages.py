@@ -46,6 +46,65 @@ class EngineGroupInfo(msgspec.Struct, kw_only=True):
     recurrent_state: bool = False
 
 
+class EngineDrivenRegistration(msgspec.Struct, kw_only=True):
+    """Payload of register_kv_cache_engine_driven_context (op 14): the worker's KV geometry.
+    Chunks are `[2, num_layers, slots, hidden_dim_size]` (MLA: `[num_layers, slots, hidden]`)
+    with slots = `num_physical_slots` or the chunk size. Later client fields are ignored, except
+    that more than one engine group (hybrid models) is refused rather than misread."""
+
+    instance_id: int
+    model_name: str
+    world_size: int
+    block_size: int
+    num_layers: int
+    hidden_dim_size: int
+    dtype_str: str
+    use_mla: bool
+    num_physical_slots: int | None = None
+    engine_group_infos: list[EngineGroupInfo] = msgspec.field(default_factory=list)
+
+
+class EngineDrivenRegistered(msgspec.Struct, kw_only=True):
+    """Reply to op 14: the L1 pool workers map. ("", 0) tells an LMCache client "pickle", which
+    this server refuses; it comes with an error frame saying why there is no pool."""
+
+    shm_name: str = ""
+    pool_size: int = 0
+
+
+class ShmSlot(msgspec.Struct, kw_only=True):
+    """One chunk's place in the L1 pool: bytes [offset, offset + length), viewed as `shape`."""
+
+    offset: int
+    length: int
+    shape: list[int]
+    dtype: str
+
+
+class StoreSlots(msgspec.Struct, kw_only=True):
+    """Where to write: `slots[i]` takes chunk `chunk_indices[i]` of the key's range (chunks
+    already cached, or being written by another worker, are left out)."""
+
+    slots: list[ShmSlot]
+    chunk_indices: list[int]
+
+
+class PrepareStoreReply(msgspec.Struct, kw_only=True):
+    context: StoreSlots
+
+
+class RetrieveSlots(msgspec.Struct, kw_only=True):
+    slots: list[ShmSlot]
+
+
+class PrepareRetrieveReply(msgspec.Struct, kw_only=True):
+    """`data` carried pickled chunks in LMCache's pickle mode; here it is always empty."""
+
+    success: bool
+    data: bytes = b""
+    context: RetrieveSlots = msgspec.field(default_factory=lambda: RetrieveSlots(slots=[]))
+
+
 class TensorMetadata(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Where a tensor view sits inside its shared storage."""
 

@@ -12,7 +12,17 @@ from typing import Any
 
 import msgspec
 
-from lmcache_rs.protocol.messages import BlockAllocationRecord, EngineGroupInfo, IPCCacheServerKey, ext_hook
+from lmcache_rs.protocol.messages import (
+    BlockAllocationRecord,
+    EngineDrivenRegistered,
+    EngineDrivenRegistration,
+    EngineGroupInfo,
+    IPCCacheServerKey,
+    PrepareRetrieveReply,
+    PrepareStoreReply,
+    StoreSlots,
+    ext_hook,
+)
 
 
 class Pool(enum.Enum):
@@ -69,12 +79,27 @@ OPS: tuple[OpSpec, ...] = (
     _op("wait_prefetch_status", 10, str, float),
     _op("free_lookup_locks", 12, Key, int),
     _op("end_session", 13, str, pool=S),
-    _op("register_kv_cache_engine_driven_context", 14, supported=False),
-    _op("unregister_kv_cache_engine_driven_context", 15, supported=False),
-    _op("prepare_store", 16, supported=False),
-    _op("commit_store", 17, supported=False, fallback=False),
-    _op("prepare_retrieve", 18, supported=False),
-    _op("commit_retrieve", 19, supported=False, fallback=False),
+    # Engine-driven (spec D.3). Failure values keep LMCache clients off their pickle path:
+    # no pool -> ("", 0) with an error frame; a failed prepare_store -> no slots to write.
+    _op(
+        "register_kv_cache_engine_driven_context",
+        14,
+        EngineDrivenRegistration,
+        pool=A,
+        fallback=EngineDrivenRegistered(),
+    ),
+    _op("unregister_kv_cache_engine_driven_context", 15, int, pool=A),
+    _op(
+        "prepare_store",
+        16,
+        Key,
+        int,
+        pool=A,
+        fallback=PrepareStoreReply(context=StoreSlots(slots=[], chunk_indices=[])),
+    ),
+    _op("commit_store", 17, Key, int, bytes, pool=A, fallback=False),
+    _op("prepare_retrieve", 18, Key, int, pool=A, fallback=PrepareRetrieveReply(success=False)),
+    _op("commit_retrieve", 19, Key, int, pool=A, fallback=False),
     _op("clear", 20, bool),
     _op("get_chunk_size", 21, pool=S),
     _op("ping", 22, int | None, pool=S),
