@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from lmcache_rs.client import MPClient
 
@@ -18,8 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 import hf_prefix_reuse
 
 
-def test_retrieved_prefix_gives_the_logits_of_a_full_recomputation(server) -> None:
-    r = hf_prefix_reuse.run(server.url)
+@pytest.mark.parametrize("transfer", ["lmcache_driven", "engine_driven"])
+def test_retrieved_prefix_gives_the_logits_of_a_full_recomputation(server, transfer: str) -> None:
+    r = hf_prefix_reuse.run(server.url, transfer=transfer)
     assert r["stored"] is True
     assert r["hit_tokens"] == 512
     assert r["exact"], f"max |diff| {r['max_abs_diff']}"
