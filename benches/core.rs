@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use lmcache_rs_core::{
-    none_hash, prefix_hashes, ChunkHash, EvictionPolicy, KeyScope, L1Config, L1Index, Reserve,
+    msgpack_tokens, none_hash, prefix_hashes, ChunkHash, EvictionPolicy, KeyScope, L1Config, L1Index, Reserve,
 };
 
 const OBJ: u64 = 4096;
@@ -56,6 +56,26 @@ fn bench_hashing(c: &mut Criterion) {
     });
     g.bench_function("prefix_32k_tokens_i64", |b| {
         b.iter(|| prefix_hashes(black_box(&tokens_i64), 256, 0, None))
+    });
+    // The wire form (a msgpack array of 3- and 5-byte ints): parse, and parse + hash, as a
+    // lookup does. Parsing is serial (each element's width decides where the next starts):
+    // a branch-free variant with a width table measured the same here, so it was not kept.
+    let mut raw = vec![0xdd];
+    raw.extend_from_slice(&(tokens_u32.len() as u32).to_be_bytes());
+    for &t in &tokens_u32 {
+        if t <= 0xffff {
+            raw.push(0xcd);
+            raw.extend_from_slice(&(t as u16).to_be_bytes());
+        } else {
+            raw.push(0xce);
+            raw.extend_from_slice(&t.to_be_bytes());
+        }
+    }
+    g.bench_function("msgpack_32k_tokens_parse_and_hash", |b| {
+        b.iter(|| prefix_hashes(&msgpack_tokens(black_box(&raw)).unwrap(), 256, 0, None))
+    });
+    g.bench_function("msgpack_32k_tokens_parse_only", |b| {
+        b.iter(|| msgpack_tokens(black_box(&raw)).unwrap())
     });
     // The floor: blake3 alone over the same 128 inputs of 32 + 1024 bytes, chained.
     g.bench_function("blake3_floor_128x1056B", |b| {
