@@ -231,6 +231,7 @@ class Engine:
                 self.chunk_size,
             )
             KeyScope(model_name, mp_kv_rank(world_size, 0))  # the keys it will store are valid
+            self._check_fits(ctx.chunk_bytes)
             self.contexts.add(ctx)
         except RegistrationError as e:
             raise ProtocolError("bad_registration", str(e)) from None
@@ -245,6 +246,13 @@ class Engine:
             ctx.num_blocks,
             ctx.chunk_bytes,
         )
+
+    def _check_fits(self, chunk_bytes: int) -> None:
+        if chunk_bytes > self.index.capacity_bytes:
+            raise RegistrationError(
+                f"one chunk would take {chunk_bytes} bytes and L1 holds {self.index.capacity_bytes}: "
+                "raise --l1-size-gb or lower --chunk-size"
+            )
 
     def unregister_kv_cache(self, instance_id: int) -> None:
         self.drop_instance(instance_id, "unregistered")
@@ -630,6 +638,7 @@ class Engine:
         try:
             ctx = build_engine_driven(reg, self.chunk_size)
             KeyScope(reg.model_name, mp_kv_rank(reg.world_size, 0))  # the keys it will store are valid
+            self._check_fits(ctx.chunk_bytes)
             self.contexts.add(ctx)
         except RegistrationError as e:
             raise ProtocolError("bad_registration", str(e), fallback=EngineDrivenRegistered()) from None

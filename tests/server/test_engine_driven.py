@@ -233,6 +233,20 @@ def test_bad_engine_driven_requests_get_clear_errors(server) -> None:
             )
         assert e.value.code == "bad_registration"
         assert "bytes per chunk" in e.value.message
+        for change, why in [
+            ({"hidden_dim_size": 1 << 40}, "L1 holds"),
+            ({"dtype_str": "complex128"}, "unsupported dtype"),
+            ({"world_size": 300}, "world_size"),
+            ({"num_layers": 0}, "num_layers"),
+            ({"num_physical_slots": -1}, "num_physical_slots"),
+            ({"model_name": "a@b"}, "@"),
+        ]:
+            with pytest.raises(ServerError) as e:
+                c.register_engine_driven(
+                    EngineDrivenRegistration(**{**msgspec_fields(bad), "block_size": 16, **change})
+                )
+            assert e.value.code in ("bad_registration", "invalid_key"), change
+            assert why in e.value.message, (change, e.value.message)
         assert c.noop() == "OK"
 
 
@@ -346,3 +360,33 @@ def test_small_dev_shm_keeps_l1_private(monkeypatch, tmp_path) -> None:
     assert os.listdir(tmp_path) == []
     with pytest.raises(shm_pool.ShmPoolError):
         L1Store(cfg, "lmcache_rs_test_small", shm_required=True, shm_dir=str(tmp_path))
+
+
+def test_a_worker_gone_mid_transfer_is_reaped_with_its_slots(server_factory) -> None:
+    """A worker that prepared a store and a retrieve, then fell silent (crashed): the reaper
+    drops it and everything it held in L1; other workers are served throughout."""
+    import time  # noqa: PLC0415
+
+    s = server_factory("--worker-reap-timeout-seconds", "1", "--worker-registration-grace-seconds", "1")
+    with s.client() as c, s.client() as c2:
+        w = ed_worker(c, seed=21)
+        t = tokens(2 * C, seed=22)
+        assert w.store(key(t, "s", end=C), blocks(1, 1))
+        assert lookup(c, t, "r") == 1
+        assert c.prepare_retrieve(key(t, "r", end=C), w.instance_id).success
+        assert len(c.prepare_store(key(t, "s2"), w.instance_id).slots) == 1
+        st = server_status(s)
+        assert st["read_locked_objects"] == 1
+        assert st["staging_objects"] == 1
+        other = ed_worker(c2, seed=23)
+        deadline = time.monotonic() + 30
+        while server_status(s)["staging_objects"] or server_status(s)["read_locked_objects"]:
+            other.client.ping(other.instance_id)  # the live worker keeps pinging
+            assert time.monotonic() < deadline, "the silent worker was not reaped"
+            time.sleep(0.2)
+        with pytest.raises(ServerError) as e:
+            c.commit_store(key(t, "s2"), w.instance_id)
+        assert e.value.code == "unknown_instance"
+        t2 = tokens(C, seed=24)
+        assert other.store(key(t2, "o"), blocks(1, 1))
+        assert lookup(c2, t2, "o2") == 1
