@@ -115,6 +115,17 @@ pub fn prefix_hashes<T: TokenId>(
 /// Token ids from a msgpack array of non-negative integers, as LMCache clients send
 /// `token_ids` (the server decodes them here, without building a Python list).
 pub fn msgpack_tokens(raw: &[u8]) -> CoreResult<Vec<u32>> {
+    let (tokens, used) = msgpack_tokens_prefix(raw)?;
+    if used != raw.len() {
+        return Err(CoreError::InvalidArgument("token_ids: trailing bytes".into()));
+    }
+    Ok(tokens)
+}
+
+/// Like [`msgpack_tokens`] for an array at the start of `raw` (more may follow): the ids and
+/// the bytes the array took. Parsing is serial (each element's width decides where the next
+/// starts): about 7 ns an id on the 2-core test VM, as much as hashing them.
+pub fn msgpack_tokens_prefix(raw: &[u8]) -> CoreResult<(Vec<u32>, usize)> {
     let bad = |what: &str| CoreError::InvalidArgument(format!("token_ids: {what}"));
     let (&tag, mut rest) = raw.split_first().ok_or_else(|| bad("empty"))?;
     let take = |rest: &mut &[u8], n: usize| -> CoreResult<u64> {
@@ -154,10 +165,7 @@ pub fn msgpack_tokens(raw: &[u8]) -> CoreResult<Vec<u32>> {
         let v = u32::try_from(value).map_err(|_| CoreError::InvalidToken { position, value })?;
         out.push(v);
     }
-    if !rest.is_empty() {
-        return Err(bad("trailing bytes"));
-    }
-    Ok(out)
+    Ok((out, raw.len() - rest.len()))
 }
 
 /// Lower-case hex of a hash (for logs, file names and test vectors).

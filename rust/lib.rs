@@ -11,6 +11,7 @@
 //! | [`list`] | intrusive O(1) lists over a slab (LRU, lock and staging queues) |
 //! | [`index`] | the L1 index: states, TTLs, LRU/IsolatedLRU, quotas, demand eviction, stats |
 //! | [`clock`] | monotonic and manual time sources for TTLs |
+//! | [`wire`] | request keys decoded from their msgpack wire form in one pass |
 //! | [`error`] | the one error enum |
 
 pub mod arena;
@@ -20,6 +21,7 @@ pub mod hash;
 pub mod index;
 pub mod key;
 pub mod list;
+pub mod wire;
 
 #[cfg(feature = "python")]
 pub mod python;
@@ -28,10 +30,12 @@ pub use arena::{Allocation, Arena, ArenaStats};
 pub use clock::{Clock, ManualClock, MonotonicClock};
 pub use error::{CoreError, CoreResult};
 pub use hash::{
-    checksum, hash_chunks, msgpack_tokens, none_hash, prefix_hashes, Blake3Hash, TokenId, HASH_LEN,
+    checksum, hash_chunks, msgpack_tokens, msgpack_tokens_prefix, none_hash, prefix_hashes, Blake3Hash,
+    TokenId, HASH_LEN,
 };
 pub use index::{
     ClearReport, Counters, CycleReport, EvictionPolicy, Finish, L1Config, L1Index, L1Stats, Reserve,
     SaltStats, Slot,
 };
 pub use key::{kv_rank, mp_kv_rank, validate_model, validate_salt, ChunkHash, KeyScope, ObjectKey};
+pub use wire::{decode_key, WireKey};

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from lmcache_rs.client.shm_kv import paged_shape
 from lmcache_rs.protocol.messages import CudaHandle, TensorMetadata
 
 
@@ -27,16 +28,10 @@ class CudaKVCache:
         layout: str = "NHD",
         device: int = 0,
     ) -> None:
-        shapes = {
-            "NHD": (2, num_blocks, block_size, num_heads, head_dim),
-            "HND": (2, num_blocks, num_heads, block_size, head_dim),
-            "MLA": (num_blocks, block_size, head_dim),
-        }
+        shape = paged_shape(layout, num_blocks, block_size, num_heads, head_dim)
         self.layout = layout
         self.device = torch.device("cuda", device)
-        self.layers = [
-            torch.zeros(shapes[layout], dtype=dtype, device=self.device) for _ in range(num_layers)
-        ]
+        self.layers = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
         self.uuid = str(torch.cuda.get_device_properties(device).uuid)
 
     def handles(self) -> list[CudaHandle]:

@@ -18,6 +18,18 @@ from lmcache_rs.protocol.messages import CpuShmHandle, TensorMetadata
 _seq = itertools.count()
 
 
+def paged_shape(layout: str, num_blocks: int, block_size: int, heads: int, head_dim: int) -> tuple[int, ...]:
+    """One layer's paged KV tensor shape as vLLM lays it out: NHD `[2, NB, BS, H, D]` (flash
+    attention), HND `[2, NB, H, BS, D]`, MLA `[NB, BS, D]`."""
+    if layout == "NHD":
+        return (2, num_blocks, block_size, heads, head_dim)
+    if layout == "HND":
+        return (2, num_blocks, heads, block_size, head_dim)
+    if layout == "MLA":
+        return (num_blocks, block_size, head_dim)
+    raise ValueError(f"unknown layout {layout!r}")
+
+
 class ShmKVCache:
     def __init__(
         self,
@@ -29,14 +41,7 @@ class ShmKVCache:
         dtype: torch.dtype = torch.float16,
         layout: str = "NHD",
     ) -> None:
-        if layout == "NHD":
-            shape = (2, num_blocks, block_size, num_heads, head_dim)
-        elif layout == "HND":
-            shape = (2, num_blocks, num_heads, block_size, head_dim)
-        elif layout == "MLA":
-            shape = (num_blocks, block_size, head_dim)
-        else:
-            raise ValueError(f"unknown layout {layout!r}")
+        shape = paged_shape(layout, num_blocks, block_size, num_heads, head_dim)
         self.layout = layout
         self.shape = shape
         self.dtype = dtype

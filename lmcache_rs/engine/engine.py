@@ -12,7 +12,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -51,6 +51,8 @@ from lmcache_rs.storage.l2.tier import L2Tier
 from lmcache_rs.transfer.gather import gather, scatter
 
 log = logging.getLogger(__name__)
+
+Ctx = TypeVar("Ctx", KVContext, EngineDrivenContext)
 
 #: Longest a wait_prefetch_status may hold a control-pool thread.
 MAX_WAIT_SECONDS = 5.0
@@ -140,7 +142,7 @@ class Engine:
     def _prefix(self, session: Session, key: IPCCacheServerKey) -> list[bytes]:
         """Hashes of the request's complete chunks up to `key.end` (caller holds session.lock)."""
         try:
-            hashes, n_tokens = session.chain(bytes(key.token_ids), self.chunk_size)
+            hashes, n_tokens = session.chain(key, self.chunk_size)
         except LmcacheCoreError as e:
             raise ProtocolError("bad_request", str(e)) from None
         return hashes[: min(key.end, n_tokens) // self.chunk_size]
@@ -365,61 +367,23 @@ class Engine:
     def retrieve(
         self, key: IPCCacheServerKey, instance_id: int, block_ids: list[list[int]], event: bytes, skip: int
     ) -> list[Any]:
-        c0 = self._first_chunk(key)
-        c1 = key.end // self.chunk_size  # refined below once the tokens are hashed
-        session = self.sessions.get(key.request_id, create=False)
-        try:
-            ctx = self._worker_context(key, instance_id)
-        except ProtocolError:
-            self._release_share(session, key.worker_id, c0, c1)
-            raise
-        self.stats.add("retrieves_submitted", ctx.device)
-        if session is None:
-            session = self.sessions.get(key.request_id)
-            assert session is not None
-        with session.lock:
-            hashes = self._prefix(session, key)[c0:]
+        ctx, session, hashes, c0 = self._start_read(key, instance_id, self._worker_context)
         n = len(hashes)
-        c1 = c0 + n
         scope = self._scope(key, key.worker_id or 0)
         try:
+            self.stats.add("retrieves_submitted", ctx.device)
             if n == 0:
                 return [self._done_event(ctx, event), True]
             blocks = self._block_tensors(ctx, block_ids, n)
-            # Our own read lock for the copy: the lookup's may expire; eviction never sees these.
-            hit = self.index.lookup(scope, hashes, 1)
+            slots = self._lock_for_read(key, scope, hashes, lambda: [self._done_event(ctx, event), False])
             try:
-                if hit < n:
-                    self.stats.add(
-                        "l1_read_failure_chunks", "retrieve", "not_found", key.model_name, n=n - hit
-                    )
-                    raise ProtocolError(
-                        "not_found",
-                        f"{n - hit} of {n} chunk(s) are no longer in L1",
-                        fallback=[self._done_event(ctx, event), False],
-                    )
-                slots = self.index.resolve(scope, hashes)
-                bad = [
-                    i for i, slot in enumerate(slots) if slot is None or not self.l1.intact(slot[0], slot[1])
-                ]
-                if bad:
-                    self.stats.add("l1_checksum_mismatch_chunks", key.model_name, n=len(bad))
-                    log.error(
-                        "retrieve %s: %d chunk(s) failed L1 checksum verification", key.request_id, len(bad)
-                    )
-                    raise ProtocolError(
-                        "corrupt",
-                        f"{len(bad)} of {n} chunk(s) failed checksum verification; nothing was copied",
-                        fallback=[self._done_event(ctx, event), False],
-                    )
                 copies = [
                     (
                         self._chunk_blocks(ctx, blocks, i, self.chunk_size),
-                        self.l1.view(slot[0], ctx.chunk_bytes),
+                        self.l1.view(offset, ctx.chunk_bytes),
                         min(max(skip - i * self.chunk_size, 0), self.chunk_size),
                     )
-                    for i, slot in enumerate(slots)
-                    if slot is not None
+                    for i, offset in enumerate(slots)
                 ]
                 if ctx.mover is not None:  # GPU worker: one DMA per chunk, scatter on its GPU
                     done_event = ctx.mover.retrieve(
@@ -438,13 +402,60 @@ class Engine:
                             self.null_block_id,
                         )
             finally:
-                self.index.finish_read(scope, hashes[:hit], 1)
+                self.index.finish_read(scope, hashes, 1)
             self.stats.add("l1_read_chunks", key.cache_salt, n=n)
             self.stats.add("num_chunks_loaded", str(key.worker_id), key.model_name, key.cache_salt, n=n)
             return [done_event, True]
         finally:
-            self._release_share(session, key.worker_id, c0, c1)
+            self._release_share(session, key.worker_id, c0, c0 + n)
             self.stats.add("retrieves_finished", ctx.device)
+
+    def _start_read(
+        self, key: IPCCacheServerKey, instance_id: int, context: Callable[[IPCCacheServerKey, int], Ctx]
+    ) -> tuple[Ctx, Session, list[bytes], int]:
+        """The common start of retrieve and prepare_retrieve: the worker's context, the session
+        and the hashes of the key's range, and its first chunk. When the worker cannot be
+        served, its share of the lookup's locks on the range is released before the error."""
+        c0 = self._first_chunk(key)
+        session = self.sessions.get(key.request_id, create=False)
+        try:
+            ctx = context(key, instance_id)
+        except ProtocolError:
+            self._release_share(session, key.worker_id, c0, key.end // self.chunk_size)
+            raise
+        if session is None:
+            session = self.sessions.get(key.request_id)
+            assert session is not None
+        with session.lock:
+            hashes = self._prefix(session, key)[c0:]
+        return ctx, session, hashes, c0
+
+    def _lock_for_read(
+        self, key: IPCCacheServerKey, scope: KeyScope, hashes: list[bytes], fallback: Callable[[], Any]
+    ) -> list[int]:
+        """Read-locks every chunk for one copy out (the lookup's locks may expire; eviction never
+        takes these) and returns their L1 offsets. If any chunk is missing or fails checksum
+        verification, unlocks what it locked and raises not_found / corrupt (`fallback()`
+        gives the failure payload)."""
+        n = len(hashes)
+        hit = self.index.lookup(scope, hashes, 1)
+        slots = self.index.resolve(scope, hashes[:hit])
+        bad = sum(s is None or not self.l1.intact(s[0], s[1]) for s in slots)
+        if hit == n and not bad:
+            return [s[0] for s in slots if s is not None]
+        self.index.finish_read(scope, hashes[:hit], 1)
+        if bad:
+            self.stats.add("l1_checksum_mismatch_chunks", key.model_name, n=bad)
+            log.error("retrieve %s: %d chunk(s) failed L1 checksum verification", key.request_id, bad)
+            raise ProtocolError(
+                "corrupt",
+                f"{bad} of {n} chunk(s) failed checksum verification; nothing was copied",
+                fallback=fallback(),
+            )
+        self.stats.add("l1_read_failure_chunks", "retrieve", "not_found", key.model_name, n=n - hit)
+        raise ProtocolError(
+            "not_found", f"{n - hit} of {n} chunk(s) are no longer in L1", fallback=fallback()
+        )
 
     @staticmethod
     def _done_event(ctx: KVContext, wait: bytes) -> bytes:
@@ -742,44 +753,23 @@ class Engine:
         return True
 
     def prepare_retrieve(self, key: IPCCacheServerKey, instance_id: int) -> PrepareRetrieveReply:
-        c0 = self._first_chunk(key)
-        c1 = key.end // self.chunk_size
-        session = self.sessions.get(key.request_id, create=False)
-        try:
-            ctx = self._engine_context(key, instance_id)
-        except ProtocolError:
-            self._release_share(session, key.worker_id, c0, c1)
-            raise
-        if session is None:
-            session = self.sessions.get(key.request_id)
-            assert session is not None
-        with session.lock:
-            hashes = self._prefix(session, key)[c0:]
-        n = len(hashes)
-        c1 = c0 + n
+        ctx, session, hashes, c0 = self._start_read(key, instance_id, self._engine_context)
         scope = self._scope(key, key.worker_id or 0)
         try:
             self._check_prepared(ctx)
             self.stats.add("retrieves_submitted", ctx.device)
-            # Our own read lock while the worker copies out: eviction never reuses these slots.
-            hit = self.index.lookup(scope, hashes, 1)
-            slots = self.index.resolve(scope, hashes[:hit])
-            bad = sum(s is None or not self.l1.intact(s[0], s[1]) for s in slots)
-            if hit < n or bad:
-                self.index.finish_read(scope, hashes[:hit], 1)
+            try:
+                offsets = self._lock_for_read(key, scope, hashes, lambda: PrepareRetrieveReply(success=False))
+            except ProtocolError:
                 self.stats.add("retrieves_finished", ctx.device)
-                if bad:
-                    self.stats.add("l1_checksum_mismatch_chunks", key.model_name, n=bad)
-                    raise ProtocolError("corrupt", f"{bad} of {n} chunk(s) failed checksum verification")
-                self.stats.add("l1_read_failure_chunks", "retrieve", "not_found", key.model_name, n=n - hit)
-                raise ProtocolError("not_found", f"{n - hit} of {n} chunk(s) are not in L1")
+                raise
+            # The locks stay until commit_retrieve: the worker copies out of these slots.
             ctx.push(ctx.reads, self._prepare_key(key), PreparedRetrieve(scope, hashes))
             return PrepareRetrieveReply(
-                success=True,
-                context=RetrieveSlots(slots=[self._slot(ctx, s[0]) for s in slots if s is not None]),
+                success=True, context=RetrieveSlots(slots=[self._slot(ctx, off) for off in offsets])
             )
         finally:
-            self._release_share(session, key.worker_id, c0, c1)
+            self._release_share(session, key.worker_id, c0, c0 + len(hashes))
 
     def commit_retrieve(self, key: IPCCacheServerKey, instance_id: int) -> bool:
         """Unlocks what prepare_retrieve locked. False (not an error) when nothing is waiting:

@@ -10,7 +10,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from lmcache_rs import KeyScope, L1Index, chunk_hashes_msgpack
+import numpy as np
+
+from lmcache_rs import KeyScope, L1Index, chunk_hashes, chunk_hashes_msgpack
+from lmcache_rs.protocol.messages import IPCCacheServerKey, ServerKey
 
 
 @dataclass
@@ -67,12 +70,18 @@ class Session:
     #: Scopes (all ranks) of the keys this request touched, for end_session's LRU touch.
     scopes: list[KeyScope] = field(default_factory=list)
 
-    def chain(self, raw_tokens: bytes, chunk_size: int) -> tuple[list[bytes], int]:
-        """Hashes of every complete chunk of the request's tokens (given as their msgpack
-        encoding) and the token count. Cached while the request sends the same tokens, replaced
-        as soon as they differ (LMCache keeps stale hashes)."""
+    def chain(self, key: IPCCacheServerKey, chunk_size: int) -> tuple[list[bytes], int]:
+        """Hashes of every complete chunk of the request's tokens and the token count. Cached
+        while the request sends the same tokens (compared as their msgpack bytes), replaced as
+        soon as they differ (LMCache keeps stale hashes). A key the server decoded carries its
+        ids parsed already; any other is parsed here."""
+        raw_tokens = bytes(key.token_ids)
         if raw_tokens != self.raw_tokens or not self.raw_tokens:
-            self.hashes, self.n_tokens = chunk_hashes_msgpack(raw_tokens, chunk_size)
+            if isinstance(key, ServerKey) and key.token_u32:
+                ids = np.frombuffer(key.token_u32, dtype=np.uint32)
+                self.hashes, self.n_tokens = chunk_hashes(ids, chunk_size), len(ids)
+            else:
+                self.hashes, self.n_tokens = chunk_hashes_msgpack(raw_tokens, chunk_size)
             self.raw_tokens = raw_tokens
         return self.hashes, self.n_tokens
 

@@ -35,6 +35,13 @@ class IPCCacheServerKey(msgspec.Struct, kw_only=True):
     num_kv_readers: int = 0
 
 
+class ServerKey(IPCCacheServerKey, kw_only=True):
+    """A key as the server decodes it (`protocol.ops.KeyDecoder`, one pass in Rust): also its
+    token ids, parsed once, as native-endian uint32 bytes. Never sent."""
+
+    token_u32: bytes = b""
+
+
 class EngineGroupInfo(msgspec.Struct, kw_only=True):
     """One vLLM KV cache group: which layers share a block table."""
 

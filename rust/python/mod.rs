@@ -15,7 +15,7 @@ use pyo3::types::{PyBytes, PyList};
 use crate::hash::{self, Blake3Hash, TokenId};
 use crate::index::{self, Finish, Reserve};
 use crate::key::{self, ChunkHash};
-use crate::{clock, CoreError};
+use crate::{clock, wire, CoreError};
 
 create_exception!(_core, LmcacheCoreError, PyValueError, "Base class of every lmcache-rs core error.");
 create_exception!(_core, InvalidKeyError, LmcacheCoreError, "A key field breaks the key rules.");
@@ -192,6 +192,48 @@ fn chunk_hashes_msgpack<'py>(
         })
         .map_err(to_py_err)?;
     Ok((hashes_to_list(py, &hashes)?, n))
+}
+
+/// A request key's fields from its msgpack frame, in one pass (see `wire`): `(model_name,
+/// world_size, worker_id, token_span, token_ids, start, end, request_id, cache_salt,
+/// request_configs, num_kv_readers)`; `token_span` is the `token_ids` array as sent,
+/// `token_ids` the ids as native-endian u32 bytes, `request_configs` raw bytes or None.
+type DecodedKey<'py> = (
+    Bound<'py, PyAny>,
+    i128,
+    Option<i128>,
+    Bound<'py, PyBytes>,
+    Bound<'py, PyBytes>,
+    i128,
+    i128,
+    Bound<'py, PyAny>,
+    Bound<'py, PyAny>,
+    Option<Bound<'py, PyBytes>>,
+    i128,
+);
+
+#[pyfunction]
+fn decode_key<'py>(py: Python<'py>, frame: &[u8]) -> PyResult<DecodedKey<'py>> {
+    let k = py.detach(|| wire::decode_key(frame)).map_err(to_py_err)?;
+    let ids = PyBytes::new_with(py, 4 * k.token_ids.len(), |buf| {
+        for (out, t) in buf.chunks_exact_mut(4).zip(&k.token_ids) {
+            out.copy_from_slice(&t.to_ne_bytes());
+        }
+        Ok(())
+    })?;
+    Ok((
+        k.model_name.into_pyobject(py)?.into_any(),
+        k.world_size,
+        k.worker_id,
+        PyBytes::new(py, k.token_span),
+        ids,
+        k.start,
+        k.end,
+        k.request_id.into_pyobject(py)?.into_any(),
+        k.cache_salt.into_pyobject(py)?.into_any(),
+        k.request_configs.map(|c| PyBytes::new(py, c)),
+        k.num_kv_readers,
+    ))
 }
 
 /// `world << 24 | global_rank << 16 | local_world << 8 | local_rank`; every field <= 255.
@@ -534,6 +576,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(chunk_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(extend_chain, m)?)?;
     m.add_function(wrap_pyfunction!(chunk_hashes_msgpack, m)?)?;
+    m.add_function(wrap_pyfunction!(decode_key, m)?)?;
     m.add_function(wrap_pyfunction!(kv_rank, m)?)?;
     m.add_function(wrap_pyfunction!(mp_kv_rank, m)?)?;
     m.add_function(wrap_pyfunction!(validate_salt, m)?)?;

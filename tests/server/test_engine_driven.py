@@ -16,6 +16,7 @@ from kvsim import Worker, lookup, tokens
 from lmcache_rs.client import ServerError
 from lmcache_rs.client.client import make_key
 from lmcache_rs.client.engine_driven import EngineDrivenWorker
+from lmcache_rs.client.shm_kv import paged_shape
 from lmcache_rs.protocol.messages import EngineDrivenRegistration
 from lmcache_rs.storage.shm_pool import POOL_PREFIX, SHM_DIR, auto_name
 
@@ -34,11 +35,7 @@ def kv_layers(
 ) -> list[torch.Tensor]:
     """A worker's paged KV cache (kvsim.Worker's default geometry: 2 layers, 2 heads x 32)."""
     g = torch.Generator().manual_seed(seed)
-    shape = {
-        "NHD": (2, num_blocks, BS, 2, 32),
-        "HND": (2, num_blocks, 2, BS, 32),
-        "MLA": (num_blocks, BS, 64),
-    }[layout]
+    shape = paged_shape(layout, num_blocks, BS, 2, 32) if layout != "MLA" else (num_blocks, BS, 64)
     return [torch.randn(shape, generator=g).to(dtype) for _ in range(2)]
 
 
