@@ -41,6 +41,11 @@ ENGINE_COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Chunks whose L1 bytes failed --verify-checksums on retrieve (never copied out).",
         ("model_name",),
     ),
+    "pickle_refused_requests": (
+        "lmcache_rs_pickle_refused_requests",
+        "Engine-driven requests that carried pickled KV, refused unread.",
+        ("op",),
+    ),
     "lookups": ("lmcache_mp_lookups_requests", "Lookup requests.", ("model_name", "cache_salt")),
     "lookup_requested_tokens": (
         "lmcache_mp_lookup_requested_tokens",

@@ -1,5 +1,7 @@
 """8 worker processes store and retrieve overlapping prefixes under constant eviction, with
 --verify-checksums: every retrieved chunk is byte-exact or reported as a miss, never wrong.
+Half the workers are lmcache-driven (the server copies from their shm KV), half engine-driven
+(they copy into and out of L1 slots themselves): both kinds share every chunk.
 
 The KV of a chunk is a pure function of its chunk hash (so of its whole token prefix), so any
 worker can tell what a retrieved chunk must contain. LMCACHE_RS_STRESS_SECONDS sets the
@@ -15,10 +17,13 @@ from collections import Counter
 from typing import Any
 
 import torch
-from kvsim import Worker, lookup
+from kvsim import MODEL, Worker, lookup
 
 from lmcache_rs import chunk_hashes
 from lmcache_rs.client import MPClient
+from lmcache_rs.client.client import make_key
+from lmcache_rs.client.engine_driven import EngineDrivenWorker
+from lmcache_rs.client.shm_kv import paged_shape
 
 C = 256
 BPC = C // 16
@@ -36,11 +41,34 @@ def blocks(first: int, chunks: int) -> list[int]:
     return list(range(first, first + chunks * BPC))
 
 
+class EngineDrivenSim:
+    """kvsim.Worker's interface and KV geometry, engine-driven."""
+
+    def __init__(self, c: MPClient, seed: int, num_blocks: int) -> None:
+        layers = [
+            torch.zeros(paged_shape("NHD", num_blocks, 16, 2, 32), dtype=torch.float16) for _ in range(2)
+        ]
+        self.kv = self  # so that `w.kv.layers` reads the same for both kinds
+        self.layers = layers
+        self.w = EngineDrivenWorker(c, layers, 50_000 + seed, MODEL)
+        self.w.register()
+
+    def store(self, toks: list[int], src: list[int], request_id: str) -> bool:
+        return self.w.store(make_key(toks, request_id, model_name=MODEL, worker_id=0), src)
+
+    def retrieve(self, toks: list[int], dst: list[int], rid: str, end: int) -> bool:
+        return self.w.retrieve(make_key(toks, rid, model_name=MODEL, worker_id=0, end=end), dst)
+
+    def close(self) -> None:
+        self.w.unregister()
+
+
 def stress_worker(url: str, seed: int, seconds: float, families: list[list[int]], q: Any) -> None:
     rng = random.Random(seed)
     stats: Counter[str] = Counter()
     with MPClient(url, timeout=30) as c:
-        w = Worker(c, num_blocks=1 + 2 * MAX_CHUNKS * BPC + 1)
+        num_blocks = 1 + 2 * MAX_CHUNKS * BPC + 1
+        w = Worker(c, num_blocks=num_blocks) if seed % 2 else EngineDrivenSim(c, seed, num_blocks)
         deadline = time.monotonic() + seconds
         i = 0
         while time.monotonic() < deadline:
@@ -73,6 +101,7 @@ def stress_worker(url: str, seed: int, seconds: float, families: list[list[int]]
                     stats["retrieve_miss"] += 1
             c.end_session(rid)
         stats["requests"] = i
+        stats["engine_driven_requests" if isinstance(w, EngineDrivenSim) else "lmcache_driven_requests"] = i
         w.close()
     q.put(dict(stats))
 
@@ -98,6 +127,8 @@ def test_concurrent_workers_never_get_wrong_kv(server_factory) -> None:
     print(dict(total))
     assert total["WRONG_chunks"] == 0, total
     assert total["exact_chunks"] > 100, total
+    assert total["engine_driven_requests"] > 0, total
+    assert total["lmcache_driven_requests"] > 0, total
     with MPClient(s.url) as c:
         assert c.noop() == "OK"
     import httpx  # noqa: PLC0415

@@ -178,6 +178,10 @@ def test_pickled_kv_is_refused_and_never_unpickled(server, tmp_path) -> None:
         assert e.value.fallback is False
         assert "never unpickles" in e.value.message
         assert not os.path.exists(canary)
+        import httpx  # noqa: PLC0415
+
+        metrics = httpx.get(f"{server.http}/metrics", timeout=10).text
+        assert 'lmcache_rs_pickle_refused_requests_total{op="commit_store"} 1.0' in metrics
         # The refused store left nothing behind: no staging, no hit, and the range can be stored.
         assert server_status(server)["staging_objects"] == 0
         assert lookup(c, t, "r") == 0
