@@ -3,6 +3,7 @@
 #   ./dev.sh serve [server flags]   install (once) and start the server with defaults
 #   ./dev.sh test  [pytest args]    install (once), then cargo test + the whole pytest suite
 #   ./dev.sh setup | lint | bench
+#   ./dev.sh gpu-bundle             wheels + extension for benches/gpu_check.sh on a GPU machine
 # The Python environment lives outside the checkout (torch is large: installed once, reused
 # by every clone and CI run); override with LMCACHE_RS_VENV.
 set -euo pipefail
@@ -88,6 +89,21 @@ lint() {
     "$VENV/bin/ruff" format --check .
 }
 
+# What benches/gpu_check.sh needs on a machine with PyTorch and CUDA but no network (Python
+# 3.12 there): this project's other runtime dependencies as wheels in .whl/ (git-excluded);
+# the extension (abi3, built here by setup) travels as lmcache_rs/_core.abi3.so.
+gpu_bundle() {
+    setup
+    rm -rf .whl
+    "$VENV/bin/python" -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl msgspec pyzmq litestar uvicorn redis
+    if [ -d .git/info ] && ! grep -qx '/.whl/' .git/info/exclude 2>/dev/null; then
+        echo /.whl/ >>.git/info/exclude
+    fi
+    say "bundle: .whl/ ($(du -sh .whl | cut -f1)); on the GPU machine, carrying .whl and lmcache_rs/_core.abi3.so: bash benches/gpu_check.sh"
+}
+
 run_tests() {
     cargo test --locked
     "$VENV/bin/python" -m pytest "$@"
@@ -100,6 +116,7 @@ setup) setup ;;
 test) setup && run_tests "$@" ;;
 lint) setup && lint ;;
 bench) need_rust && cargo bench --bench core "$@" ;;
+gpu-bundle) gpu_bundle ;;
 serve) setup && exec "$VENV/bin/lmcache-rs" server "$@" ;;
 *)
     sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
