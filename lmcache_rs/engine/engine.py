@@ -298,12 +298,7 @@ class Engine:
     ) -> list[Any]:
         ctx = self._worker_context(key, instance_id)
         self.stats.add("stores_submitted", ctx.device)
-        c0 = self._first_chunk(key)
-        session = self.sessions.get(key.request_id)
-        assert session is not None
-        with session.lock:
-            hashes = self._prefix(session, key)[c0:]
-            session.scopes = [self._scope(key, r) for r in range(key.world_size)]
+        hashes = self._write_range(key)
         n = len(hashes)
         if n == 0:
             self.stats.add("stores_finished", ctx.device)
@@ -363,6 +358,17 @@ class Engine:
                 fallback=[done_event, False],
             )
         return [done_event, True]
+
+    def _write_range(self, key: IPCCacheServerKey) -> list[bytes]:
+        """The hashes of the chunks a store covers (`[start, end)`); records the request's
+        scopes (every rank) for end_session's LRU touch."""
+        c0 = self._first_chunk(key)
+        session = self.sessions.get(key.request_id)
+        assert session is not None
+        with session.lock:
+            hashes = self._prefix(session, key)[c0:]
+            session.scopes = [self._scope(key, r) for r in range(key.world_size)]
+        return hashes
 
     def retrieve(
         self, key: IPCCacheServerKey, instance_id: int, block_ids: list[list[int]], event: bytes, skip: int
@@ -682,12 +688,7 @@ class Engine:
 
     def prepare_store(self, key: IPCCacheServerKey, instance_id: int) -> PrepareStoreReply:
         ctx = self._engine_context(key, instance_id)
-        c0 = self._first_chunk(key)
-        session = self.sessions.get(key.request_id)
-        assert session is not None
-        with session.lock:
-            hashes = self._prefix(session, key)[c0:]
-            session.scopes = [self._scope(key, r) for r in range(key.world_size)]
+        hashes = self._write_range(key)
         if not hashes:
             return PrepareStoreReply(context=StoreSlots(slots=[], chunk_indices=[]))
         self._check_prepared(ctx)
