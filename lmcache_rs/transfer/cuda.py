@@ -55,9 +55,14 @@ def open_cuda_tensor(handle: CudaHandle) -> torch.Tensor:
     if not torch.cuda.is_available():
         raise HandleError("a cuda KV handle needs a CUDA device in the server")
     sh = handle.storage_handle
-    if len(sh) != 8 or not isinstance(sh[1], bytes):
+    # (device, handle, size_bytes, offset_bytes, ref_counter_handle, ref_counter_offset,
+    #  event_handle, event_sync_required), as UntypedStorage._share_cuda_() returns it.
+    kinds = (int, bytes, int, int, bytes, int, bytes, bool)
+    if len(sh) != len(kinds) or not all(
+        isinstance(v, k) and (k is bool or not isinstance(v, bool)) for v, k in zip(sh, kinds, strict=False)
+    ):
         raise HandleError(
-            f"storage_handle must be torch's 8-field shared-storage tuple, got {len(sh)} fields"
+            "storage_handle must be torch's 8-field shared-storage tuple (int, bytes, int, ...)"
         )
     dtype = parse_dtype(handle.metadata.dtype)
     idx = device_index(handle.metadata.device_uuid)

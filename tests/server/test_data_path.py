@@ -227,3 +227,25 @@ def test_scattered_and_reversed_block_ids_roundtrip(server) -> None:
             assert torch.equal(g[:, 1, 3:], e[:, 1, 3:])  # the partially skipped block's tail
         c.end_session("r")
         w.close()
+
+
+def test_cuda_handles_get_clear_answers_without_cuda(server) -> None:
+    """A GPU worker registering with a server that sees no CUDA device learns why at once."""
+    from lmcache_rs.protocol.messages import CudaHandle, CudaRawHandle, TensorMetadata  # noqa: PLC0415
+
+    meta = TensorMetadata(dtype="bfloat16", shape=[2, 8, 16, 2, 32], stride=[8192, 1024, 64, 32, 1])
+    shared = [0, b"\x01" * 64, 65536, 0, b"ref", 0, b"\x02" * 64, False]
+    with server.client() as c:
+        if not torch.cuda.is_available():
+            with pytest.raises(ServerError) as e:
+                c.register_kv_cache(
+                    91, [CudaHandle(version=1, metadata=meta, storage_handle=shared)], MODEL, 1
+                )
+            assert e.value.code == "bad_registration"
+            assert "no CUDA device" in e.value.message
+        raw = CudaRawHandle(version=1, metadata=meta, ipc_handle=b"\0" * 64, alloc_offset=0, nbytes=65536)
+        with pytest.raises(ServerError) as e:
+            c.register_kv_cache(92, [raw], MODEL, 1)
+        assert e.value.code == "bad_registration"
+        assert "cuda_raw" in e.value.message
+        assert c.noop() == "OK"
