@@ -180,10 +180,8 @@ pub fn decode_key(frame: &[u8]) -> CoreResult<WireKey<'_>> {
             "world_size" => world_size = Some(r.int(name)?),
             "worker_id" => worker_id = Some(r.opt_int(name)?),
             "token_ids" => {
-                let at = r.at;
-                let (ids, used) = msgpack_tokens_prefix(&frame[at..])?;
-                r.take(used)?;
-                tokens = Some((&frame[at..at + used], ids));
+                let (ids, used) = msgpack_tokens_prefix(&frame[r.at..])?;
+                tokens = Some((r.take(used)?, ids));
             }
             "start" => start = Some(r.int(name)?),
             "end" => end = Some(r.int(name)?),
@@ -191,19 +189,15 @@ pub fn decode_key(frame: &[u8]) -> CoreResult<WireKey<'_>> {
             "cache_salt" => cache_salt = r.str(name)?,
             "request_configs" => {
                 let at = r.at;
-                if frame.get(at) == Some(&0xc0) {
-                    r.take(1)?;
-                    request_configs = None;
-                } else {
-                    if !matches!(
-                        Marker::from_u8(*frame.get(at).unwrap_or(&0xc1)),
-                        Marker::FixMap(_) | Marker::Map16 | Marker::Map32
-                    ) {
-                        return Err(bad("`request_configs` must be a map or nil"));
+                request_configs = match r.marker()? {
+                    Marker::Null => None,
+                    Marker::FixMap(_) | Marker::Map16 | Marker::Map32 => {
+                        r.at = at;
+                        r.skip(0)?;
+                        Some(&frame[at..r.at])
                     }
-                    r.skip(0)?;
-                    request_configs = Some(&frame[at..r.at]);
-                }
+                    _ => return Err(bad("`request_configs` must be a map or nil")),
+                };
             }
             "num_kv_readers" => num_kv_readers = r.int(name)?,
             _ => r.skip(0)?,

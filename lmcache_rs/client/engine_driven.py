@@ -16,7 +16,6 @@ import torch
 from lmcache_rs.client.client import MPClient, ServerError
 from lmcache_rs.protocol.messages import EngineDrivenRegistration, IPCCacheServerKey, ShmSlot
 from lmcache_rs.storage.shm_pool import SHM_DIR
-from lmcache_rs.transfer.cpu_shm import parse_dtype
 from lmcache_rs.transfer.gather import GroupLayout, gather, scatter
 
 
@@ -33,10 +32,6 @@ class PoolMapping:
     def raw(self, slot: ShmSlot) -> torch.Tensor:
         """A slot's bytes (uint8)."""
         return torch.frombuffer(self.mm, dtype=torch.uint8, count=slot.length, offset=slot.offset)
-
-    def view(self, slot: ShmSlot) -> torch.Tensor:
-        """A slot as the tensor the server describes (`shape`, `dtype`)."""
-        return self.raw(slot).view(parse_dtype(slot.dtype)).view(slot.shape)
 
 
 class EngineDrivenWorker:

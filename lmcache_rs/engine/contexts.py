@@ -108,6 +108,19 @@ PrepareKey = tuple[str, int | None, int, int, str]
 MAX_PREPARED = 1024
 
 
+def _drop_older(table: dict[PrepareKey, list[Any]], cutoff: float) -> list[Any]:
+    """Removes and returns the entries of `table` prepared before `cutoff`."""
+    gone: list[Any] = []
+    for k, items in list(table.items()):
+        gone += [p for p in items if p.at < cutoff]
+        keep = [p for p in items if p.at >= cutoff]
+        if keep:
+            table[k] = keep
+        else:
+            del table[k]
+    return gone
+
+
 @dataclass
 class EngineDrivenContext:
     """One engine-driven worker (spec D.3): it copies chunks itself, into and out of L1 slots
@@ -173,33 +186,20 @@ class EngineDrivenContext:
                 del table[key]
             return item
 
-    def take_all(self) -> tuple[list[PreparedStore], list[PreparedRetrieve]]:
+    def take_all(self) -> list[PreparedRetrieve]:
+        """Forgets every prepared operation; returns the retrieves, whose read locks the caller
+        releases (staged writes go with the writer's `abort_writer`)."""
         with self.lock:
-            stores = [p for v in self.stores.values() for p in v]
             reads = [p for v in self.reads.values() for p in v]
             self.stores.clear()
             self.reads.clear()
-        return stores, reads
+        return reads
 
     def take_older(self, store_cutoff: float, read_cutoff: float) -> tuple[list[PreparedStore], int]:
         """Drops prepared operations older than the cutoffs (their locks have expired in the
         index). Returns the stores, whose staging the caller aborts, and how many reads went."""
-        stores: list[PreparedStore] = []
-        reads = 0
         with self.lock:
-            for table, cutoff in ((self.stores, store_cutoff), (self.reads, read_cutoff)):
-                for k in list(table):
-                    keep = [p for p in table[k] if p.at >= cutoff]
-                    gone = [p for p in table[k] if p.at < cutoff]
-                    if table is self.stores:
-                        stores.extend(gone)
-                    else:
-                        reads += len(gone)
-                    if keep:
-                        table[k] = keep
-                    else:
-                        del table[k]
-        return stores, reads
+            return _drop_older(self.stores, store_cutoff), len(_drop_older(self.reads, read_cutoff))
 
     def status(self) -> dict[str, Any]:
         return {

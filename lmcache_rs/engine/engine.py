@@ -54,6 +54,18 @@ log = logging.getLogger(__name__)
 
 Ctx = TypeVar("Ctx", KVContext, EngineDrivenContext)
 
+#: The operations of each transfer mode (spec D), served only where --supported-transfer-mode
+#: includes it.
+LMCACHE_DRIVEN_OPS = ("register_kv_cache", "unregister_kv_cache", "store", "retrieve")
+ENGINE_DRIVEN_OPS = (
+    "register_kv_cache_engine_driven_context",
+    "unregister_kv_cache_engine_driven_context",
+    "prepare_store",
+    "commit_store",
+    "prepare_retrieve",
+    "commit_retrieve",
+)
+
 #: Longest a wait_prefetch_status may hold a control-pool thread.
 MAX_WAIT_SECONDS = 5.0
 
@@ -108,7 +120,7 @@ class Engine:
             "get_experimental": lambda: [],
         }
         if not cfg.mp.lmcache_driven:
-            for name in ("register_kv_cache", "unregister_kv_cache", "store", "retrieve"):
+            for name in LMCACHE_DRIVEN_OPS:
                 del self.handlers[name]
         if cfg.mp.engine_driven:
             self.handlers.update(
@@ -121,6 +133,18 @@ class Engine:
                     "commit_retrieve": self.commit_retrieve,
                 }
             )
+
+    def refusal(self, op: str) -> str | None:
+        """Why a known operation is not served here (None: it is). The handler table is the one
+        record of what this server serves."""
+        if op in self.handlers:
+            return None
+        if op in LMCACHE_DRIVEN_OPS or op in ENGINE_DRIVEN_OPS:
+            return (
+                f"operation {op!r} is not served with --supported-transfer-mode "
+                f"{self.cfg.mp.supported_transfer_mode}"
+            )
+        return f"operation {op!r} is not supported by this server"
 
     # ---- helpers ---------------------------------------------------------------------------
 
@@ -265,8 +289,7 @@ class Engine:
             return False
         aborted = self.index.abort_writer(instance_id)
         if isinstance(ctx, EngineDrivenContext):
-            _, reads = ctx.take_all()  # its staged writes went with abort_writer
-            for r in reads:
+            for r in ctx.take_all():
                 self.index.finish_read(r.scope, r.hashes, 1)
         log.info("instance %d %s (%d staged writes dropped)", instance_id, why, aborted)
         return True

@@ -39,7 +39,8 @@ def encode(value: Any) -> bytes:
 
 
 def decode_op(frame: bytes) -> ops.OpSpec:
-    """The operation of a request frame; raises ProtocolError for anything unknown."""
+    """The operation of a request frame; raises ProtocolError for anything unknown. Whether
+    this server serves it is the engine's to say (`Engine.refusal`)."""
     try:
         op = _op_decoder.decode(frame)
     except (msgspec.DecodeError, ValueError) as e:  # ValueError: invalid UTF-8 in a str
@@ -47,8 +48,6 @@ def decode_op(frame: bytes) -> ops.OpSpec:
     spec = ops.find(op)
     if spec is None:
         raise ProtocolError("unknown_op", f"unknown operation {op!r}")
-    if not spec.supported:
-        raise ProtocolError("unsupported_op", f"operation {spec.name!r} is not supported by this server")
     return spec
 
 

@@ -1,7 +1,8 @@
 """The operation table (spec B.4): names, legacy ids, argument types, pools, failure values.
 
 One row per operation. The transport decodes each argument frame with the row's types and
-routes the request to the row's pool; the engine registers one handler per supported name.
+routes the request to the row's pool; the engine registers one handler per operation it
+serves and answers the rest `unsupported_op` (`Engine.refusal`).
 """
 
 from __future__ import annotations
@@ -60,7 +61,6 @@ class OpSpec:
     #: Payload frame of an error reply: the op's natural failure value (what an LMCache
     #: client decodes when it ignores the error frame).
     fallback: Any = None
-    supported: bool = True
     decoders: tuple[ArgDecoder, ...] = field(default=(), compare=False)
 
 
@@ -106,9 +106,9 @@ S = Pool.SYNC
 OPS: tuple[OpSpec, ...] = (
     _op("register_kv_cache", 1, int, list[Any], str, int, str, dict[str, Any], list[EngineGroupInfo], pool=A),
     _op("unregister_kv_cache", 2, int, pool=A),
-    _op("register_q_cache", 3, supported=False),
-    _op("unregister_q_cache", 4, supported=False),
-    _op("store_q", 5, supported=False),
+    _op("register_q_cache", 3),
+    _op("unregister_q_cache", 4),
+    _op("store_q", 5),
     _op("store", 6, Key, int, BlockIds, bytes, pool=A, fallback=[b"", False]),
     _op("retrieve", 7, Key, int, BlockIds, bytes, int, pool=A, fallback=[b"", False]),
     _op("lookup", 8, Key, int, pool=S),
@@ -142,18 +142,18 @@ OPS: tuple[OpSpec, ...] = (
     _op("ping", 22, int | None, pool=S),
     _op("report_block_allocation", 23, int, str, list[BlockAllocationRecord]),
     _op("noop", 24, pool=S),
-    _op("cb_register_rope", 25, supported=False),
-    _op("cb_unregister_rope", 26, supported=False),
-    _op("cb_retrieve_pre_computed", 27, supported=False),
-    _op("cb_unified_lookup", 28, supported=False),
-    _op("p2p_lookup_and_lock", 29, supported=False),
-    _op("p2p_query_lookup_results", 30, supported=False),
-    _op("p2p_unlock_objects", 31, supported=False),
+    _op("cb_register_rope", 25),
+    _op("cb_unregister_rope", 26),
+    _op("cb_retrieve_pre_computed", 27),
+    _op("cb_unified_lookup", 28),
+    _op("p2p_lookup_and_lock", 29),
+    _op("p2p_query_lookup_results", 30),
+    _op("p2p_unlock_objects", 31),
     _op("get_experimental", 32, pool=S),
-    _op("cb_protocol_handshake", 33, supported=False),
-    _op("cb_reorder_plan", None, supported=False),
-    _op("subscribe_kv_events", None, supported=False),
-    _op("server_module_call", None, supported=False),
+    _op("cb_protocol_handshake", 33),
+    _op("cb_reorder_plan", None),
+    _op("subscribe_kv_events", None),
+    _op("server_module_call", None),
 )
 
 BY_NAME: dict[str, OpSpec] = {op.name: op for op in OPS}

@@ -91,18 +91,20 @@ class L1Store:
                 log.warning("L1 stays private, engine-driven workers will be refused: %s", e)
         if self.pool is not None:
             self._mm = self.pool.mm
-            self.buffer = torch.frombuffer(self._mm, dtype=torch.uint8)
-            if self.pinned:
-                self.pinned = _cuda_host_register(self.buffer)
         elif self.pinned:  # cudaHostAlloc commits (and pins) every page now
             self.buffer = torch.empty(size, dtype=torch.uint8, pin_memory=True)
             self.prefaulted_bytes = size
             return
         else:
             self._mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            self.buffer = torch.frombuffer(self._mm, dtype=torch.uint8)
+        self.buffer = torch.frombuffer(self._mm, dtype=torch.uint8)
         with contextlib.suppress(OSError, AttributeError):
             self._mm.madvise(mmap.MADV_HUGEPAGE)
+        if self.pinned:  # the pool with CUDA: registering it faults in and locks every page
+            self.pinned = _cuda_host_register(self.buffer)
+            if self.pinned:
+                self.prefaulted_bytes = size
+                return
         if cfg.l1_prefault:
             threading.Thread(target=self._prefault, name="l1-prefault", daemon=True).start()
 

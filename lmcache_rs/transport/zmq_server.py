@@ -185,13 +185,9 @@ class ZmqServer:
         except ProtocolError as e:
             self._send(self._error(identity, uid, op_frame, None, e))
             return
-        if spec.name not in self.engine.handlers:  # a transfer mode this server does not serve
-            err = ProtocolError(
-                "unsupported_op",
-                f"operation {spec.name!r} is not served with --supported-transfer-mode "
-                f"{self.cfg.supported_transfer_mode}",
-            )
-            self._send(self._error(identity, uid, op_frame, spec, err))
+        refusal = self.engine.refusal(spec.name)
+        if refusal is not None:
+            self._send(self._error(identity, uid, op_frame, spec, ProtocolError("unsupported_op", refusal)))
             return
         if not self._accepting:
             self._send(
