@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use lmcache_rs_core::{
-    msgpack_tokens, none_hash, prefix_hashes, ChunkHash, EvictionPolicy, KeyScope, L1Config, L1Index, Reserve,
+    msgpack_tokens, msgpack_tokens_prefix_serial, none_hash, prefix_hashes, ChainMemo, ChunkHash,
+    EvictionPolicy, KeyScope, L1Config, L1Index, Reserve,
 };
 
 const OBJ: u64 = 4096;
@@ -57,9 +58,26 @@ fn bench_hashing(c: &mut Criterion) {
     g.bench_function("prefix_32k_tokens_i64", |b| {
         b.iter(|| prefix_hashes(black_box(&tokens_i64), 256, 0, None))
     });
+    // Through the chain memo: every chunk found (a prompt seen before, as every KV hit is),
+    // and none found (a new prompt: blake3 plus one insert per chunk).
+    let memo = ChainMemo::new(1 << 14);
+    memo.prefix_hashes(&tokens_u32, 256, 0, None).unwrap();
+    g.bench_function("prefix_32k_tokens_memo_hit", |b| {
+        b.iter(|| memo.prefix_hashes(black_box(&tokens_u32), 256, 0, None))
+    });
+    // Steady state of misses: a full memo, every prompt new (its first token differs), so
+    // every chunk is hashed, inserted, and generations rotate.
+    let mut variant = tokens_u32.clone();
+    g.bench_function("prefix_32k_tokens_memo_miss", |b| {
+        b.iter(|| {
+            variant[0] = variant[0].wrapping_add(1);
+            memo.prefix_hashes(black_box(&variant), 256, 0, None)
+        })
+    });
     // The wire form (a msgpack array of 3- and 5-byte ints): parse, and parse + hash, as a
-    // lookup does. Parsing is serial (each element's width decides where the next starts):
-    // a branch-free variant with a width table measured the same here, so it was not kept.
+    // lookup does. Each element's width decides where the next starts, so one parse is a
+    // serial chain; `msgpack_tokens` runs four over parts of the array, interleaved (see
+    // `hash::fast_tokens`), and `serial` is the one-chain parser it falls back to.
     let mut raw = vec![0xdd];
     raw.extend_from_slice(&(tokens_u32.len() as u32).to_be_bytes());
     for &t in &tokens_u32 {
@@ -74,8 +92,14 @@ fn bench_hashing(c: &mut Criterion) {
     g.bench_function("msgpack_32k_tokens_parse_and_hash", |b| {
         b.iter(|| prefix_hashes(&msgpack_tokens(black_box(&raw)).unwrap(), 256, 0, None))
     });
+    g.bench_function("msgpack_32k_tokens_parse_and_memo_hit", |b| {
+        b.iter(|| memo.prefix_hashes(&msgpack_tokens(black_box(&raw)).unwrap(), 256, 0, None))
+    });
     g.bench_function("msgpack_32k_tokens_parse_only", |b| {
         b.iter(|| msgpack_tokens(black_box(&raw)).unwrap())
+    });
+    g.bench_function("msgpack_32k_tokens_parse_only_serial", |b| {
+        b.iter(|| msgpack_tokens_prefix_serial(black_box(&raw)).unwrap())
     });
     // The floor: blake3 alone over the same 128 inputs of 32 + 1024 bytes, chained.
     g.bench_function("blake3_floor_128x1056B", |b| {

@@ -7,6 +7,7 @@ the code base (and users) need from it.
 from lmcache_rs._core import (
     HASH_LEN,
     MAX_READERS,
+    ChainMemo,
     InconsistentStateError,
     InvalidKeyError,
     KeyScope,
@@ -31,6 +32,7 @@ from lmcache_rs._core import __version__ as __version__
 __all__ = [
     "HASH_LEN",
     "MAX_READERS",
+    "ChainMemo",
     "InconsistentStateError",
     "InvalidKeyError",
     "KeyScope",

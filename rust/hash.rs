@@ -5,6 +5,12 @@
 //! [`none_hash`], so a chunk's hash names its whole prefix. `none_hash` is the same function
 //! applied to the integer 0 (8-byte big-endian) and the single token 0.
 
+use std::hash::BuildHasher;
+
+use foldhash::fast::RandomState;
+use hashbrown::HashTable;
+use parking_lot::Mutex;
+
 use crate::error::{CoreError, CoreResult};
 
 /// Bytes in a blake3 chunk hash.
@@ -54,14 +60,19 @@ fn validate<T: TokenId>(tokens: &[T]) -> CoreResult<()> {
     Err(CoreError::InvalidToken { position, value: tokens[position].widen() })
 }
 
-/// `blake3(prev || be_u32 tokens)` for validated tokens. `buf` is reused between calls.
-fn hash_one<T: TokenId>(prev: &[u8], tokens: &[T], buf: &mut Vec<u8>) -> Blake3Hash {
+/// Fills `buf` with the blake3 input of one chunk: `prev || be_u32 tokens` (validated tokens).
+fn chunk_input<T: TokenId>(prev: &[u8], tokens: &[T], buf: &mut Vec<u8>) {
     buf.resize(prev.len() + 4 * tokens.len(), 0);
     let (head, body) = buf.split_at_mut(prev.len());
     head.copy_from_slice(prev);
     for (out, &t) in body.chunks_exact_mut(4).zip(tokens) {
         out.copy_from_slice(&t.as_u32().to_be_bytes());
     }
+}
+
+/// `blake3(prev || be_u32 tokens)` for validated tokens. `buf` is reused between calls.
+fn hash_one<T: TokenId>(prev: &[u8], tokens: &[T], buf: &mut Vec<u8>) -> Blake3Hash {
+    chunk_input(prev, tokens, buf);
     *blake3::hash(buf).as_bytes()
 }
 
@@ -82,6 +93,15 @@ pub fn hash_chunks<T: TokenId>(
     tokens: &[T],
     chunk_size: usize,
 ) -> CoreResult<Vec<Blake3Hash>> {
+    chain(prev, tokens, chunk_size, None)
+}
+
+fn chain<T: TokenId>(
+    prev: &Blake3Hash,
+    tokens: &[T],
+    chunk_size: usize,
+    memo: Option<&ChainMemo>,
+) -> CoreResult<Vec<Blake3Hash>> {
     if chunk_size == 0 {
         return Err(CoreError::InvalidArgument("chunk_size must be > 0".into()));
     }
@@ -90,7 +110,36 @@ pub fn hash_chunks<T: TokenId>(
     let mut out = Vec::with_capacity(n);
     let mut scratch = Vec::with_capacity(HASH_LEN + 4 * chunk_size);
     let mut last = *prev;
-    for chunk in tokens.chunks_exact(chunk_size) {
+    let mut chunks = tokens.chunks_exact(chunk_size);
+    if let Some(memo) = memo.filter(|m| m.half > 0) {
+        // Chunks the memo holds, one short lock each; from the first miss on the chain is new
+        // (every later input starts with a hash not seen before), so the rest is hashed
+        // without probing and inserted under one lock.
+        for chunk in chunks.by_ref() {
+            chunk_input(&last, chunk, &mut scratch);
+            let key_hash = memo.hasher.hash_one(&scratch[..]);
+            match memo.get(key_hash, &scratch) {
+                Some(h) => last = h,
+                None => {
+                    last = *blake3::hash(&scratch).as_bytes();
+                    let mut new = MemoBatch::default();
+                    new.push(key_hash, &scratch, last);
+                    out.push(last);
+                    for chunk in chunks.by_ref() {
+                        chunk_input(&last, chunk, &mut scratch);
+                        last = *blake3::hash(&scratch).as_bytes();
+                        new.push(memo.hasher.hash_one(&scratch[..]), &scratch, last);
+                        out.push(last);
+                    }
+                    memo.insert(new);
+                    return Ok(out);
+                }
+            }
+            out.push(last);
+        }
+        return Ok(out);
+    }
+    for chunk in chunks {
         last = hash_one(&last, chunk, &mut scratch);
         out.push(last);
     }
@@ -105,11 +154,196 @@ pub fn prefix_hashes<T: TokenId>(
     start: usize,
     end: Option<usize>,
 ) -> CoreResult<Vec<Blake3Hash>> {
+    prefix_chain(tokens, chunk_size, start, end, None)
+}
+
+fn prefix_chain<T: TokenId>(
+    tokens: &[T],
+    chunk_size: usize,
+    start: usize,
+    end: Option<usize>,
+    memo: Option<&ChainMemo>,
+) -> CoreResult<Vec<Blake3Hash>> {
     let end = end.map_or(tokens.len(), |e| e.min(tokens.len()));
-    let mut all = hash_chunks(&none_hash(), &tokens[..end], chunk_size)?;
+    let mut all = chain(&none_hash(), &tokens[..end], chunk_size, memo)?;
     let first = (start / chunk_size).min(all.len());
     all.drain(..first);
     Ok(all)
+}
+
+/// A bounded memo of chunk hashes, keyed by the exact blake3 input (`prev || be_u32 tokens`,
+/// about 1 KiB for a 256-token chunk) and compared in full, so it can never answer a wrong
+/// hash; the fast hasher only picks the bucket.
+///
+/// Why: the chain is serial by definition, so a 32k-token prompt costs 128 blake3 calls one
+/// after another (about 180 µs on the 2-core test VM), and every lookup of a prompt pays it
+/// again. A KV hit means the same chunks were hashed when they were stored, so a memo that
+/// still holds them turns each blake3 into one table probe and a 1 KiB compare.
+///
+/// Two generations approximate LRU in O(1): inserts go to `young`; when it holds half the
+/// capacity it becomes `old` (the previous `old` is dropped, outside the lock); a hit in `old`
+/// moves back to `young`. Keys live in one byte arena per generation, so a rotation frees two
+/// allocations, not thousands. At most `capacity` entries are held; 0 disables the memo.
+#[derive(Debug)]
+pub struct ChainMemo {
+    half: usize,
+    hasher: RandomState,
+    maps: Mutex<MemoMaps>,
+}
+
+/// One entry: its key is `bytes[at..at + len]` of its generation's arena.
+#[derive(Debug, Clone, Copy)]
+struct MemoSlot {
+    /// The hasher's hash of the key, kept for rehashing.
+    hash: u64,
+    at: usize,
+    len: usize,
+    value: Blake3Hash,
+}
+
+#[derive(Debug, Default)]
+struct Generation {
+    table: HashTable<MemoSlot>,
+    bytes: Vec<u8>,
+}
+
+impl Generation {
+    fn find(&self, hash: u64, key: &[u8]) -> Option<&MemoSlot> {
+        self.table.find(hash, |s| self.bytes[s.at..s.at + s.len] == *key)
+    }
+
+    fn push(&mut self, hash: u64, key: &[u8], value: Blake3Hash) {
+        let slot = MemoSlot { hash, at: self.bytes.len(), len: key.len(), value };
+        self.bytes.extend_from_slice(key);
+        self.table.insert_unique(hash, slot, |s| s.hash);
+    }
+}
+
+/// Entries hashed outside the lock, inserted together.
+#[derive(Debug, Default)]
+struct MemoBatch {
+    slots: Vec<MemoSlot>,
+    bytes: Vec<u8>,
+}
+
+impl MemoBatch {
+    fn push(&mut self, hash: u64, key: &[u8], value: Blake3Hash) {
+        self.slots.push(MemoSlot { hash, at: self.bytes.len(), len: key.len(), value });
+        self.bytes.extend_from_slice(key);
+    }
+}
+
+#[derive(Debug, Default)]
+struct MemoMaps {
+    young: Generation,
+    old: Generation,
+    hits: u64,
+    misses: u64,
+}
+
+impl MemoMaps {
+    /// Inserts into `young`, rotating first when it is full; returns the dropped generation.
+    fn push(&mut self, half: usize, hash: u64, key: &[u8], value: Blake3Hash) -> Option<Generation> {
+        let mut dropped = None;
+        if self.young.table.len() >= half {
+            dropped = Some(std::mem::replace(&mut self.old, std::mem::take(&mut self.young)));
+        }
+        self.young.push(hash, key, value);
+        dropped
+    }
+}
+
+/// What a [`ChainMemo`] holds and how often it answered (counted in chunks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoStats {
+    pub entries: usize,
+    /// Bytes of the arenas that hold the keys (the tables add about 64 bytes an entry).
+    pub key_bytes: usize,
+    pub capacity: usize,
+    pub hits: u64,
+    pub misses: u64,
+}
+
+impl ChainMemo {
+    /// A memo holding at most `capacity` chunk hashes (0: disabled, every call hashes).
+    pub fn new(capacity: usize) -> Self {
+        Self { half: capacity.div_ceil(2), hasher: RandomState::default(), maps: Mutex::default() }
+    }
+
+    /// The hash of `key` if held (a hit in `old` moves it to `young`).
+    fn get(&self, hash: u64, key: &[u8]) -> Option<Blake3Hash> {
+        let mut m = self.maps.lock();
+        if let Some(s) = m.young.find(hash, key) {
+            let value = s.value;
+            m.hits += 1;
+            return Some(value);
+        }
+        let maps = &mut *m;
+        let Generation { table, bytes } = &mut maps.old;
+        let Ok(entry) = table.find_entry(hash, |s| bytes[s.at..s.at + s.len] == *key) else {
+            maps.misses += 1;
+            return None;
+        };
+        // Its arena bytes stay in `old` (freed with it); the entry moves to `young`.
+        let value = entry.remove().0.value;
+        maps.hits += 1;
+        let dropped = maps.push(self.half, hash, key, value);
+        drop(m);
+        drop(dropped);
+        Some(value)
+    }
+
+    fn insert(&self, batch: MemoBatch) {
+        let mut dropped = Vec::new();
+        let mut m = self.maps.lock();
+        m.misses += batch.slots.len() as u64 - 1; // the first was counted by its probe
+        for s in &batch.slots {
+            dropped.extend(m.push(self.half, s.hash, &batch.bytes[s.at..s.at + s.len], s.value));
+        }
+        drop(m);
+        drop(dropped); // a rotation frees up to half the capacity: never under the lock
+    }
+
+    /// [`hash_chunks`] through the memo.
+    pub fn hash_chunks<T: TokenId>(
+        &self,
+        prev: &Blake3Hash,
+        tokens: &[T],
+        chunk_size: usize,
+    ) -> CoreResult<Vec<Blake3Hash>> {
+        chain(prev, tokens, chunk_size, Some(self))
+    }
+
+    /// [`prefix_hashes`] through the memo.
+    pub fn prefix_hashes<T: TokenId>(
+        &self,
+        tokens: &[T],
+        chunk_size: usize,
+        start: usize,
+        end: Option<usize>,
+    ) -> CoreResult<Vec<Blake3Hash>> {
+        prefix_chain(tokens, chunk_size, start, end, Some(self))
+    }
+
+    pub fn stats(&self) -> MemoStats {
+        let m = self.maps.lock();
+        MemoStats {
+            entries: m.young.table.len() + m.old.table.len(),
+            key_bytes: m.young.bytes.len() + m.old.bytes.len(),
+            capacity: 2 * self.half,
+            hits: m.hits,
+            misses: m.misses,
+        }
+    }
+
+    /// Forgets every entry (the counters stay).
+    pub fn clear(&self) {
+        let (young, old) = {
+            let mut m = self.maps.lock();
+            (std::mem::take(&mut m.young), std::mem::take(&mut m.old))
+        };
+        drop((young, old));
+    }
 }
 
 /// Token ids from a msgpack array of non-negative integers, as LMCache clients send
@@ -123,9 +357,277 @@ pub fn msgpack_tokens(raw: &[u8]) -> CoreResult<Vec<u32>> {
 }
 
 /// Like [`msgpack_tokens`] for an array at the start of `raw` (more may follow): the ids and
-/// the bytes the array took. Parsing is serial (each element's width decides where the next
-/// starts): about 7 ns an id on the 2-core test VM, as much as hashing them.
+/// the bytes the array took. Large arrays go through [`fast_tokens`] (several interleaved
+/// parses); anything it does not handle, including every error, is parsed serially here, so
+/// results and errors are exactly the serial parser's.
 pub fn msgpack_tokens_prefix(raw: &[u8]) -> CoreResult<(Vec<u32>, usize)> {
+    if let Some((len, header)) = array_header(raw) {
+        if len >= FAST_MIN_TOKENS {
+            if let Some((ids, used)) = fast_tokens(&raw[header..], len) {
+                return Ok((ids, header + used));
+            }
+        }
+    }
+    msgpack_tokens_prefix_serial(raw)
+}
+
+/// `(element count, header bytes)` of a msgpack array header at the start of `raw`.
+fn array_header(raw: &[u8]) -> Option<(usize, usize)> {
+    match *raw.first()? {
+        tag @ 0x90..=0x9f => Some((usize::from(tag & 0x0f), 1)),
+        0xdc => Some((usize::from(u16::from_be_bytes(raw.get(1..3)?.try_into().ok()?)), 3)),
+        0xdd => Some((u32::from_be_bytes(raw.get(1..5)?.try_into().ok()?) as usize, 5)),
+        _ => None,
+    }
+}
+
+/// Below this many ids the serial parser is as fast (the interleaved one has set-up work).
+const FAST_MIN_TOKENS: usize = 1024;
+/// Parses interleaved by [`fast_tokens`].
+const STREAMS: usize = 4;
+/// How far into its part a guessed parse may restart after an element it cannot read.
+const WARMUP_BYTES: usize = 64;
+
+/// How [`fast_tokens`] reads the element a tag starts: `width | shift << 8 | bits << 16`,
+/// where the value is `(the 8 bytes from the tag, big-endian) >> shift`, masked to `bits`.
+/// Positive fixint, uint8, uint16 and uint32 (what encoders emit for ids below 2^32); 0 (width
+/// 0) for every other tag.
+static ELEMENT: [u32; 256] = {
+    let mut t = [0u32; 256];
+    let mut i = 0;
+    while i < 0x80 {
+        t[i] = 1 | (56 << 8) | (7 << 16);
+        i += 1;
+    }
+    t[0xcc] = 2 | (48 << 8) | (8 << 16);
+    t[0xcd] = 3 | (40 << 8) | (16 << 16);
+    t[0xce] = 5 | (24 << 8) | (32 << 16);
+    t
+};
+
+/// The element at `p` from the 8 bytes there: `(width, value)`, width 0 if unsupported.
+#[inline(always)]
+fn decode_word(word: u64) -> (usize, u32) {
+    let e = ELEMENT[(word >> 56) as usize];
+    let mask = (1u64 << (e >> 16)) - 1;
+    ((e & 0xff) as usize, ((word >> ((e >> 8) & 0xff)) & mask) as u32)
+}
+
+/// One element at `p`, near the end of the buffer too: `None` where it is unsupported or cut.
+#[inline]
+fn checked_step(b: &[u8], p: usize) -> Option<(usize, u32)> {
+    let mut word = [0u8; 8];
+    let have = b.len().checked_sub(p)?.min(8);
+    word[..have].copy_from_slice(&b[p..p + have]);
+    let (w, v) = decode_word(u64::from_be_bytes(word));
+    (w != 0 && w <= have).then_some((w, v))
+}
+
+/// One of the interleaved parses: element values and start offsets from `p` on. Its buffers
+/// are reused between calls (only `..count` is meaningful) and only grow.
+#[derive(Debug, Default)]
+struct Stream {
+    p: usize,
+    end: usize,
+    count: usize,
+    vals: Vec<u32>,
+    /// Offsets fit u32: [`fast_tokens`] refuses larger bodies.
+    pos: Vec<u32>,
+    /// Elements before this index came from an abandoned guess (see [`fast_tokens`]).
+    restart: usize,
+    dead: bool,
+}
+
+impl Stream {
+    #[inline]
+    fn put(&mut self, w: usize, v: u32) {
+        if self.count < self.vals.len() {
+            self.vals[self.count] = v;
+            self.pos[self.count] = self.p as u32;
+        } else {
+            self.vals.push(v);
+            self.pos.push(self.p as u32);
+        }
+        self.count += 1;
+        self.p += w;
+    }
+
+    /// An unreadable element at `p`: a guessed start (part `k > 0`, still in its first
+    /// [`WARMUP_BYTES`]) moves one byte on, anything else ends the parse.
+    fn stuck(&mut self, k: usize, part: usize) {
+        if k > 0 && self.p < k * part + WARMUP_BYTES {
+            self.p += 1;
+            self.restart = self.count;
+        } else {
+            self.dead = true;
+        }
+    }
+}
+
+/// Parses the `n` ids of an array body (`body` may continue past the array) as [`STREAMS`]
+/// independent parses, one per part of the bytes, interleaved in one loop so their serial
+/// dependency chains (tag -> width -> next tag) overlap in the CPU instead of running back to
+/// back.
+///
+/// Only the first part starts on a known element. The others start on a guess (the first
+/// byte of their part), restart one byte further on an unreadable element during their
+/// first [`WARMUP_BYTES`], and so fall onto the true element boundaries within a few
+/// elements. The merge makes it exact: a part's elements are taken only from the element
+/// where the (true) parse before it lands on one of the part's own element offsets, since
+/// from a common offset both parses are the same; elsewhere the true parse continues one
+/// element at a time. `None` (the caller parses serially) for anything else: unsupported
+/// element types, malformed or short arrays.
+fn fast_tokens(body: &[u8], n: usize) -> Option<(Vec<u32>, usize)> {
+    // The array's elements start within its first 5n bytes (5: the widest element read here).
+    let span = body.len().min(n.checked_mul(5)?);
+    let part = span / STREAMS;
+    if part < 2 * WARMUP_BYTES || body.len() > u32::MAX as usize {
+        return None;
+    }
+    SCRATCH.with_borrow_mut(|streams| {
+        let out = parse_parts(streams, body, n, span, part);
+        for s in streams.iter_mut() {
+            if s.vals.len() > SCRATCH_MAX_TOKENS {
+                *s = Stream::default(); // a huge prompt: do not keep its buffers
+            }
+        }
+        out
+    })
+}
+
+/// Most ids a part's buffers keep between calls (1 MiB of ids and offsets).
+const SCRATCH_MAX_TOKENS: usize = 1 << 17;
+
+thread_local! {
+    /// The parts' buffers, reused: fresh ones cost page faults that took longer than the
+    /// parse itself on the test VM.
+    static SCRATCH: std::cell::RefCell<[Stream; STREAMS]> = Default::default();
+}
+
+fn parse_parts(
+    streams: &mut [Stream; STREAMS],
+    body: &[u8],
+    n: usize,
+    span: usize,
+    part: usize,
+) -> Option<(Vec<u32>, usize)> {
+    // Parts hold about n / STREAMS elements when widths are even; they grow if not.
+    let want = n / STREAMS + n / 32 + 64;
+    for (k, s) in streams.iter_mut().enumerate() {
+        s.p = k * part;
+        s.end = if k + 1 == STREAMS { span } else { (k + 1) * part };
+        s.count = 0;
+        s.restart = 0;
+        s.dead = false;
+        if s.vals.len() < want {
+            s.vals.resize(want, 0);
+            s.pos.resize(want, 0);
+        }
+    }
+    interleave(streams, body, part);
+    // Each parse finishes its part alone.
+    for (k, s) in streams.iter_mut().enumerate() {
+        while !s.dead && s.p < s.end {
+            match checked_step(body, s.p) {
+                Some((w, v)) => s.put(w, v),
+                None => s.stuck(k, part),
+            }
+        }
+    }
+    // Merge: `vals` and `p` are the true parse so far.
+    let [first, rest @ ..] = streams;
+    if first.dead && first.count < n {
+        return None;
+    }
+    let mut vals = Vec::with_capacity(n + 16);
+    vals.extend_from_slice(&first.vals[..first.count]);
+    let mut p = first.p;
+    // Where element `n` starts, once the parse has gone that far (the array's end).
+    let mut end_at = (first.count > n).then(|| first.pos[n] as usize);
+    for s in rest.iter_mut() {
+        while vals.len() < n {
+            if let Ok(j) = s.pos[..s.count].binary_search(&(p as u32)) {
+                if j >= s.restart {
+                    if vals.len() + (s.count - j) > n {
+                        end_at = Some(s.pos[j + n - vals.len()] as usize);
+                    }
+                    vals.extend_from_slice(&s.vals[j..s.count]);
+                    p = s.p;
+                    break;
+                }
+            }
+            if p >= s.p {
+                break; // past everything this part parsed: go on into the next one
+            }
+            let (w, v) = checked_step(body, p)?;
+            vals.push(v);
+            p += w;
+        }
+    }
+    while vals.len() < n {
+        let (w, v) = checked_step(body, p)?;
+        vals.push(v);
+        p += w;
+    }
+    let used = end_at.unwrap_or(p);
+    vals.truncate(n);
+    Some((vals, used))
+}
+
+/// The hot loop: one element of every part per round, positions kept in registers, while
+/// every part is inside its bytes, 8 bytes from the buffer's end and inside its buffers.
+fn interleave(streams: &mut [Stream; STREAMS], body: &[u8], part: usize) {
+    let safe = body.len().saturating_sub(8);
+    loop {
+        let [s0, s1, s2, s3] = &mut *streams;
+        let (mut p0, mut p1, mut p2, mut p3) = (s0.p, s1.p, s2.p, s3.p);
+        let (mut i0, mut i1, mut i2, mut i3) = (s0.count, s1.count, s2.count, s3.count);
+        let lim = |s: &Stream| s.end.min(safe);
+        let (l0, l1, l2, l3) = (lim(s0), lim(s1), lim(s2), lim(s3));
+        let room = s0.vals.len().min(s1.vals.len()).min(s2.vals.len()).min(s3.vals.len());
+        macro_rules! step {
+            ($s:ident, $p:ident, $i:ident) => {{
+                let word = u64::from_be_bytes(body[$p..$p + 8].try_into().expect("8 bytes"));
+                let (w, v) = decode_word(word);
+                if w == 0 {
+                    false
+                } else {
+                    $s.vals[$i] = v;
+                    $s.pos[$i] = $p as u32;
+                    $i += 1;
+                    $p += w;
+                    true
+                }
+            }};
+        }
+        while p0 < l0 && p1 < l1 && p2 < l2 && p3 < l3 && i0.max(i1).max(i2).max(i3) < room {
+            let ok = step!(s0, p0, i0) & step!(s1, p1, i1) & step!(s2, p2, i2) & step!(s3, p3, i3);
+            if !ok {
+                break;
+            }
+        }
+        (s0.p, s1.p, s2.p, s3.p) = (p0, p1, p2, p3);
+        (s0.count, s1.count, s2.count, s3.count) = (i0, i1, i2, i3);
+        // A part that stopped on an element it cannot read restarts or ends; any other stop
+        // (a part's end, the buffer's end, full buffers) ends the interleaved phase.
+        let mut again = false;
+        for (k, s) in streams.iter_mut().enumerate() {
+            if s.p < s.end.min(safe)
+                && decode_word(u64::from_be_bytes(body[s.p..s.p + 8].try_into().expect("8 bytes"))).0 == 0
+            {
+                s.stuck(k, part);
+                again = true;
+            }
+        }
+        if !again || streams.iter().any(|s| s.dead) {
+            return;
+        }
+    }
+}
+
+/// [`msgpack_tokens_prefix`] with one serial parse: the reference the fast path falls back
+/// to (and is tested and benchmarked against).
+pub fn msgpack_tokens_prefix_serial(raw: &[u8]) -> CoreResult<(Vec<u32>, usize)> {
     let bad = |what: &str| CoreError::InvalidArgument(format!("token_ids: {what}"));
     let (&tag, mut rest) = raw.split_first().ok_or_else(|| bad("empty"))?;
     let take = |rest: &mut &[u8], n: usize| -> CoreResult<u64> {
@@ -260,6 +762,122 @@ mod tests {
         assert!(msgpack_tokens(&[0x91, 0x01, 0x02]).is_err());
         assert!(msgpack_tokens(&[0x01]).is_err());
         assert!(msgpack_tokens(&[]).is_err());
+    }
+
+    #[test]
+    fn memo_answers_exactly_what_blake3_does() {
+        let memo = ChainMemo::new(64);
+        let a: Vec<u32> = (0..4096).map(|i| i * 31 % 1000).collect();
+        let mut b = a.clone();
+        b[300] += 1; // chunk 1 differs: chunks 1.. of b have other hashes
+        for _ in 0..3 {
+            assert_eq!(
+                memo.prefix_hashes(&a, 256, 0, None).unwrap(),
+                prefix_hashes(&a, 256, 0, None).unwrap()
+            );
+            assert_eq!(
+                memo.prefix_hashes(&b, 256, 0, None).unwrap(),
+                prefix_hashes(&b, 256, 0, None).unwrap()
+            );
+        }
+        let s = memo.stats();
+        assert_eq!(s.misses, 16 + 15, "b shares only its first chunk with a");
+        assert_eq!(s.hits, 2 * (16 + 16) + 1);
+        assert_eq!(s.entries, 31);
+        assert_eq!(s.key_bytes, 31 * (32 + 1024));
+        let tail =
+            memo.hash_chunks(&prefix_hashes(&a, 256, 0, Some(512)).unwrap()[1], &a[512..], 256).unwrap();
+        assert_eq!(tail, prefix_hashes(&a, 256, 512, None).unwrap());
+    }
+
+    #[test]
+    fn memo_is_bounded_and_keeps_what_is_used() {
+        let memo = ChainMemo::new(8);
+        let hot: Vec<u32> = (0..512).collect(); // 2 chunks, looked up between every insert
+        for round in 0..50u32 {
+            let cold: Vec<u32> = (0..256).map(|i| i + 1_000 * (round + 1)).collect();
+            memo.prefix_hashes(&cold, 256, 0, None).unwrap();
+            assert_eq!(
+                memo.prefix_hashes(&hot, 256, 0, None).unwrap(),
+                prefix_hashes(&hot, 256, 0, None).unwrap()
+            );
+            assert!(memo.stats().entries <= 8);
+        }
+        let s = memo.stats();
+        assert_eq!(s.misses, 50 + 2, "the hot chunks were hashed once");
+        memo.clear();
+        assert_eq!((memo.stats().entries, memo.stats().key_bytes), (0, 0));
+        let off = ChainMemo::new(0);
+        assert_eq!(
+            off.prefix_hashes(&hot, 256, 0, None).unwrap(),
+            prefix_hashes(&hot, 256, 0, None).unwrap()
+        );
+        assert_eq!(off.stats().entries, 0);
+    }
+
+    /// msgpack for `tokens`, each with the smallest encoding (as msgspec writes) unless `wide`
+    /// picks other valid or invalid forms for some (uint64, int32, negative, a string).
+    fn encode(tokens: &[u32], wide: &[u8]) -> Vec<u8> {
+        let mut raw = vec![0xdd];
+        raw.extend_from_slice(&(tokens.len() as u32).to_be_bytes());
+        for (i, &t) in tokens.iter().enumerate() {
+            match wide.get(i).copied().unwrap_or(0) {
+                1 => {
+                    raw.push(0xcf);
+                    raw.extend_from_slice(&u64::from(t).to_be_bytes());
+                }
+                2 => {
+                    raw.push(0xd2);
+                    raw.extend_from_slice(&(t as i32).to_be_bytes());
+                }
+                3 => raw.push(0xff),
+                4 => raw.extend_from_slice(&[0xa1, b'x']),
+                _ if t < 0x80 => raw.push(t as u8),
+                _ if t <= 0xff => raw.extend_from_slice(&[0xcc, t as u8]),
+                _ if t <= 0xffff => {
+                    raw.push(0xcd);
+                    raw.extend_from_slice(&(t as u16).to_be_bytes());
+                }
+                _ => {
+                    raw.push(0xce);
+                    raw.extend_from_slice(&t.to_be_bytes());
+                }
+            }
+        }
+        raw
+    }
+
+    #[test]
+    fn fast_parse_matches_serial_on_large_arrays() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for round in 0..200 {
+            let n = 1024 + (next() % 6000) as usize;
+            let max = [0x80u64, 0x100, 0x1_0000, 128_000, 1 << 32][round % 5];
+            let tokens: Vec<u32> = (0..n).map(|_| (next() % max) as u32).collect();
+            let mut wide = vec![0u8; n];
+            if round % 7 == 3 {
+                wide[(next() % n as u64) as usize] = 1 + (next() % 4) as u8;
+            }
+            let mut raw = encode(&tokens, &wide);
+            let array_len = raw.len();
+            raw.extend((0..next() % 40).map(|_| next() as u8)); // what follows the array
+            if round % 11 == 5 {
+                let at = (next() % raw.len() as u64) as usize;
+                raw[at] = next() as u8;
+            }
+            let fast = msgpack_tokens_prefix(&raw);
+            assert_eq!(fast, msgpack_tokens_prefix_serial(&raw), "round {round}");
+            if round % 7 != 3 && round % 11 != 5 {
+                assert_eq!(fast_tokens(&raw[5..], n), Some((tokens.clone(), array_len - 5)), "round {round}");
+                assert_eq!(fast.unwrap(), (tokens, array_len));
+            }
+        }
     }
 
     #[test]

@@ -30,8 +30,8 @@ pub use arena::{Allocation, Arena, ArenaStats};
 pub use clock::{Clock, ManualClock, MonotonicClock};
 pub use error::{CoreError, CoreResult};
 pub use hash::{
-    checksum, hash_chunks, msgpack_tokens, msgpack_tokens_prefix, none_hash, prefix_hashes, Blake3Hash,
-    TokenId, HASH_LEN,
+    checksum, hash_chunks, msgpack_tokens, msgpack_tokens_prefix, msgpack_tokens_prefix_serial, none_hash,
+    prefix_hashes, Blake3Hash, ChainMemo, MemoStats, TokenId, HASH_LEN,
 };
 pub use index::{
     ClearReport, Counters, CycleReport, EvictionPolicy, Finish, L1Config, L1Index, L1Stats, Reserve,

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from lmcache_rs import MAX_READERS, InvalidKeyError, KeyScope, LmcacheCoreError, mp_kv_rank
+from lmcache_rs import MAX_READERS, ChainMemo, InvalidKeyError, KeyScope, LmcacheCoreError, mp_kv_rank
 from lmcache_rs.config import ServerConfig
 from lmcache_rs.engine.contexts import (
     MAX_PREPARED,
@@ -100,6 +100,8 @@ class Engine:
         self.contexts = ContextRegistry()
         self.sessions = SessionManager()
         self.stats = EngineStats()
+        #: Chunk hashes shared by all requests: a prompt seen before is not hashed again.
+        self.chain_memo = ChainMemo(cfg.mp.hash_memo_chunks)
         #: The L2 tier, set by the runtime when adapters are configured.
         self.l2: L2Tier | None = None
         self.handlers: dict[str, Callable[..., Any]] = {
@@ -166,7 +168,7 @@ class Engine:
     def _prefix(self, session: Session, key: IPCCacheServerKey) -> list[bytes]:
         """Hashes of the request's complete chunks up to `key.end` (caller holds session.lock)."""
         try:
-            hashes, n_tokens = session.chain(key, self.chunk_size)
+            hashes, n_tokens = session.chain(key, self.chunk_size, self.chain_memo)
         except LmcacheCoreError as e:
             raise ProtocolError("bad_request", str(e)) from None
         return hashes[: min(key.end, n_tokens) // self.chunk_size]

@@ -6,13 +6,14 @@ hashes) and the TTL counts from the last use, not from creation (spec L.5).
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from lmcache_rs import KeyScope, L1Index, chunk_hashes, chunk_hashes_msgpack
+from lmcache_rs import ChainMemo, KeyScope, L1Index, chunk_hashes_msgpack
 from lmcache_rs.protocol.messages import IPCCacheServerKey, ServerKey
 
 
@@ -28,25 +29,29 @@ class LookupLocks:
     shares: list[list[int]]
 
     def release(self, index: L1Index, rank: int | None, start: int, end: int, n: int | None) -> int:
-        """Releases up to `n` (None: all) shares of chunks [start, end) for `rank` (None: all)."""
+        """Releases up to `n` (None: all) shares of chunks [start, end) for `rank` (None: all).
+        One `finish_read` per run of equal shares (usually one per rank)."""
         released = 0
         ranks = range(len(self.scopes)) if rank is None else [rank]
-        end = min(end, len(self.hashes))
+        start, end = max(start, 0), min(end, len(self.hashes))
+        if start >= end:
+            return 0
         for r in ranks:
             if not 0 <= r < len(self.scopes):
                 continue
             row = self.shares[r]
-            i = max(start, 0)
-            while i < end:
-                take = row[i] if n is None else min(n, row[i])
-                j = i
-                while j < end and (row[j] if n is None else min(n, row[j])) == take:
-                    row[j] -= take
-                    j += 1
+            owed = row[start:end]
+            takes = owed if n is None else [min(n, v) for v in owed]
+            i = start
+            for take, run in itertools.groupby(takes):
+                j = i + len(list(run))
                 if take:
                     index.finish_read(self.scopes[r], self.hashes[i:j], take)
                     released += take * (j - i)
                 i = j
+            row[start:end] = (
+                [0] * (end - start) if n is None else [v - t for v, t in zip(owed, takes, strict=True)]
+            )
         return released
 
 
@@ -54,7 +59,8 @@ class LookupLocks:
 class Session:
     request_id: str
     lock: threading.Lock = field(default_factory=threading.Lock)
-    raw_tokens: bytes = b""
+    #: The tokens `hashes` belong to: (parsed u32 ids?, their bytes); none at first.
+    tokens: tuple[bool, bytes] | None = None
     hashes: list[bytes] = field(default_factory=list)
     n_tokens: int = 0
     last_used: float = field(default_factory=time.monotonic)
@@ -70,19 +76,23 @@ class Session:
     #: Scopes (all ranks) of the keys this request touched, for end_session's LRU touch.
     scopes: list[KeyScope] = field(default_factory=list)
 
-    def chain(self, key: IPCCacheServerKey, chunk_size: int) -> tuple[list[bytes], int]:
+    def chain(self, key: IPCCacheServerKey, chunk_size: int, memo: ChainMemo) -> tuple[list[bytes], int]:
         """Hashes of every complete chunk of the request's tokens and the token count. Cached
-        while the request sends the same tokens (compared as their msgpack bytes), replaced as
-        soon as they differ (LMCache keeps stale hashes). A key the server decoded carries its
-        ids parsed already; any other is parsed here."""
-        raw_tokens = bytes(key.token_ids)
-        if raw_tokens != self.raw_tokens or not self.raw_tokens:
-            if isinstance(key, ServerKey) and key.token_u32:
-                ids = np.frombuffer(key.token_u32, dtype=np.uint32)
-                self.hashes, self.n_tokens = chunk_hashes(ids, chunk_size), len(ids)
+        while the request sends the same tokens, replaced as soon as they differ (LMCache keeps
+        stale hashes). A key the server decoded carries its ids parsed already (compared and
+        hashed as such, through the server's memo); any other is compared and parsed as its
+        msgpack bytes."""
+        if isinstance(key, ServerKey) and key.token_u32:
+            tokens: tuple[bool, bytes] = (True, key.token_u32)
+        else:
+            tokens = (False, bytes(key.token_ids))
+        if tokens != self.tokens:
+            if tokens[0]:
+                ids = np.frombuffer(tokens[1], dtype=np.uint32)
+                self.hashes, self.n_tokens = memo.chunk_hashes(ids, chunk_size), len(ids)
             else:
-                self.hashes, self.n_tokens = chunk_hashes_msgpack(raw_tokens, chunk_size)
-            self.raw_tokens = raw_tokens
+                self.hashes, self.n_tokens = chunk_hashes_msgpack(tokens[1], chunk_size)
+            self.tokens = tokens
         return self.hashes, self.n_tokens
 
     def drop_locks(self, index: L1Index) -> None:

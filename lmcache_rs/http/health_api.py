@@ -119,6 +119,13 @@ def status(runtime: NamedDependency[Runtime]) -> dict[str, Any]:
         "registered_gpu_ids": sorted(c.instance_id for c in contexts),
         "gpu_context_meta": {str(c.instance_id): c.status() for c in contexts},
         "active_sessions": len(runtime.engine.sessions),
+        "hash_memo": dict(
+            zip(
+                ("entries", "key_bytes", "capacity", "hits", "misses"),
+                runtime.engine.chain_memo.stats(),
+                strict=True,
+            )
+        ),
         "active_prefetch_jobs": 0 if l2 is None else l2.prefetch_in_flight,
         "storage_manager": storage,
         "worker_liveness": {

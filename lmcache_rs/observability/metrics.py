@@ -164,6 +164,7 @@ class ServerCollector(Collector):
         self._core_base: dict[str, int] = {}
         self._error_base: dict[str, int] = {}
         self._timing_base: dict[str, tuple[int, float, float]] = {}
+        self._memo_base = (0, 0)
 
     def reset(self) -> None:
         stats = self.runtime.l1.index.stats()
@@ -171,6 +172,7 @@ class ServerCollector(Collector):
             self._core_base = dict(stats["counters"])
             self._error_base = dict(self.runtime.server.errors)
             self._timing_base = self.runtime.server.timing_snapshot()
+            self._memo_base = self.runtime.engine.chain_memo.stats()[3:5]
         self.runtime.engine.stats.reset()
 
     def collect(self) -> Iterator[Metric]:
@@ -180,6 +182,7 @@ class ServerCollector(Collector):
             core_base = dict(self._core_base)
             error_base = dict(self._error_base)
             timing_base = dict(self._timing_base)
+            memo_base = self._memo_base
         # Engine counters.
         families: dict[str, CounterMetricFamily] = {}
         for key, value in rt.engine.stats.snapshot().items():
@@ -219,6 +222,19 @@ class ServerCollector(Collector):
         for code, n in sorted(rt.server.errors.items()):
             errors.add_metric([code], n - error_base.get(code, 0))
         yield errors
+        entries, key_bytes, _, hits, misses = rt.engine.chain_memo.stats()
+        memo = CounterMetricFamily(
+            "lmcache_rs_hash_memo_chunks",
+            "Chunk hashes of requests found in the hash memo (hit) or computed with blake3 (miss).",
+            labels=["result"],
+        )
+        memo.add_metric(["hit"], hits - memo_base[0])
+        memo.add_metric(["miss"], misses - memo_base[1])
+        yield memo
+        yield GaugeMetricFamily("lmcache_rs_hash_memo_entries", "Chunk hashes the memo holds.", value=entries)
+        yield GaugeMetricFamily(
+            "lmcache_rs_hash_memo_bytes", "Bytes of the hash inputs the memo holds.", value=key_bytes
+        )
         handler = SummaryMetricFamily(
             "lmcache_rs_request_seconds",
             "Time in the handler per request (server side), by op.",

@@ -72,12 +72,12 @@ class KeyDecoder:
     _configs = msgspec.msgpack.Decoder(dict[str, Any] | None)
 
     def decode(self, frame: bytes) -> ServerKey:
-        model, world, worker, span, ids, start, end, rid, salt, configs, readers = decode_key(frame)
+        model, world, worker, (a, b), ids, start, end, rid, salt, configs, readers = decode_key(frame)
         return ServerKey(
             model_name=model,
             world_size=world,
             worker_id=worker,
-            token_ids=msgspec.Raw(span),
+            token_ids=msgspec.Raw(memoryview(frame)[a:b]),  # a view: the frame is not copied
             start=start,
             end=end,
             request_id=rid,

@@ -196,13 +196,14 @@ fn chunk_hashes_msgpack<'py>(
 
 /// A request key's fields from its msgpack frame, in one pass (see `wire`): `(model_name,
 /// world_size, worker_id, token_span, token_ids, start, end, request_id, cache_salt,
-/// request_configs, num_kv_readers)`; `token_span` is the `token_ids` array as sent,
-/// `token_ids` the ids as native-endian u32 bytes, `request_configs` raw bytes or None.
+/// request_configs, num_kv_readers)`; `token_span` is where the `token_ids` array lies in
+/// the frame, `(start, stop)` (not copied: ~150 KB at 32k tokens), `token_ids` the ids as
+/// native-endian u32 bytes, `request_configs` raw bytes or None.
 type DecodedKey<'py> = (
     Bound<'py, PyAny>,
     i128,
     Option<i128>,
-    Bound<'py, PyBytes>,
+    (usize, usize),
     Bound<'py, PyBytes>,
     i128,
     i128,
@@ -225,7 +226,10 @@ fn decode_key<'py>(py: Python<'py>, frame: &[u8]) -> PyResult<DecodedKey<'py>> {
         k.model_name.into_pyobject(py)?.into_any(),
         k.world_size,
         k.worker_id,
-        PyBytes::new(py, k.token_span),
+        {
+            let at = k.token_span.as_ptr() as usize - frame.as_ptr() as usize;
+            (at, at + k.token_span.len())
+        },
         ids,
         k.start,
         k.end,
@@ -333,6 +337,54 @@ impl ObjectKey {
     }
 }
 
+struct MemoPrefixHashes<'a> {
+    memo: &'a hash::ChainMemo,
+    job: PrefixHashes,
+}
+
+impl TokenFn<Result<Vec<Blake3Hash>, CoreError>> for MemoPrefixHashes<'_> {
+    fn call<T: TokenId>(&self, tokens: &[T]) -> Result<Vec<Blake3Hash>, CoreError> {
+        self.memo.prefix_hashes(tokens, self.job.chunk_size, self.job.start, self.job.end)
+    }
+}
+
+/// A bounded memo of chunk hashes shared by every request of a server (see the core's
+/// `ChainMemo`): `chunk_hashes` answers exactly what the module function does.
+#[pyclass(frozen, module = "lmcache_rs._core")]
+struct ChainMemo(hash::ChainMemo);
+
+#[pymethods]
+impl ChainMemo {
+    #[new]
+    fn new(capacity: usize) -> Self {
+        Self(hash::ChainMemo::new(capacity))
+    }
+
+    #[pyo3(signature = (tokens, chunk_size = 256, start = 0, end = None))]
+    fn chunk_hashes<'py>(
+        &self,
+        py: Python<'py>,
+        tokens: &Bound<'py, PyAny>,
+        chunk_size: usize,
+        start: usize,
+        end: Option<usize>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let job = MemoPrefixHashes { memo: &self.0, job: PrefixHashes { chunk_size, start, end } };
+        let hashes = with_tokens(py, tokens, &job)?.map_err(to_py_err)?;
+        hashes_to_list(py, &hashes)
+    }
+
+    /// `(entries, key_bytes, capacity, hits, misses)`; hits and misses count chunks.
+    fn stats(&self, py: Python<'_>) -> (usize, usize, usize, u64, u64) {
+        let s = py.detach(|| self.0.stats());
+        (s.entries, s.key_bytes, s.capacity, s.hits, s.misses)
+    }
+
+    fn clear(&self, py: Python<'_>) {
+        py.detach(|| self.0.clear());
+    }
+}
+
 /// A clock that moves only when told to, for deterministic TTL tests.
 #[pyclass(frozen, module = "lmcache_rs._core")]
 struct ManualClock(Arc<clock::ManualClock>);
@@ -348,8 +400,19 @@ impl ManualClock {
     }
 }
 
-fn to_hashes(hashes: Vec<Vec<u8>>) -> PyResult<Vec<ChunkHash>> {
-    hashes.iter().map(|h| ChunkHash::new(h)).collect::<Result<_, _>>().map_err(to_py_err)
+/// Chunk hashes from an iterable of bytes, read in place (no intermediate `Vec<u8>` per hash:
+/// a 32k-token lookup passes 128 of them several times). Other byte sequences are converted.
+fn to_hashes(hashes: &Bound<'_, PyAny>) -> PyResult<Vec<ChunkHash>> {
+    let mut out = Vec::with_capacity(hashes.len().unwrap_or(0));
+    for item in hashes.try_iter()? {
+        let item = item?;
+        let h = match item.cast::<PyBytes>() {
+            Ok(b) => ChunkHash::new(b.as_bytes()),
+            Err(_) => ChunkHash::new(&item.extract::<Vec<u8>>()?),
+        };
+        out.push(h.map_err(to_py_err)?);
+    }
+    Ok(out)
 }
 
 /// `(offset, size, read_locks, temporary)` of a resident object.
@@ -415,7 +478,7 @@ impl L1Index {
         &self,
         py: Python<'_>,
         scope: &KeyScope,
-        hashes: Vec<Vec<u8>>,
+        hashes: &Bound<'_, PyAny>,
         size: u64,
         writer: u64,
         all_or_nothing: bool,
@@ -441,7 +504,7 @@ impl L1Index {
         &self,
         py: Python<'_>,
         scope: &KeyScope,
-        hashes: Vec<Vec<u8>>,
+        hashes: &Bound<'_, PyAny>,
         writer: u64,
         lock_readers: u32,
         temporary: bool,
@@ -464,7 +527,7 @@ impl L1Index {
         &self,
         py: Python<'_>,
         scope: &KeyScope,
-        hashes: Vec<Vec<u8>>,
+        hashes: &Bound<'_, PyAny>,
         writer: u64,
     ) -> PyResult<usize> {
         let hashes = to_hashes(hashes)?;
@@ -481,20 +544,26 @@ impl L1Index {
         &self,
         py: Python<'_>,
         scope: &KeyScope,
-        hashes: Vec<Vec<u8>>,
+        hashes: &Bound<'_, PyAny>,
         readers: u32,
     ) -> PyResult<usize> {
         let hashes = to_hashes(hashes)?;
         py.detach(|| self.0.lookup(&scope.0, &hashes, readers)).map_err(to_py_err)
     }
 
-    fn peek(&self, py: Python<'_>, scope: &KeyScope, hashes: Vec<Vec<u8>>) -> PyResult<usize> {
+    fn peek(&self, py: Python<'_>, scope: &KeyScope, hashes: &Bound<'_, PyAny>) -> PyResult<usize> {
         let hashes = to_hashes(hashes)?;
         Ok(py.detach(|| self.0.peek(&scope.0, &hashes)))
     }
 
     #[pyo3(signature = (scope, hashes, n = 1))]
-    fn finish_read(&self, py: Python<'_>, scope: &KeyScope, hashes: Vec<Vec<u8>>, n: u32) -> PyResult<usize> {
+    fn finish_read(
+        &self,
+        py: Python<'_>,
+        scope: &KeyScope,
+        hashes: &Bound<'_, PyAny>,
+        n: u32,
+    ) -> PyResult<usize> {
         let hashes = to_hashes(hashes)?;
         Ok(py.detach(|| self.0.finish_read(&scope.0, &hashes, n)))
     }
@@ -504,7 +573,7 @@ impl L1Index {
         &self,
         py: Python<'_>,
         scope: &KeyScope,
-        hashes: Vec<Vec<u8>>,
+        hashes: &Bound<'_, PyAny>,
     ) -> PyResult<Vec<Option<SlotTuple>>> {
         let hashes = to_hashes(hashes)?;
         let out = py.detach(|| self.0.resolve(&scope.0, &hashes));
@@ -514,13 +583,19 @@ impl L1Index {
             .collect())
     }
 
-    fn touch(&self, py: Python<'_>, scope: &KeyScope, hashes: Vec<Vec<u8>>) -> PyResult<usize> {
+    fn touch(&self, py: Python<'_>, scope: &KeyScope, hashes: &Bound<'_, PyAny>) -> PyResult<usize> {
         let hashes = to_hashes(hashes)?;
         Ok(py.detach(|| self.0.touch(&scope.0, &hashes)))
     }
 
     #[pyo3(signature = (scope, hashes, force = false))]
-    fn delete(&self, py: Python<'_>, scope: &KeyScope, hashes: Vec<Vec<u8>>, force: bool) -> PyResult<usize> {
+    fn delete(
+        &self,
+        py: Python<'_>,
+        scope: &KeyScope,
+        hashes: &Bound<'_, PyAny>,
+        force: bool,
+    ) -> PyResult<usize> {
         let hashes = to_hashes(hashes)?;
         Ok(py.detach(|| self.0.delete(&scope.0, &hashes, force)))
     }
@@ -584,6 +659,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<KeyScope>()?;
     m.add_class::<ObjectKey>()?;
     m.add_class::<ManualClock>()?;
+    m.add_class::<ChainMemo>()?;
     m.add_class::<L1Index>()?;
     Ok(())
 }

@@ -97,6 +97,41 @@ def test_matches_an_independent_implementation(tokens: list[int], chunk_size: in
     assert lm.chunk_hashes(tokens, chunk_size=chunk_size) == reference_hashes(tokens, chunk_size)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    prompts=st.lists(st.lists(st.integers(min_value=0, max_value=2**32 - 1), max_size=200), max_size=6),
+    capacity=st.sampled_from([0, 1, 4, 1000]),
+)
+def test_chain_memo_answers_what_blake3_does(prompts: list[list[int]], capacity: int) -> None:
+    """Through a memo of any size (evicting or not), prompts sharing prefixes or not, each
+    twice, hash exactly as without it; the memo never holds more than its capacity."""
+    memo = lm.ChainMemo(capacity)
+    shared = prompts[0] if prompts else []
+    for p in [*prompts, *(shared + p for p in prompts), *prompts]:
+        assert memo.chunk_hashes(p, chunk_size=16) == reference_hashes(p, 16)
+        assert memo.chunk_hashes(np.array(p, dtype=np.int64), 16, start=32, end=150) == lm.chunk_hashes(
+            p, 16, start=32, end=150
+        )
+        entries, key_bytes, cap, _hits, _misses = memo.stats()
+        assert entries <= cap
+        assert cap >= capacity
+        assert key_bytes >= entries * (32 + 16 * 4)
+
+
+def test_chain_memo_counts_and_clears() -> None:
+    memo = lm.ChainMemo(64)
+    t = list(range(1000))
+    memo.chunk_hashes(t, 256)
+    assert memo.stats() == (3, 3 * (32 + 1024), 64, 0, 3)
+    memo.chunk_hashes(t, 256)
+    memo.chunk_hashes(t[:600] + [7] * 400, 256)  # shares 2 chunks, then a new third
+    assert memo.stats() == (4, 4 * (32 + 1024), 64, 5, 4)
+    memo.clear()
+    assert memo.stats()[:2] == (0, 0)
+    with pytest.raises(lm.LmcacheCoreError):
+        memo.chunk_hashes([1, -1, 2], 1)
+
+
 @settings(max_examples=60, deadline=None)
 @given(tokens=st.lists(st.integers(min_value=0, max_value=2**32 - 1), max_size=600))
 def test_msgpack_token_arrays_hash_like_lists(tokens: list[int]) -> None:

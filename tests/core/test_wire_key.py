@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmcache_rs import chunk_hashes_msgpack
+from lmcache_rs import ChainMemo, chunk_hashes_msgpack
 from lmcache_rs.engine.sessions import Session
 from lmcache_rs.protocol.messages import IPCCacheServerKey, encode_tokens
 from lmcache_rs.protocol.ops import KeyDecoder
@@ -55,6 +55,9 @@ def fields(k: IPCCacheServerKey) -> dict[str, Any]:
     }
 
 
+MEMO = ChainMemo(64)
+
+
 @settings(max_examples=300, deadline=None)
 @given(key_maps())
 def test_same_fields_as_msgspec(m: dict[str, Any]) -> None:
@@ -63,8 +66,27 @@ def test_same_fields_as_msgspec(m: dict[str, Any]) -> None:
     assert fields(got) == fields(want)
     ids = np.frombuffer(got.token_u32, dtype=np.uint32).tolist()
     assert ids == m["token_ids"]
-    # The session hashes the parsed ids: the same chain as hashing the wire bytes.
-    assert Session("x").chain(got, 16) == chunk_hashes_msgpack(bytes(want.token_ids), 16)
+    # The session hashes the parsed ids (through a memo): the same chain as the wire bytes'.
+    assert Session("x").chain(got, 16, MEMO) == chunk_hashes_msgpack(bytes(want.token_ids), 16)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.integers(0, 127) | st.integers(128, 2**16 - 1) | st.integers(2**16, 2**32 - 1),
+        min_size=1024,
+        max_size=4096,
+    ),
+    st.binary(max_size=16),
+)
+def test_large_token_arrays_decode_like_msgspec(ids: list[int], trailer: bytes) -> None:
+    """Arrays of 1024+ ids take the interleaved parser: same ids, and whatever follows the
+    array is still read as the next field."""
+    m = {"model_name": "m", "world_size": 1, "worker_id": None, "token_ids": ids, "start": 0, "end": len(ids)}
+    m["request_id"] = trailer.hex()
+    got = DECODER.decode(msgspec.msgpack.encode(m))
+    assert np.frombuffer(got.token_u32, dtype=np.uint32).tolist() == ids
+    assert (got.end, got.request_id) == (len(ids), trailer.hex())
 
 
 @pytest.mark.parametrize(

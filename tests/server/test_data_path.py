@@ -60,6 +60,34 @@ def test_partial_store_and_prefix_lookup(server) -> None:
         w.close()
 
 
+def test_a_prompt_seen_before_is_hashed_from_the_memo(server) -> None:
+    """Every request hashes its prompt (the chain is per request), but chunks hashed by an
+    earlier request come from the server's memo: /status and /metrics count them."""
+    import httpx  # noqa: PLC0415
+
+    def memo() -> dict[str, int]:
+        return httpx.get(server.http + "/status").json()["hash_memo"]
+
+    with server.client() as c:
+        w = Worker(c)
+        t = tokens(3 * C, seed=11)
+        before = memo()
+        assert w.store(t, blocks(1, 3))
+        assert memo()["misses"] - before["misses"] == 3
+        assert lookup(c, t, "first") == 3
+        assert lookup(c, t[: 2 * C] + tokens(C, seed=12), "second") == 2
+        after = memo()
+        assert after["hits"] - before["hits"] == 3 + 2, after
+        assert after["misses"] - before["misses"] == 3 + 1, after
+        assert after["entries"] >= 4
+        assert after["key_bytes"] >= 4 * (32 + 4 * C)
+        metrics = httpx.get(server.http + "/metrics").text
+        assert 'lmcache_rs_hash_memo_chunks_total{result="hit"}' in metrics
+        for r in ("first", "second"):
+            c.end_session(r)
+        w.close()
+
+
 def test_skip_first_n_tokens_leaves_them_untouched(server) -> None:
     with server.client() as c:
         w = Worker(c)
