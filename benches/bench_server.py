@@ -14,6 +14,7 @@ import argparse
 import multiprocessing as mp
 import os
 import resource
+import shlex
 import time
 from typing import Any
 
@@ -422,6 +423,11 @@ def main() -> None:
     ap.add_argument("--http", help="with --url: the server's HTTP API, for server-side op timing")
     ap.add_argument("--plot", metavar="DIR", help="write bench-throughput.png and bench-latency.png here")
     ap.add_argument("--no-engine-driven", action="store_true", help="skip the engine-driven transfer rows")
+    ap.add_argument(
+        "--server-args",
+        default="",
+        help="extra flags for the server this script starts, e.g. '--hash-memo-chunks 0'",
+    )
     ap.add_argument("--out", default="bench-results/server.json")
     a = ap.parse_args()
     srv = None
@@ -432,7 +438,9 @@ def main() -> None:
             2 * a.layers * a.heads * a.head_dim * torch.empty((), dtype=DTYPES[a.dtype]).element_size()
         )
         l1_gb = max(1.0, 2.5 * a.tokens * per_token / (1 << 30))
-        srv = ServerProcess("--l1-size-gb", f"{l1_gb:.2f}", "--chunk-size", str(a.chunk_size))
+        srv = ServerProcess(
+            "--l1-size-gb", f"{l1_gb:.2f}", "--chunk-size", str(a.chunk_size), *shlex.split(a.server_args)
+        )
         url, http = srv.url, srv.http
         wait_prefault(http)
     data: dict[str, Any] = {"shape": vars(a)}
