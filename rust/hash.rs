@@ -791,6 +791,30 @@ mod tests {
     }
 
     #[test]
+    fn memo_shared_by_threads_answers_exactly() {
+        // Four threads hash overlapping prompts through one small memo (generations rotate all
+        // the time): every answer equals plain hashing and the bound holds.
+        let memo = ChainMemo::new(16);
+        let prompts: Vec<Vec<u32>> =
+            (0..8u32).map(|p| (0..1024).map(|i| if i < 512 { i } else { i * (p + 1) }).collect()).collect();
+        let want: Vec<_> = prompts.iter().map(|p| prefix_hashes(p, 64, 0, None).unwrap()).collect();
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let (memo, prompts, want) = (&memo, &prompts, &want);
+                s.spawn(move || {
+                    for round in 0..200 {
+                        let i = (round * 7 + t * 3) % prompts.len();
+                        assert_eq!(memo.prefix_hashes(&prompts[i], 64, 0, None).unwrap(), want[i]);
+                        assert!(memo.stats().entries <= 16);
+                    }
+                });
+            }
+        });
+        let s = memo.stats();
+        assert_eq!(s.hits + s.misses, 4 * 200 * 16);
+    }
+
+    #[test]
     fn memo_is_bounded_and_keeps_what_is_used() {
         let memo = ChainMemo::new(8);
         let hot: Vec<u32> = (0..512).collect(); // 2 chunks, looked up between every insert
