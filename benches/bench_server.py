@@ -465,7 +465,7 @@ def main() -> None:
     ap.add_argument(
         "--server-args",
         default="",
-        help="extra flags for the server this script starts, e.g. '--hash-memo-chunks 0'",
+        help="extra flags for the server this script starts, e.g. '--hash-memo-mib 0'",
     )
     ap.add_argument("--out", default="bench-results/server.json")
     a = ap.parse_args()

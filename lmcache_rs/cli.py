@@ -95,11 +95,11 @@ def _parser() -> argparse.ArgumentParser:
         help="queued requests beyond this get an immediate 'overloaded' error reply",
     )
     g.add_argument(
-        "--hash-memo-chunks",
-        type=int,
-        default=mp.hash_memo_chunks,
-        help="chunk hashes remembered across requests (about 1.1 KiB each at 256 tokens a "
-        "chunk), so a prompt seen before is not hashed again; 0: off",
+        "--hash-memo-mib",
+        type=float,
+        default=mp.hash_memo_mib,
+        help="memory for chunk hashes remembered across requests (about 1.1 KiB each at 256 "
+        "tokens a chunk), so a prompt seen before is not hashed again; 0: off",
     )
     g.add_argument(
         "--supported-transfer-mode",
@@ -264,7 +264,7 @@ def build_config(ns: argparse.Namespace) -> ServerConfig:
             "session_ttl_seconds",
             "max_message_bytes",
             "max_pending_requests",
-            "hash_memo_chunks",
+            "hash_memo_mib",
             "supported_transfer_mode",
             "shm_name",
         )

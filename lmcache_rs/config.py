@@ -55,9 +55,10 @@ class MPConfig(msgspec.Struct, kw_only=True):
     session_ttl_seconds: float = 600.0
     max_message_bytes: int = 256 << 20
     max_pending_requests: int = 4096
-    #: Chunk hashes remembered across requests (exact blake3 inputs, about 1.1 KiB each at 256
-    #: tokens a chunk): a prompt seen before is hashed by probes instead of blake3. 0: off.
-    hash_memo_chunks: int = 16384
+    #: Memory for chunk hashes remembered across requests (each keeps its exact blake3 input:
+    #: ~1.1 KiB at 256 tokens a chunk): a prompt seen before is hashed by probes instead of
+    #: blake3. 0: off.
+    hash_memo_mib: float = 16.0
     #: Which worker kinds are served (spec D): lmcache_driven (register_kv_cache, store,
     #: retrieve), engine_driven (prepare/commit, ops 14-19) or both.
     supported_transfer_mode: str = "auto"
@@ -91,7 +92,13 @@ class MPConfig(msgspec.Struct, kw_only=True):
         _check(self.session_ttl_seconds > 0, "--session-ttl-seconds", "must be > 0")
         _check(self.max_message_bytes >= 1 << 20, "--max-message-bytes", "must be >= 1 MiB")
         _check(self.max_pending_requests >= 1, "--max-pending-requests", "must be >= 1")
-        _check(self.hash_memo_chunks >= 0, "--hash-memo-chunks", "must be >= 0 (0: off)")
+        _check(self.hash_memo_mib >= 0, "--hash-memo-mib", "must be >= 0 (0: off)")
+
+    @property
+    def hash_memo_chunks(self) -> int:
+        """Chunk hashes `hash_memo_mib` holds: input (32 + 4 bytes a token) plus ~64 bytes of
+        table per entry."""
+        return int(self.hash_memo_mib * (1 << 20)) // (32 + 4 * self.chunk_size + 64)
         _check(
             self.supported_transfer_mode in TRANSFER_MODES,
             "--supported-transfer-mode",

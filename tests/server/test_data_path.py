@@ -88,6 +88,24 @@ def test_a_prompt_seen_before_is_hashed_from_the_memo(server) -> None:
         w.close()
 
 
+def test_the_hash_memo_can_be_sized_and_turned_off(server_factory) -> None:
+    import httpx  # noqa: PLC0415
+
+    small = server_factory("--hash-memo-mib", "1")
+    off = server_factory("--hash-memo-mib", "0")
+    # 1 MiB of (32 + 4 * 256 + 64)-byte entries; reported as two equal generations.
+    assert httpx.get(small.http + "/status").json()["hash_memo"]["capacity"] == 936
+    with off.client() as c:
+        w = Worker(c)
+        t = tokens(2 * C, seed=13)
+        assert w.store(t, blocks(1, 2))
+        assert lookup(c, t, "r") == 2
+        memo = httpx.get(off.http + "/status").json()["hash_memo"]
+        assert (memo["capacity"], memo["entries"], memo["hits"]) == (0, 0, 0)
+        c.end_session("r")
+        w.close()
+
+
 def test_skip_first_n_tokens_leaves_them_untouched(server) -> None:
     with server.client() as c:
         w = Worker(c)
