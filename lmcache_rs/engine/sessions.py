@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lmcache_rs import ChainMemo, KeyScope, L1Index, chunk_hashes_msgpack
+from lmcache_rs import ChainMemo, KeyScope, L1Index, chunk_hashes, chunk_hashes_msgpack
 from lmcache_rs.protocol.messages import IPCCacheServerKey, ServerKey
 
 
@@ -89,7 +89,7 @@ class Session:
         if tokens != self.tokens:
             if tokens[0]:
                 ids = np.frombuffer(tokens[1], dtype=np.uint32)
-                self.hashes, self.n_tokens = memo.chunk_hashes(ids, chunk_size), len(ids)
+                self.hashes, self.n_tokens = chunk_hashes(ids, chunk_size, memo=memo), len(ids)
             else:
                 self.hashes, self.n_tokens = chunk_hashes_msgpack(tokens[1], chunk_size)
             self.tokens = tokens

@@ -83,15 +83,19 @@ trait TokenFn<R>: Send + Sync {
     fn call<T: TokenId>(&self, tokens: &[T]) -> R;
 }
 
-struct PrefixHashes {
+struct PrefixHashes<'a> {
     chunk_size: usize,
     start: usize,
     end: Option<usize>,
+    memo: Option<&'a hash::ChainMemo>,
 }
 
-impl TokenFn<Result<Vec<Blake3Hash>, CoreError>> for PrefixHashes {
+impl TokenFn<Result<Vec<Blake3Hash>, CoreError>> for PrefixHashes<'_> {
     fn call<T: TokenId>(&self, tokens: &[T]) -> Result<Vec<Blake3Hash>, CoreError> {
-        hash::prefix_hashes(tokens, self.chunk_size, self.start, self.end)
+        match self.memo {
+            Some(memo) => memo.prefix_hashes(tokens, self.chunk_size, self.start, self.end),
+            None => hash::prefix_hashes(tokens, self.chunk_size, self.start, self.end),
+        }
     }
 }
 
@@ -140,17 +144,18 @@ fn none_hash(py: Python<'_>) -> Bound<'_, PyBytes> {
 }
 
 /// Hashes of the complete chunks of `tokens[:end]`, chained from token 0, for chunks
-/// `start // chunk_size` onwards (spec C.1).
+/// `start // chunk_size` onwards (spec C.1); through `memo` when given (same answers).
 #[pyfunction]
-#[pyo3(signature = (tokens, chunk_size = 256, start = 0, end = None))]
+#[pyo3(signature = (tokens, chunk_size = 256, start = 0, end = None, memo = None))]
 fn chunk_hashes<'py>(
     py: Python<'py>,
     tokens: &Bound<'py, PyAny>,
     chunk_size: usize,
     start: usize,
     end: Option<usize>,
+    memo: Option<&ChainMemo>,
 ) -> PyResult<Bound<'py, PyList>> {
-    let job = PrefixHashes { chunk_size, start, end };
+    let job = PrefixHashes { chunk_size, start, end, memo: memo.map(|m| &m.0) };
     let hashes = with_tokens(py, tokens, &job)?.map_err(to_py_err)?;
     hashes_to_list(py, &hashes)
 }
@@ -337,19 +342,8 @@ impl ObjectKey {
     }
 }
 
-struct MemoPrefixHashes<'a> {
-    memo: &'a hash::ChainMemo,
-    job: PrefixHashes,
-}
-
-impl TokenFn<Result<Vec<Blake3Hash>, CoreError>> for MemoPrefixHashes<'_> {
-    fn call<T: TokenId>(&self, tokens: &[T]) -> Result<Vec<Blake3Hash>, CoreError> {
-        self.memo.prefix_hashes(tokens, self.job.chunk_size, self.job.start, self.job.end)
-    }
-}
-
 /// A bounded memo of chunk hashes shared by every request of a server (see the core's
-/// `ChainMemo`): `chunk_hashes` answers exactly what the module function does.
+/// `ChainMemo`); pass it to `chunk_hashes`, whose answers it never changes.
 #[pyclass(frozen, module = "lmcache_rs._core")]
 struct ChainMemo(hash::ChainMemo);
 
@@ -358,20 +352,6 @@ impl ChainMemo {
     #[new]
     fn new(capacity: usize) -> Self {
         Self(hash::ChainMemo::new(capacity))
-    }
-
-    #[pyo3(signature = (tokens, chunk_size = 256, start = 0, end = None))]
-    fn chunk_hashes<'py>(
-        &self,
-        py: Python<'py>,
-        tokens: &Bound<'py, PyAny>,
-        chunk_size: usize,
-        start: usize,
-        end: Option<usize>,
-    ) -> PyResult<Bound<'py, PyList>> {
-        let job = MemoPrefixHashes { memo: &self.0, job: PrefixHashes { chunk_size, start, end } };
-        let hashes = with_tokens(py, tokens, &job)?.map_err(to_py_err)?;
-        hashes_to_list(py, &hashes)
     }
 
     /// `(entries, key_bytes, capacity, hits, misses)`; hits and misses count chunks.
@@ -400,9 +380,12 @@ impl ManualClock {
     }
 }
 
+/// An iterable of chunk hashes (bytes) as passed to the index methods.
+type Hashes<'a> = &'a Bound<'a, PyAny>;
+
 /// Chunk hashes from an iterable of bytes, read in place (no intermediate `Vec<u8>` per hash:
 /// a 32k-token lookup passes 128 of them several times). Other byte sequences are converted.
-fn to_hashes(hashes: &Bound<'_, PyAny>) -> PyResult<Vec<ChunkHash>> {
+fn to_hashes(hashes: Hashes<'_>) -> PyResult<Vec<ChunkHash>> {
     let mut out = Vec::with_capacity(hashes.len().unwrap_or(0));
     for item in hashes.try_iter()? {
         let item = item?;
@@ -478,7 +461,7 @@ impl L1Index {
         &self,
         py: Python<'_>,
         scope: &KeyScope,
-        hashes: &Bound<'_, PyAny>,
+        hashes: Hashes<'_>,
         size: u64,
         writer: u64,
         all_or_nothing: bool,
@@ -504,7 +487,7 @@ impl L1Index {
         &self,
         py: Python<'_>,
         scope: &KeyScope,
-        hashes: &Bound<'_, PyAny>,
+        hashes: Hashes<'_>,
         writer: u64,
         lock_readers: u32,
         temporary: bool,
@@ -527,7 +510,7 @@ impl L1Index {
         &self,
         py: Python<'_>,
         scope: &KeyScope,
-        hashes: &Bound<'_, PyAny>,
+        hashes: Hashes<'_>,
         writer: u64,
     ) -> PyResult<usize> {
         let hashes = to_hashes(hashes)?;
@@ -540,30 +523,18 @@ impl L1Index {
     }
 
     #[pyo3(signature = (scope, hashes, readers = 1))]
-    fn lookup(
-        &self,
-        py: Python<'_>,
-        scope: &KeyScope,
-        hashes: &Bound<'_, PyAny>,
-        readers: u32,
-    ) -> PyResult<usize> {
+    fn lookup(&self, py: Python<'_>, scope: &KeyScope, hashes: Hashes<'_>, readers: u32) -> PyResult<usize> {
         let hashes = to_hashes(hashes)?;
         py.detach(|| self.0.lookup(&scope.0, &hashes, readers)).map_err(to_py_err)
     }
 
-    fn peek(&self, py: Python<'_>, scope: &KeyScope, hashes: &Bound<'_, PyAny>) -> PyResult<usize> {
+    fn peek(&self, py: Python<'_>, scope: &KeyScope, hashes: Hashes<'_>) -> PyResult<usize> {
         let hashes = to_hashes(hashes)?;
         Ok(py.detach(|| self.0.peek(&scope.0, &hashes)))
     }
 
     #[pyo3(signature = (scope, hashes, n = 1))]
-    fn finish_read(
-        &self,
-        py: Python<'_>,
-        scope: &KeyScope,
-        hashes: &Bound<'_, PyAny>,
-        n: u32,
-    ) -> PyResult<usize> {
+    fn finish_read(&self, py: Python<'_>, scope: &KeyScope, hashes: Hashes<'_>, n: u32) -> PyResult<usize> {
         let hashes = to_hashes(hashes)?;
         Ok(py.detach(|| self.0.finish_read(&scope.0, &hashes, n)))
     }
@@ -573,7 +544,7 @@ impl L1Index {
         &self,
         py: Python<'_>,
         scope: &KeyScope,
-        hashes: &Bound<'_, PyAny>,
+        hashes: Hashes<'_>,
     ) -> PyResult<Vec<Option<SlotTuple>>> {
         let hashes = to_hashes(hashes)?;
         let out = py.detach(|| self.0.resolve(&scope.0, &hashes));
@@ -583,19 +554,13 @@ impl L1Index {
             .collect())
     }
 
-    fn touch(&self, py: Python<'_>, scope: &KeyScope, hashes: &Bound<'_, PyAny>) -> PyResult<usize> {
+    fn touch(&self, py: Python<'_>, scope: &KeyScope, hashes: Hashes<'_>) -> PyResult<usize> {
         let hashes = to_hashes(hashes)?;
         Ok(py.detach(|| self.0.touch(&scope.0, &hashes)))
     }
 
     #[pyo3(signature = (scope, hashes, force = false))]
-    fn delete(
-        &self,
-        py: Python<'_>,
-        scope: &KeyScope,
-        hashes: &Bound<'_, PyAny>,
-        force: bool,
-    ) -> PyResult<usize> {
+    fn delete(&self, py: Python<'_>, scope: &KeyScope, hashes: Hashes<'_>, force: bool) -> PyResult<usize> {
         let hashes = to_hashes(hashes)?;
         Ok(py.detach(|| self.0.delete(&scope.0, &hashes, force)))
     }

@@ -108,8 +108,8 @@ def test_chain_memo_answers_what_blake3_does(prompts: list[list[int]], capacity:
     memo = lm.ChainMemo(capacity)
     shared = prompts[0] if prompts else []
     for p in [*prompts, *(shared + p for p in prompts), *prompts]:
-        assert memo.chunk_hashes(p, chunk_size=16) == reference_hashes(p, 16)
-        assert memo.chunk_hashes(np.array(p, dtype=np.int64), 16, start=32, end=150) == lm.chunk_hashes(
+        assert lm.chunk_hashes(p, chunk_size=16, memo=memo) == reference_hashes(p, 16)
+        assert lm.chunk_hashes(np.array(p, dtype=np.int64), 16, 32, 150, memo) == lm.chunk_hashes(
             p, 16, start=32, end=150
         )
         entries, key_bytes, cap, _hits, _misses = memo.stats()
@@ -121,15 +121,15 @@ def test_chain_memo_answers_what_blake3_does(prompts: list[list[int]], capacity:
 def test_chain_memo_counts_and_clears() -> None:
     memo = lm.ChainMemo(64)
     t = list(range(1000))
-    memo.chunk_hashes(t, 256)
+    lm.chunk_hashes(t, 256, memo=memo)
     assert memo.stats() == (3, 3 * (32 + 1024), 64, 0, 3)
-    memo.chunk_hashes(t, 256)
-    memo.chunk_hashes(t[:600] + [7] * 400, 256)  # shares 2 chunks, then a new third
+    lm.chunk_hashes(t, 256, memo=memo)
+    lm.chunk_hashes(t[:600] + [7] * 400, 256, memo=memo)  # shares 2 chunks, then a new third
     assert memo.stats() == (4, 4 * (32 + 1024), 64, 5, 4)
     memo.clear()
     assert memo.stats()[:2] == (0, 0)
     with pytest.raises(lm.LmcacheCoreError):
-        memo.chunk_hashes([1, -1, 2], 1)
+        lm.chunk_hashes([1, -1, 2], 1, memo=memo)
 
 
 @settings(max_examples=60, deadline=None)
