@@ -545,16 +545,20 @@ fn parse_parts(
     // Where element `n` starts, once the parse has gone that far (the array's end).
     let mut end_at = (first.count > n).then(|| first.pos[n] as usize);
     for s in rest.iter_mut() {
+        // `p` only grows, so one cursor over the part's sorted offsets finds every match: the
+        // merge stays linear even for input on which no part ever resynchronises.
+        let mut j = s.restart;
         while vals.len() < n {
-            if let Ok(j) = s.pos[..s.count].binary_search(&(p as u32)) {
-                if j >= s.restart {
-                    if vals.len() + (s.count - j) > n {
-                        end_at = Some(s.pos[j + n - vals.len()] as usize);
-                    }
-                    vals.extend_from_slice(&s.vals[j..s.count]);
-                    p = s.p;
-                    break;
+            while j < s.count && (s.pos[j] as usize) < p {
+                j += 1;
+            }
+            if j < s.count && s.pos[j] as usize == p {
+                if vals.len() + (s.count - j) > n {
+                    end_at = Some(s.pos[j + n - vals.len()] as usize);
                 }
+                vals.extend_from_slice(&s.vals[j..s.count]);
+                p = s.p;
+                break;
             }
             if p >= s.p {
                 break; // past everything this part parsed: go on into the next one
