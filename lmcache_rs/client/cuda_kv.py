@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from lmcache_rs.client.shm_kv import paged_shape
-from lmcache_rs.protocol.messages import CudaHandle, TensorMetadata
+from lmcache_rs.client.shm_kv import paged_shape, select_blocks, tensor_metadata
+from lmcache_rs.protocol.messages import CudaHandle
 
 
 class CudaKVCache:
@@ -41,13 +41,7 @@ class CudaKVCache:
             out.append(
                 CudaHandle(
                     version=1,
-                    metadata=TensorMetadata(
-                        dtype=str(t.dtype).removeprefix("torch."),
-                        shape=list(t.shape),
-                        stride=list(t.stride()),
-                        storage_offset=t.storage_offset(),
-                        device_uuid=self.uuid,
-                    ),
+                    metadata=tensor_metadata(t, self.uuid),
                     storage_handle=list(shared),
                 )
             )
@@ -69,6 +63,4 @@ class CudaKVCache:
         torch.cuda.Event.from_ipc_handle(self.device, handle).synchronize()
 
     def blocks_view(self, block_ids: list[int]) -> list[torch.Tensor]:
-        idx = torch.tensor(block_ids, device=self.device)
-        dim = 0 if self.layout == "MLA" else 1
-        return [t.index_select(dim, idx).cpu() for t in self.layers]
+        return select_blocks(self.layers, self.layout, block_ids)

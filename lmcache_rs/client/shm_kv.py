@@ -30,6 +30,23 @@ def paged_shape(layout: str, num_blocks: int, block_size: int, heads: int, head_
     raise ValueError(f"unknown layout {layout!r}")
 
 
+def tensor_metadata(t: torch.Tensor, device_uuid: str) -> TensorMetadata:
+    """Where a layer's view sits in its storage, as a KV handle describes it."""
+    return TensorMetadata(
+        dtype=str(t.dtype).removeprefix("torch."),
+        shape=list(t.shape),
+        stride=list(t.stride()),
+        storage_offset=t.storage_offset(),
+        device_uuid=device_uuid,
+    )
+
+
+def select_blocks(layers: list[torch.Tensor], layout: str, block_ids: list[int]) -> list[torch.Tensor]:
+    """Per layer, a CPU copy of the given paged blocks, for byte-exact comparisons."""
+    dim = 0 if layout == "MLA" else 1
+    return [t.index_select(dim, torch.tensor(block_ids, device=t.device)).cpu() for t in layers]
+
+
 class ShmKVCache:
     def __init__(
         self,
@@ -66,13 +83,7 @@ class ShmKVCache:
             out.append(
                 CpuShmHandle(
                     version=1,
-                    metadata=TensorMetadata(
-                        dtype=str(t.dtype).removeprefix("torch."),
-                        shape=list(t.shape),
-                        stride=list(t.stride()),
-                        storage_offset=0,
-                        device_uuid="cpu",
-                    ),
+                    metadata=tensor_metadata(t, "cpu"),
                     shm_name=f"/{shm.name}",
                     nbytes=self.nbytes,
                 )
@@ -86,9 +97,7 @@ class ShmKVCache:
 
     def blocks_view(self, block_ids: list[int]) -> list[torch.Tensor]:
         """Per layer, the given blocks (copied), for byte-exact comparisons."""
-        idx = torch.tensor(block_ids)
-        dim = 0 if self.layout == "MLA" else 1
-        return [t.index_select(dim, idx).clone() for t in self.layers]
+        return select_blocks(self.layers, self.layout, block_ids)
 
     def close(self) -> None:
         self.layers.clear()

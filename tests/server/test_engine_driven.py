@@ -16,7 +16,7 @@ from kvsim import Worker, lookup, tokens
 from lmcache_rs.client import ServerError
 from lmcache_rs.client.client import make_key
 from lmcache_rs.client.engine_driven import EngineDrivenWorker
-from lmcache_rs.client.shm_kv import paged_shape
+from lmcache_rs.client.shm_kv import paged_shape, select_blocks
 from lmcache_rs.protocol.messages import EngineDrivenRegistration
 from lmcache_rs.storage.shm_pool import POOL_PREFIX, SHM_DIR, auto_name
 
@@ -37,11 +37,6 @@ def kv_layers(
     g = torch.Generator().manual_seed(seed)
     shape = paged_shape(layout, num_blocks, BS, 2, 32) if layout != "MLA" else (num_blocks, BS, 64)
     return [torch.randn(shape, generator=g).to(dtype) for _ in range(2)]
-
-
-def picked(layers: list[torch.Tensor], ids: list[int], layout: str = "NHD") -> list[torch.Tensor]:
-    dim = 0 if layout == "MLA" else 1
-    return [t.index_select(dim, torch.tensor(ids)) for t in layers]
 
 
 def ed_worker(
@@ -74,7 +69,9 @@ def test_engine_driven_roundtrip_is_byte_exact(server, layout: str, dtype: torch
         assert lookup(c, t, "r") == 3
         assert b.retrieve(key(t, "r", end=3 * C), blocks(100, 3))
         for x, y in zip(
-            picked(a.layers, blocks(1, 3), layout), picked(b.layers, blocks(100, 3), layout), strict=True
+            select_blocks(a.layers, layout, blocks(1, 3)),
+            select_blocks(b.layers, layout, blocks(100, 3)),
+            strict=True,
         ):
             assert torch.equal(x, y)
         # The locks of lookup and prepare_retrieve are all gone after the commit.
@@ -129,7 +126,9 @@ def test_partial_prepare_and_skip(server) -> None:
             layer[:, dst] = 7.0
         skip = 2 * BS + 5
         assert w.retrieve(key(t, "r", end=2 * C), dst, skip_first_n_tokens=skip)
-        for src_l, dst_l in zip(picked(w.layers, blocks(1, 2)), picked(w.layers, dst), strict=True):
+        for src_l, dst_l in zip(
+            select_blocks(w.layers, "NHD", blocks(1, 2)), select_blocks(w.layers, "NHD", dst), strict=True
+        ):
             flat_src = src_l.reshape(2, -1, *src_l.shape[3:])
             flat_dst = dst_l.reshape(2, -1, *dst_l.shape[3:])
             assert torch.all(flat_dst[:, :skip] == 7.0)
@@ -145,12 +144,16 @@ def test_both_transfer_modes_share_objects(server) -> None:
         assert ed.store(key(t1, "s1"), blocks(1, 2))
         assert lookup(c, t1, "r1") == 2
         assert lm.retrieve(t1, blocks(100, 2), "r1")
-        for x, y in zip(picked(ed.layers, blocks(1, 2)), lm.kv.blocks_view(blocks(100, 2)), strict=True):
+        for x, y in zip(
+            select_blocks(ed.layers, "NHD", blocks(1, 2)), lm.kv.blocks_view(blocks(100, 2)), strict=True
+        ):
             assert torch.equal(x, y)
         assert lm.store(t2, blocks(1, 2), "s2")
         assert lookup(c, t2, "r2") == 2
         assert ed.retrieve(key(t2, "r2"), blocks(100, 2))
-        for x, y in zip(lm.kv.blocks_view(blocks(1, 2)), picked(ed.layers, blocks(100, 2)), strict=True):
+        for x, y in zip(
+            lm.kv.blocks_view(blocks(1, 2)), select_blocks(ed.layers, "NHD", blocks(100, 2)), strict=True
+        ):
             assert torch.equal(x, y)
         lm.close()
 
