@@ -110,32 +110,25 @@ fn chain<T: TokenId>(
     let mut out = Vec::with_capacity(n);
     let mut scratch = Vec::with_capacity(HASH_LEN + 4 * chunk_size);
     let mut last = *prev;
-    let mut chunks = tokens.chunks_exact(chunk_size);
+    let chunks = tokens.chunks_exact(chunk_size);
     if let Some(memo) = memo.filter(|m| m.half > 0) {
         // Chunks the memo holds, one short lock each; from the first miss on the chain is new
         // (every later input starts with a hash not seen before), so the rest is hashed
         // without probing and inserted under one lock.
-        for chunk in chunks.by_ref() {
+        let mut new = MemoBatch::default();
+        for chunk in chunks {
             chunk_input(&last, chunk, &mut scratch);
             let key_hash = memo.hasher.hash_one(&scratch[..]);
-            match memo.get(key_hash, &scratch) {
-                Some(h) => last = h,
-                None => {
-                    last = *blake3::hash(&scratch).as_bytes();
-                    let mut new = MemoBatch::default();
-                    new.push(key_hash, &scratch, last);
-                    out.push(last);
-                    for chunk in chunks.by_ref() {
-                        chunk_input(&last, chunk, &mut scratch);
-                        last = *blake3::hash(&scratch).as_bytes();
-                        new.push(memo.hasher.hash_one(&scratch[..]), &scratch, last);
-                        out.push(last);
-                    }
-                    memo.insert(new);
-                    return Ok(out);
-                }
-            }
+            let held = if new.slots.is_empty() { memo.get(key_hash, &scratch) } else { None };
+            last = held.unwrap_or_else(|| {
+                let h = *blake3::hash(&scratch).as_bytes();
+                new.push(key_hash, &scratch, h);
+                h
+            });
             out.push(last);
+        }
+        if !new.slots.is_empty() {
+            memo.insert(new);
         }
         return Ok(out);
     }
