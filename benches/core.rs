@@ -32,7 +32,7 @@ fn hashes(base: u32, n: u32) -> Vec<ChunkHash> {
 fn store(idx: &L1Index, s: &KeyScope, hs: &[ChunkHash]) {
     let r = idx.reserve_write(s, hs, OBJ, 1, false).unwrap();
     assert!(r.iter().all(|r| matches!(r, Reserve::Reserved(_))));
-    idx.finish_write(s, hs, 1, 0, false).unwrap();
+    idx.finish_write(s, hs, 1, 0, false, 0).unwrap();
 }
 
 /// An index holding `objects` objects in requests of 128 chunks.
@@ -124,16 +124,16 @@ fn bench_lookup(c: &mut Criterion) {
     g.throughput(Throughput::Elements(128));
     g.bench_function("lookup_lock_128_of_100k", |b| {
         b.iter(|| {
-            let hit = idx.lookup(&s, black_box(&prefix), 1).unwrap();
-            idx.finish_read(&s, &prefix, 1);
-            hit
+            let g = idx.lease_read(&s, black_box(&prefix), 1, 0).unwrap();
+            idx.release_all(g.lease);
+            g.hit
         })
     });
-    g.bench_function("lookup_only_128_of_100k", |b| {
-        b.iter(|| idx.lookup(&s, black_box(&prefix), 1).unwrap())
-    });
+    g.bench_function("peek_128_of_100k", |b| b.iter(|| idx.peek(&s, black_box(&prefix))));
     let miss = hashes(10_000_000, 128);
-    g.bench_function("lookup_miss_128", |b| b.iter(|| idx.lookup(&s, black_box(&miss), 1).unwrap()));
+    g.bench_function("lookup_miss_128", |b| {
+        b.iter(|| idx.lease_read(&s, black_box(&miss), 1, 0).unwrap().hit)
+    });
     g.finish();
 }
 

@@ -84,11 +84,13 @@ class ManualClock:
     def advance(self, seconds: float) -> None: ...
 
 ReserveStatus = Literal["reserved", "resident", "in_flight", "oom"]
-FinishStatus = Literal["admitted", "resident", "not_staged"]
+FinishStatus = Literal["admitted", "resident", "not_staged", "dropped"]
 
 class ClearReport(TypedDict):
     objects: int
     bytes: int
+    pending_objects: int
+    pending_bytes: int
 
 class CycleReport(TypedDict):
     expired_read_locks: int
@@ -135,6 +137,9 @@ class Counters(TypedDict):
     expired_staging: int
     eviction_cycles: int
     eviction_triggered: int
+    read_leases: int
+    dropped_writes: int
+    pending_released_objects: int
 
 class L1Stats(TypedDict):
     capacity_bytes: int
@@ -149,8 +154,33 @@ class L1Stats(TypedDict):
     staging_objects: int
     staging_bytes: int
     temporary_objects: int
+    read_leases: int
+    pending_release_objects: int
+    pending_release_bytes: int
     counters: Counters
     salts: list[SaltStats]
+
+@final
+class ReadGrant:
+    """What `L1Index.lease_read` took: `lease` (0: nothing), `hit` objects and their ranges."""
+
+    @property
+    def lease(self) -> int: ...
+    @property
+    def hit(self) -> int: ...
+    @property
+    def offsets(self) -> list[int]: ...
+    @property
+    def sizes(self) -> list[int]: ...
+
+@final
+class WriteDone:
+    """What `L1Index.finish_write` did: a status per key, the read lease (0: none)."""
+
+    @property
+    def statuses(self) -> list[FinishStatus]: ...
+    @property
+    def lease(self) -> int: ...
 
 @final
 class L1Index:
@@ -187,12 +217,15 @@ class L1Index:
         writer: int,
         lock_readers: int = 0,
         temporary: bool = False,
-    ) -> list[FinishStatus]: ...
+        lease: int = 0,
+    ) -> WriteDone: ...
     def abort_write(self, scope: KeyScope, hashes: Sequence[bytes], writer: int) -> int: ...
     def abort_writer(self, writer: int) -> int: ...
-    def lookup(self, scope: KeyScope, hashes: Sequence[bytes], readers: int = 1) -> int: ...
+    def lease_read(
+        self, scope: KeyScope, hashes: Sequence[bytes], shares: int = 1, lease: int = 0
+    ) -> ReadGrant: ...
+    def release(self, lease: int, start: int = 0, end: int | None = None, n: int | None = None) -> int: ...
     def peek(self, scope: KeyScope, hashes: Sequence[bytes]) -> int: ...
-    def finish_read(self, scope: KeyScope, hashes: Sequence[bytes], n: int = 1) -> int: ...
     def resolve(
         self, scope: KeyScope, hashes: Sequence[bytes]
     ) -> list[tuple[int, int, int, bool] | None]: ...

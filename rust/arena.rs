@@ -157,12 +157,15 @@ impl Arena {
         Ok(())
     }
 
-    /// Forgets every allocation (forced clear).
-    pub fn reset(&mut self) {
-        self.by_addr.clear();
-        self.by_size.clear();
-        self.used = 0;
-        self.insert_free(0, self.capacity);
+    /// Whether every byte of `a` is allocated (no free block overlaps it). O(log f).
+    pub fn is_allocated(&self, a: Allocation) -> bool {
+        let end = a.offset.saturating_add(a.size);
+        if end > self.capacity {
+            return false;
+        }
+        let before = self.by_addr.range(..=a.offset).next_back();
+        let inside = self.by_addr.range(a.offset..end).next();
+        before.is_none_or(|(&o, &s)| o + s <= a.offset) && inside.is_none()
     }
 
     pub fn stats(&self) -> ArenaStats {

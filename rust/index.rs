@@ -6,27 +6,45 @@
 //! * **staging** — reserved by one writer (a `u64` tag), invisible to readers, write-lock TTL.
 //!   Several writers may stage the same key; the first `finish_write` wins, later ones drop their
 //!   copy and still succeed. Ordered by deadline (TTL is constant and refreshes move to the back).
-//! * **locked** — resident with a read-lock counter > 0 (lookup adds `num_kv_readers`,
-//!   `finish_read` subtracts). Ordered by deadline; an expired lock counts as unlocked and the
-//!   next lock restarts the counter.
+//!   A staged object *is* its writer's lease on the range it copies into.
+//! * **locked** — resident and held by at least one read lease (`readers` = the shares of every
+//!   live lease on it).
 //! * **LRU** — resident and unlocked, the only evictable objects. One global list (`LRU`) or
 //!   one list per `cache_salt` (`IsolatedLRU`). Objects of one call enter in *reverse* key order,
 //!   so a request's last chunk is evicted first and prefixes stay intact (spec E.6). Unlock
 //!   returns an object to the recent end (a read is a use; LMCache leaves recency untouched).
 //!
 //! Because locked and staging objects are not in an LRU list, an eviction walk never skips
-//! anything: eviction costs O(objects evicted + salts), never O(objects held), and expired locks
-//! are found from the head of their deadline-ordered lists.
+//! anything: eviction costs O(objects evicted + salts), never O(objects held).
+//!
+//! # Leases
+//! Every byte range a transfer can touch is held by a lease, and nothing but the end of its
+//! leases returns a range to the arena:
+//! * a **write lease** is a staged object (ends by `finish_write`, `abort_write`,
+//!   `abort_writer` or its write TTL);
+//! * a **read lease** ([`ReadGrant`]) holds shares on a run of resident objects: a lookup's
+//!   `num_kv_readers` locks, one copy out (retrieve, a prepared retrieve, an L2 write-through
+//!   read). It is released by range (`release`) and ends when no share is left or at its read
+//!   TTL. Releases name the lease, never a key, so a release can only ever give back what that
+//!   lease took, whatever was stored under the same key since.
+//!
+//! Clear, delete, eviction and expiry take objects out of the index at once, so no new reader
+//! finds them. An object that a lease still holds is kept as **pending**: a locked object
+//! becomes an *orphan* (reachable only through its leases), a staged one is *doomed* (its writer
+//! is told at `finish_write`: [`Finish::Dropped`], never admitted). Its bytes go back to the
+//! arena when its last lease ends. Eviction never picks a leased object at all.
 //!
 //! # Accounting
-//! Per-salt bytes count every allocated byte of the salt (staging included), so
-//! `sum(salt bytes) == arena used` after every call ([`L1Index::check_invariants`]).
+//! Per-salt bytes count every allocated byte of the salt (staging included) that is still in
+//! the index; pending objects are counted apart, so
+//! `sum(salt bytes) + pending bytes == arena used` after every call, and no arena range is both
+//! free and held, or held by two objects ([`L1Index::check_invariants`]).
 //!
 //! # Concurrency
 //! One `parking_lot::Mutex` around [`Inner`]; every public method takes it once. The Python
 //! bindings call these methods with the GIL released and nothing here calls back into Python.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -144,8 +162,31 @@ pub enum Finish {
     Admitted,
     /// Another writer finished first; the staged copy was dropped. Still a success.
     AlreadyResident,
-    /// Nothing staged for this writer (never reserved, aborted, expired and reclaimed, cleared).
+    /// Nothing staged for this writer (never reserved, aborted, or expired and reclaimed).
     NotStaged,
+    /// The staged object was dropped (a forced clear) while it was written: not admitted, its
+    /// range is free again now.
+    Dropped,
+}
+
+/// Names a read lease; 0 is "no lease".
+pub type LeaseId = u64;
+
+/// What a read lease took: the lease (0 when nothing was taken) and, in key order, the ranges of
+/// the `hit` objects it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadGrant {
+    pub lease: LeaseId,
+    pub hit: usize,
+    pub slots: Vec<Allocation>,
+}
+
+/// What `finish_write` did: one [`Finish`] per key, and the read lease that holds the admitted
+/// (or already resident) objects when a lock was asked for (0 otherwise).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteDone {
+    pub finished: Vec<Finish>,
+    pub lease: LeaseId,
 }
 
 /// Where a resident object's bytes are.
@@ -182,12 +223,15 @@ pub struct CycleReport {
     pub used_bytes: u64,
 }
 
-/// Objects and bytes removed by a clear.
+/// What a clear did: `objects`/`bytes` left the index now; of those, `pending_*` are still held
+/// by leases of transfers in flight and return to the arena when those leases end.
 #[cfg_attr(feature = "python", derive(pyo3::IntoPyObject))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ClearReport {
     pub objects: u64,
     pub bytes: u64,
+    pub pending_objects: u64,
+    pub pending_bytes: u64,
 }
 
 /// Per-salt view in a [`L1Stats`] snapshot. Counters restart when a salt holds nothing and has
@@ -233,6 +277,12 @@ pub struct Counters {
     pub expired_staging: u64,
     pub eviction_cycles: u64,
     pub eviction_triggered: u64,
+    /// Read leases taken (each lookup rank, copy out, locked admission).
+    pub read_leases: u64,
+    /// Staged writes refused at `finish_write` because a clear dropped them meanwhile.
+    pub dropped_writes: u64,
+    /// Pending objects whose last lease ended, returning their bytes to the arena.
+    pub pending_released_objects: u64,
 }
 
 /// One consistent snapshot of the index (taken under its lock).
@@ -251,6 +301,11 @@ pub struct L1Stats {
     pub staging_objects: u64,
     pub staging_bytes: u64,
     pub temporary_objects: u64,
+    /// Live read leases.
+    pub read_leases: u64,
+    /// Objects out of the index whose bytes wait for their last lease to end.
+    pub pending_release_objects: u64,
+    pub pending_release_bytes: u64,
     pub counters: Counters,
     pub salts: Vec<SaltStats>,
 }
@@ -270,6 +325,17 @@ enum State {
     Staging,
     Resident,
     Locked,
+    /// Staged, then dropped from the index while its writer copies: still in the staging map
+    /// and list (so the writer's finish/abort and the write TTL find it), never admitted.
+    Doomed,
+    /// Was locked, dropped from the index: reachable only through the read leases on it.
+    Orphan,
+}
+
+impl State {
+    fn pending(self) -> bool {
+        matches!(self, Self::Doomed | Self::Orphan)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -278,11 +344,22 @@ struct Entry {
     alloc: Allocation,
     state: State,
     links: Links,
-    /// Write-lock deadline (staging) or read-lock deadline (locked), clock ns.
+    /// Write-lock deadline (staging), clock ns.
     deadline: u64,
     writer: u64,
+    /// Shares of every live read lease on this object (> 0 exactly when Locked or Orphan).
     readers: u32,
     temporary: bool,
+}
+
+/// A read lease: shares still owed on each object it took, in the order it took them.
+#[derive(Debug)]
+struct Lease {
+    deadline: u64,
+    /// (entry id, shares left); an entry is never freed while a share on it is left.
+    items: Vec<(u32, u32)>,
+    /// Items with shares left; the lease ends at 0.
+    live: usize,
 }
 
 impl Linked for Entry {
@@ -387,6 +464,13 @@ struct Inner {
     models: Table<ModelState>,
     salts: Table<SaltState>,
     temporary_objects: u64,
+    leases: HashMap<LeaseId, Lease, RandomState>,
+    /// (deadline, lease) of every live lease: expiry finds them from the front.
+    lease_deadlines: BTreeSet<(u64, LeaseId)>,
+    next_lease: LeaseId,
+    doomed_objects: u64,
+    orphan_objects: u64,
+    pending_bytes: u64,
     counters: Counters,
 }
 
@@ -424,6 +508,12 @@ impl L1Index {
             models: Table::default(),
             salts: Table::default(),
             temporary_objects: 0,
+            leases: HashMap::default(),
+            lease_deadlines: BTreeSet::new(),
+            next_lease: 1,
+            doomed_objects: 0,
+            orphan_objects: 0,
+            pending_bytes: 0,
             counters: Counters::default(),
         };
         Ok(Self { inner: Mutex::new(inner), clock, config })
@@ -458,9 +548,10 @@ impl L1Index {
         self.inner.lock().reserve_write(scope, hashes, size, writer, all_or_nothing, now)
     }
 
-    /// Makes this writer's staged keys resident. With `lock_readers > 0` they are admitted
-    /// read-locked for that many readers (never evictable in between); `temporary` objects
-    /// (L2 prefetch) are deleted when their last read lock goes and need `lock_readers > 0`.
+    /// Makes this writer's staged keys resident. With `lock_readers > 0` each admitted (or
+    /// already resident) key is taken by a read lease with that many shares, in key order
+    /// (never evictable in between): a new lease, or `extend` when it is not 0. `temporary`
+    /// objects (L2 prefetch) are deleted when their last share goes and need `lock_readers > 0`.
     pub fn finish_write(
         &self,
         scope: &KeyScope,
@@ -468,21 +559,23 @@ impl L1Index {
         writer: u64,
         lock_readers: u32,
         temporary: bool,
-    ) -> CoreResult<Vec<Finish>> {
+        extend: LeaseId,
+    ) -> CoreResult<WriteDone> {
         if temporary && lock_readers == 0 {
             return Err(CoreError::InvalidArgument(
                 "a temporary object must be admitted with at least one read lock".into(),
             ));
         }
         let now = self.clock.now_ns();
-        Ok(self.inner.lock().finish_write(
+        self.inner.lock().finish_write(
             scope,
             hashes,
             writer,
             lock_readers.min(MAX_READERS),
             temporary,
+            extend,
             now,
-        ))
+        )
     }
 
     /// Drops this writer's staged copies of `hashes`; returns how many were dropped.
@@ -502,14 +595,21 @@ impl L1Index {
         ids.len()
     }
 
-    /// Read-locks the longest resident prefix of `hashes` for `readers` readers (clamped to
-    /// 128) and returns its length.
-    pub fn lookup(&self, scope: &KeyScope, hashes: &[ChunkHash], readers: u32) -> CoreResult<usize> {
-        if readers == 0 {
+    /// Takes a read lease with `shares` shares (clamped to 128: `num_kv_readers`) on each key
+    /// of the longest resident prefix of `hashes`: a new lease, or `extend` (its TTL restarts).
+    /// A miss on the first key takes nothing and returns lease 0 (or `extend` unchanged).
+    pub fn lease_read(
+        &self,
+        scope: &KeyScope,
+        hashes: &[ChunkHash],
+        shares: u32,
+        extend: LeaseId,
+    ) -> CoreResult<ReadGrant> {
+        if shares == 0 {
             return Err(CoreError::InvalidArgument("num_kv_readers must be at least 1".into()));
         }
         let now = self.clock.now_ns();
-        Ok(self.inner.lock().lookup(scope, hashes, readers.min(MAX_READERS), now))
+        self.inner.lock().lease_read(scope, hashes, shares.min(MAX_READERS), extend, now)
     }
 
     /// Length of the resident prefix, without locking or touching anything.
@@ -519,14 +619,21 @@ impl L1Index {
         hashes.iter().take_while(|&&hash| g.resident.contains_key(&ikey(hash, scope, model, salt))).count()
     }
 
-    /// Releases `n` read locks on each locked key; returns how many keys were locked.
-    pub fn finish_read(&self, scope: &KeyScope, hashes: &[ChunkHash], n: u32) -> usize {
-        self.inner.lock().finish_read(scope, hashes, n.max(1))
+    /// Gives back up to `n` shares (None: all) of the lease's items `[start, end)` (positions
+    /// in the order the lease took them); the lease ends when none is left. Returns the shares
+    /// given back: 0 for a lease that ended already (released, expired), so releasing twice is
+    /// harmless.
+    pub fn release(&self, lease: LeaseId, start: usize, end: usize, n: Option<u32>) -> u64 {
+        self.inner.lock().release(lease, start, end, n)
+    }
+
+    /// Ends the lease, giving back every share it holds.
+    pub fn release_all(&self, lease: LeaseId) -> u64 {
+        self.release(lease, 0, usize::MAX, None)
     }
 
     /// Where each key's bytes are (None when not resident). Changes nothing.
     pub fn resolve(&self, scope: &KeyScope, hashes: &[ChunkHash]) -> Vec<Option<Slot>> {
-        let now = self.clock.now_ns();
         let g = self.inner.lock();
         let Some((model, salt)) = g.find_scope(scope) else { return vec![None; hashes.len()] };
         hashes
@@ -534,12 +641,7 @@ impl L1Index {
             .map(|&hash| {
                 g.resident.get(&ikey(hash, scope, model, salt)).map(|&id| {
                     let e = &g.entries[id as usize];
-                    let live = e.state == State::Locked && e.deadline > now;
-                    Slot {
-                        alloc: e.alloc,
-                        read_locks: if live { e.readers } else { 0 },
-                        temporary: e.temporary,
-                    }
+                    Slot { alloc: e.alloc, read_locks: e.readers, temporary: e.temporary }
                 })
             })
             .collect()
@@ -550,13 +652,16 @@ impl L1Index {
         self.inner.lock().touch(scope, hashes)
     }
 
-    /// Deletes resident keys; read-locked ones only with `force`. Returns how many went.
+    /// Deletes resident keys; read-locked ones only with `force` (their bytes stay until their
+    /// leases end). Returns how many went.
     pub fn delete(&self, scope: &KeyScope, hashes: &[ChunkHash], force: bool) -> usize {
         self.inner.lock().delete(scope, hashes, force)
     }
 
-    /// Spec E.8. Not forced: unlocked resident objects and expired locks/staging go; live
-    /// staging and read-locked objects stay. Forced: everything goes, including in-flight work.
+    /// Spec E.8. Not forced: unlocked resident objects and expired leases/staging go; live
+    /// staging and read-locked objects stay. Forced: every object leaves the index; what a
+    /// lease holds (a copy in or out in flight) stays pending until that lease ends, and a
+    /// writer dropped this way is refused at `finish_write`.
     pub fn clear(&self, force: bool) -> ClearReport {
         let now = self.clock.now_ns();
         self.inner.lock().clear(force, now)
@@ -695,9 +800,11 @@ impl Inner {
         }
     }
 
-    /// Takes `id` out of its list and map and returns its space. Returns the bytes freed.
+    /// Takes `id` (not held by a read lease) out of its list and map and returns its space.
+    /// Returns the bytes freed.
     fn remove(&mut self, id: u32) -> u64 {
         let e = self.entries[id as usize].clone();
+        debug_assert_eq!(e.readers, 0, "removing a leased object");
         match e.state {
             State::Staging => {
                 self.staging_list.unlink(&mut self.entries, id);
@@ -710,6 +817,10 @@ impl Inner {
             State::Locked => {
                 self.locked_list.unlink(&mut self.entries, id);
                 self.resident.remove(&e.key);
+            }
+            State::Doomed | State::Orphan => {
+                self.free_pending(id);
+                return e.alloc.size;
             }
             State::Free => unreachable!("removing a free slot"),
         }
@@ -731,7 +842,9 @@ impl Inner {
         e.alloc.size
     }
 
-    fn evict(&mut self, id: u32, reason: Reason) -> u64 {
+    /// Takes `id` out of the index for `reason`. Its bytes are freed now (returned) unless a
+    /// lease holds them: a locked object becomes an orphan, a staged one doomed (0 returned).
+    fn drop_object(&mut self, id: u32, reason: Reason) -> u64 {
         let salt = self.entries[id as usize].key.salt;
         let size = self.entries[id as usize].alloc.size;
         let s = self.salts.at(salt);
@@ -754,31 +867,92 @@ impl Inner {
             Reason::Deleted => c.deleted_objects += 1,
             Reason::Cleared => c.cleared_objects += 1,
         }
-        self.remove(id)
+        match self.entries[id as usize].state {
+            State::Locked => {
+                self.locked_list.unlink(&mut self.entries, id);
+                let key = self.entries[id as usize].key;
+                self.resident.remove(&key);
+                if self.entries[id as usize].temporary {
+                    self.temporary_objects -= 1;
+                }
+                self.make_pending(id, State::Orphan);
+                0
+            }
+            State::Staging => {
+                self.make_pending(id, State::Doomed);
+                0
+            }
+            _ => self.remove(id),
+        }
     }
 
-    fn lock_entry(&mut self, id: u32, readers: u32, now: u64) {
-        let state = self.entries[id as usize].state;
+    /// Moves a dropped object's bytes from its salt's account to the pending account. The salt
+    /// stays pinned (and the model referenced) until the bytes are freed, so their ids are not
+    /// recycled under a doomed object that is still in the staging map.
+    fn make_pending(&mut self, id: u32, state: State) {
+        let e = &mut self.entries[id as usize];
+        let (size, was) = (e.alloc.size, e.state);
+        e.state = state;
+        let s = self.salts.at(e.key.salt);
+        s.objects -= 1;
+        s.bytes -= size;
+        if was == State::Staging {
+            s.staging_bytes -= size;
+        }
+        s.pins += 1;
         match state {
+            State::Doomed => self.doomed_objects += 1,
+            _ => self.orphan_objects += 1,
+        }
+        self.pending_bytes += size;
+    }
+
+    /// Frees a pending object whose last lease ended (an orphan's last share, a doomed
+    /// object's finish, abort or write TTL).
+    fn free_pending(&mut self, id: u32) {
+        let e = self.entries[id as usize].clone();
+        match e.state {
+            State::Doomed => {
+                self.staging_list.unlink(&mut self.entries, id);
+                self.staging.remove(&(e.key, e.writer));
+                self.doomed_objects -= 1;
+            }
+            State::Orphan => {
+                debug_assert_eq!(e.readers, 0);
+                self.orphan_objects -= 1;
+            }
+            other => unreachable!("freeing a {other:?} object as pending"),
+        }
+        self.arena.free(e.alloc).expect("pending allocation is live");
+        self.pending_bytes -= e.alloc.size;
+        self.counters.pending_released_objects += 1;
+        self.salts.at(e.key.salt).pins -= 1;
+        self.models.at(e.key.model).refs -= 1;
+        self.entries[id as usize].state = State::Free;
+        self.entries[id as usize].readers = 0;
+        self.free_ids.push(id);
+        self.gc_salt(e.key.salt);
+        self.gc_model(e.key.model);
+    }
+
+    /// Adds `shares` read shares to a resident object (the caller records them in a lease).
+    fn lock_entry(&mut self, id: u32, shares: u32) {
+        match self.entries[id as usize].state {
             State::Resident => {
                 self.lru_unlink(id);
                 self.locked_list.push_back(&mut self.entries, id);
                 let e = &mut self.entries[id as usize];
                 e.state = State::Locked;
-                e.readers = readers;
+                e.readers = shares;
             }
-            State::Locked => {
-                self.locked_list.move_to_back(&mut self.entries, id);
-                let e = &mut self.entries[id as usize];
-                e.readers = if e.deadline <= now { readers } else { e.readers.saturating_add(readers) };
-            }
-            State::Staging | State::Free => unreachable!("locking an object that is not resident"),
+            State::Locked => self.entries[id as usize].readers += shares,
+            other => unreachable!("locking an object that is not resident ({other:?})"),
         }
-        self.entries[id as usize].deadline = now.saturating_add(self.read_ttl);
     }
 
-    /// Takes a locked entry back to unlocked. A temporary object is deleted instead; otherwise
-    /// returns true and the caller links it into the LRU list (in batch order).
+    /// Takes a locked entry whose last share went back to unlocked. A temporary object is
+    /// deleted instead; otherwise returns true and the caller links it into the LRU list (in
+    /// batch order).
     fn unlock_entry(&mut self, id: u32) -> bool {
         self.counters.read_unlocks += 1;
         if self.entries[id as usize].temporary {
@@ -818,7 +992,7 @@ impl Inner {
         }
         match self.demand_victim(salt, protect) {
             Some(victim) => {
-                self.evict(victim, Reason::Demand);
+                self.drop_object(victim, Reason::Demand);
                 true
             }
             None => false,
@@ -857,6 +1031,8 @@ impl Inner {
         now: u64,
     ) -> CoreResult<Vec<Reserve>> {
         let rounded = self.arena.rounded(size)?;
+        // Expired leases and write locks end before anything is decided (they hold nothing).
+        self.reap_expired(now);
         let (model, salt) = self.intern_scope(scope);
         // Demand eviction may drop the salt's or model's last object; pin both for the call.
         self.salts.at(salt).pins += 1;
@@ -871,16 +1047,10 @@ impl Inner {
                 if self.entries[id as usize].state == State::Resident {
                     protect.push(id);
                 }
-            } else if let Some(&id) = self.staging.get(&(key, writer)) {
-                let e = &mut self.entries[id as usize];
-                if e.deadline > now {
-                    out[i] = Reserve::InFlight;
-                } else {
-                    // Our own expired write lock: hand the same space back with a new deadline.
-                    e.deadline = now.saturating_add(self.write_ttl);
-                    out[i] = Reserve::Reserved(e.alloc);
-                    self.staging_list.move_to_back(&mut self.entries, id);
-                }
+            } else if self.staging.contains_key(&(key, writer)) {
+                // This writer's earlier copy is in flight (or was dropped and is still being
+                // written: it will learn so at its finish_write).
+                out[i] = Reserve::InFlight;
             } else {
                 need.push((i, key));
             }
@@ -953,6 +1123,7 @@ impl Inner {
         Reserve::Reserved(alloc)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn finish_write(
         &mut self,
         scope: &KeyScope,
@@ -960,24 +1131,34 @@ impl Inner {
         writer: u64,
         lock_readers: u32,
         temporary: bool,
+        extend: LeaseId,
         now: u64,
-    ) -> Vec<Finish> {
+    ) -> CoreResult<WriteDone> {
+        self.check_lease(extend)?;
         let Some((model, salt)) = self.find_scope(scope) else {
-            return vec![Finish::NotStaged; hashes.len()];
+            return Ok(WriteDone { finished: vec![Finish::NotStaged; hashes.len()], lease: extend });
         };
         let mut out = Vec::with_capacity(hashes.len());
         let mut admitted = Vec::with_capacity(hashes.len());
+        let mut locked = Vec::new();
         for &hash in hashes {
             let key = ikey(hash, scope, model, salt);
             let Some(&id) = self.staging.get(&(key, writer)) else {
                 out.push(Finish::NotStaged);
                 continue;
             };
+            if self.entries[id as usize].state == State::Doomed {
+                self.free_pending(id);
+                self.counters.dropped_writes += 1;
+                out.push(Finish::Dropped);
+                continue;
+            }
             if let Some(&rid) = self.resident.get(&key) {
                 self.remove(id);
                 self.counters.duplicate_writes += 1;
                 if lock_readers > 0 {
-                    self.lock_entry(rid, lock_readers, now);
+                    self.lock_entry(rid, lock_readers);
+                    locked.push(rid);
                 }
                 out.push(Finish::AlreadyResident);
                 continue;
@@ -999,8 +1180,8 @@ impl Inner {
             if lock_readers > 0 {
                 e.state = State::Locked;
                 e.readers = lock_readers;
-                e.deadline = now.saturating_add(self.read_ttl);
                 self.locked_list.push_back(&mut self.entries, id);
+                locked.push(id);
             } else {
                 admitted.push(id);
             }
@@ -1009,7 +1190,8 @@ impl Inner {
         for &id in admitted.iter().rev() {
             self.lru_push_back(id);
         }
-        out
+        let lease = self.grant(extend, &locked, lock_readers, now);
+        Ok(WriteDone { finished: out, lease })
     }
 
     fn abort_write(&mut self, scope: &KeyScope, hashes: &[ChunkHash], writer: u64) -> usize {
@@ -1025,34 +1207,104 @@ impl Inner {
         n
     }
 
-    fn lookup(&mut self, scope: &KeyScope, hashes: &[ChunkHash], readers: u32, now: u64) -> usize {
+    fn lease_read(
+        &mut self,
+        scope: &KeyScope,
+        hashes: &[ChunkHash],
+        shares: u32,
+        extend: LeaseId,
+        now: u64,
+    ) -> CoreResult<ReadGrant> {
+        self.check_lease(extend)?;
         self.counters.lookups += 1;
         self.counters.lookup_keys += hashes.len() as u64;
-        let Some((model, salt)) = self.find_scope(scope) else { return 0 };
-        let mut hit = 0;
-        for &hash in hashes {
-            let Some(&id) = self.resident.get(&ikey(hash, scope, model, salt)) else { break };
-            self.lock_entry(id, readers, now);
-            hit += 1;
+        let mut ids = Vec::new();
+        if let Some((model, salt)) = self.find_scope(scope) {
+            for &hash in hashes {
+                let Some(&id) = self.resident.get(&ikey(hash, scope, model, salt)) else { break };
+                self.lock_entry(id, shares);
+                ids.push(id);
+            }
         }
-        self.counters.lookup_hit_keys += hit as u64;
-        hit
+        self.counters.lookup_hit_keys += ids.len() as u64;
+        let slots = ids.iter().map(|&id| self.entries[id as usize].alloc).collect();
+        let lease = self.grant(extend, &ids, shares, now);
+        Ok(ReadGrant { lease, hit: ids.len(), slots })
     }
 
-    fn finish_read(&mut self, scope: &KeyScope, hashes: &[ChunkHash], n: u32) -> usize {
-        let Some((model, salt)) = self.find_scope(scope) else { return 0 };
+    /// Fails when `extend` names a lease that has ended (0 is "a new lease").
+    fn check_lease(&self, extend: LeaseId) -> CoreResult<()> {
+        if extend != 0 && !self.leases.contains_key(&extend) {
+            return Err(CoreError::Inconsistent(format!(
+                "read lease {extend} has ended (released or expired)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Records `shares` on each of `ids` (already counted in their `readers`) in lease
+    /// `extend`, or in a new lease when it is 0 and `ids` is not empty; returns the lease.
+    fn grant(&mut self, extend: LeaseId, ids: &[u32], shares: u32, now: u64) -> LeaseId {
+        if ids.is_empty() {
+            return extend;
+        }
+        let deadline = now.saturating_add(self.read_ttl);
+        let lease = if extend == 0 {
+            let id = self.next_lease;
+            self.next_lease += 1;
+            self.counters.read_leases += 1;
+            self.leases.insert(id, Lease { deadline, items: Vec::with_capacity(ids.len()), live: 0 });
+            id
+        } else {
+            extend
+        };
+        let l = self.leases.get_mut(&lease).expect("checked lease");
+        if extend != 0 {
+            self.lease_deadlines.remove(&(l.deadline, lease));
+        }
+        l.deadline = deadline;
+        l.items.extend(ids.iter().map(|&id| (id, shares)));
+        l.live += ids.len();
+        self.lease_deadlines.insert((deadline, lease));
+        lease
+    }
+
+    fn release(&mut self, lease: LeaseId, start: usize, end: usize, n: Option<u32>) -> u64 {
+        let Some(l) = self.leases.get_mut(&lease) else { return 0 };
+        let end = end.min(l.items.len());
         let mut released = 0;
-        let mut unlocked = Vec::new();
-        for &hash in hashes {
-            let Some(&id) = self.resident.get(&ikey(hash, scope, model, salt)) else { continue };
-            let e = &mut self.entries[id as usize];
-            if e.state != State::Locked {
+        let mut freed = Vec::new();
+        for item in l.items.get_mut(start..end).unwrap_or_default() {
+            let take = n.map_or(item.1, |n| n.min(item.1));
+            if take == 0 {
                 continue;
             }
-            released += 1;
-            e.readers = e.readers.saturating_sub(n);
-            if e.readers == 0 && self.unlock_entry(id) {
-                unlocked.push(id);
+            item.1 -= take;
+            if item.1 == 0 {
+                l.live -= 1;
+            }
+            released += u64::from(take);
+            let e = &mut self.entries[item.0 as usize];
+            e.readers -= take;
+            if e.readers == 0 {
+                freed.push(item.0);
+            }
+        }
+        if l.live == 0 {
+            let deadline = l.deadline;
+            self.leases.remove(&lease);
+            self.lease_deadlines.remove(&(deadline, lease));
+        }
+        let mut unlocked = Vec::new();
+        for id in freed {
+            match self.entries[id as usize].state {
+                State::Orphan => self.free_pending(id),
+                State::Locked => {
+                    if self.unlock_entry(id) {
+                        unlocked.push(id);
+                    }
+                }
+                other => unreachable!("a leased object in state {other:?}"),
             }
         }
         for &id in unlocked.iter().rev() {
@@ -1080,23 +1332,22 @@ impl Inner {
         for &hash in hashes {
             let Some(&id) = self.resident.get(&ikey(hash, scope, model, salt)) else { continue };
             if force || self.entries[id as usize].state == State::Resident {
-                self.evict(id, Reason::Deleted);
+                self.drop_object(id, Reason::Deleted);
                 n += 1;
             }
         }
         n
     }
 
+    /// Ends the read leases and write locks whose TTL has passed; returns how many of each.
     fn reap_expired(&mut self, now: u64) -> (u64, u64) {
         let (mut locks, mut staging) = (0, 0);
-        while let Some(id) = self.locked_list.head() {
-            if self.entries[id as usize].deadline > now {
+        while let Some(&(deadline, lease)) = self.lease_deadlines.first() {
+            if deadline > now {
                 break;
             }
             locks += 1;
-            if self.unlock_entry(id) {
-                self.lru_push_back(id);
-            }
+            self.release(lease, 0, usize::MAX, None);
         }
         while let Some(id) = self.staging_list.head() {
             if self.entries[id as usize].deadline > now {
@@ -1112,34 +1363,27 @@ impl Inner {
 
     fn clear(&mut self, force: bool, now: u64) -> ClearReport {
         let mut report = ClearReport::default();
+        self.reap_expired(now);
         if force {
-            for e in self.entries.iter().filter(|e| e.state != State::Free) {
-                report.objects += 1;
-                report.bytes += e.alloc.size;
-            }
-            self.counters.cleared_objects += report.objects;
-            self.entries.clear();
-            self.free_ids.clear();
-            self.resident.clear();
-            self.staging.clear();
-            self.staging_list = List::default();
-            self.locked_list = List::default();
-            self.global_lru = List::default();
-            self.arena.reset();
-            self.models = Table::default();
-            self.temporary_objects = 0;
-            let ids: Vec<u32> = self.salts.iter().map(|(id, _)| id).collect();
+            let ids: Vec<u32> = (0..self.entries.len() as u32)
+                .filter(|&id| {
+                    matches!(
+                        self.entries[id as usize].state,
+                        State::Staging | State::Resident | State::Locked
+                    )
+                })
+                .collect();
             for id in ids {
-                let s = self.salts.at(id);
-                s.objects = 0;
-                s.bytes = 0;
-                s.staging_bytes = 0;
-                s.lru = List::default();
-                self.gc_salt(id);
+                let size = self.entries[id as usize].alloc.size;
+                report.objects += 1;
+                report.bytes += size;
+                if self.drop_object(id, Reason::Cleared) == 0 {
+                    report.pending_objects += 1;
+                    report.pending_bytes += size;
+                }
             }
             return report;
         }
-        self.reap_expired(now);
         let mut heads: Vec<u32> = Vec::new();
         loop {
             heads.clear();
@@ -1152,7 +1396,7 @@ impl Inner {
             }
             for &id in &heads {
                 report.objects += 1;
-                report.bytes += self.evict(id, Reason::Cleared);
+                report.bytes += self.drop_object(id, Reason::Cleared);
             }
         }
         report
@@ -1171,7 +1415,7 @@ impl Inner {
                     }
                     let Some(victim) = s.lru.head() else { break };
                     r.quota_evicted_objects += 1;
-                    r.quota_evicted_bytes += self.evict(victim, Reason::Quota);
+                    r.quota_evicted_bytes += self.drop_object(victim, Reason::Quota);
                 }
             }
         }
@@ -1187,7 +1431,7 @@ impl Inner {
                     while self.arena.used() > target {
                         let Some(victim) = self.global_lru.head() else { break };
                         r.watermark_evicted_objects += 1;
-                        r.watermark_evicted_bytes += self.evict(victim, Reason::Watermark);
+                        r.watermark_evicted_bytes += self.drop_object(victim, Reason::Watermark);
                     }
                 }
                 EvictionPolicy::IsolatedLru => {
@@ -1200,7 +1444,7 @@ impl Inner {
                             }
                             let Some(victim) = s.lru.head() else { break };
                             r.watermark_evicted_objects += 1;
-                            r.watermark_evicted_bytes += self.evict(victim, Reason::Watermark);
+                            r.watermark_evicted_bytes += self.drop_object(victim, Reason::Watermark);
                         }
                     }
                 }
@@ -1236,12 +1480,15 @@ impl Inner {
             free_blocks: a.free_blocks,
             largest_free_block: a.largest_free,
             usage_ratio: a.used as f64 / a.capacity as f64,
-            total_objects: (self.resident.len() + self.staging.len()) as u64,
+            total_objects: (self.resident.len() + self.staging.len()) as u64 - self.doomed_objects,
             resident_objects: self.resident.len() as u64,
             read_locked_objects: self.locked_list.len() as u64,
-            staging_objects: self.staging.len() as u64,
+            staging_objects: self.staging.len() as u64 - self.doomed_objects,
             staging_bytes: salts.iter().map(|s| s.staging_bytes).sum(),
             temporary_objects: self.temporary_objects,
+            read_leases: self.leases.len() as u64,
+            pending_release_objects: self.doomed_objects + self.orphan_objects,
+            pending_release_bytes: self.pending_bytes,
             counters: self.counters,
             salts,
         }
@@ -1251,13 +1498,17 @@ impl Inner {
         self.arena.check_invariants();
         let live = self.entries.iter().filter(|e| e.state != State::Free).count();
         assert_eq!(live + self.free_ids.len(), self.entries.len(), "slab leak");
-        assert_eq!(live, self.resident.len() + self.staging.len(), "map sizes vs live entries");
+        let orphans = self.entries.iter().filter(|e| e.state == State::Orphan).count();
+        assert_eq!(live, self.resident.len() + self.staging.len() + orphans, "map sizes vs live entries");
         assert_eq!(self.staging_list.len() as usize, self.staging.len(), "staging list vs map");
+        let mut doomed = 0;
         for id in self.staging_list.iter(&self.entries) {
             let e = &self.entries[id as usize];
-            assert_eq!(e.state, State::Staging);
+            assert!(matches!(e.state, State::Staging | State::Doomed), "staging list holds {:?}", e.state);
+            doomed += u64::from(e.state == State::Doomed);
             assert_eq!(self.staging.get(&(e.key, e.writer)), Some(&id));
         }
+        assert_eq!((doomed, orphans as u64), (self.doomed_objects, self.orphan_objects), "pending counts");
         for id in self.locked_list.iter(&self.entries) {
             assert_eq!(self.entries[id as usize].state, State::Locked);
         }
@@ -1285,26 +1536,74 @@ impl Inner {
         for (k, &id) in &self.resident {
             assert_eq!(self.entries[id as usize].key, *k);
         }
+        // Leases: every share recorded in exactly one lease, only on locked or orphan objects,
+        // and every lease findable by its deadline.
+        let mut shares: HashMap<u32, u64> = HashMap::new();
+        assert_eq!(self.leases.len(), self.lease_deadlines.len(), "leases vs deadlines");
+        for (&lid, l) in &self.leases {
+            assert!(self.lease_deadlines.contains(&(l.deadline, lid)), "lease {lid} has no deadline entry");
+            assert_eq!(l.live, l.items.iter().filter(|i| i.1 > 0).count(), "lease {lid} live count");
+            assert!(l.live > 0, "lease {lid} holds nothing and was not ended");
+            for &(id, n) in l.items.iter().filter(|i| i.1 > 0) {
+                *shares.entry(id).or_default() += u64::from(n);
+            }
+        }
+        for (id, e) in self.entries.iter().enumerate() {
+            let held = shares.get(&(id as u32)).copied().unwrap_or(0);
+            assert_eq!(u64::from(e.readers), held, "entry {id} ({:?}) readers vs lease shares", e.state);
+            match e.state {
+                State::Locked | State::Orphan => {
+                    assert!(e.readers > 0, "{:?} entry {id} without a lease", e.state)
+                }
+                _ => assert_eq!(e.readers, 0, "{:?} entry {id} with lease shares", e.state),
+            }
+        }
+        // No range is both free and held, or held by two objects.
+        let mut ranges: Vec<Allocation> =
+            self.entries.iter().filter(|e| e.state != State::Free).map(|e| e.alloc).collect();
+        ranges.sort_by_key(|a| a.offset);
+        for w in ranges.windows(2) {
+            assert!(w[0].offset + w[0].size <= w[1].offset, "objects overlap at {}", w[1].offset);
+        }
+        for a in &ranges {
+            assert!(self.arena.is_allocated(*a), "range [{}, +{}) is held and free", a.offset, a.size);
+        }
         // Per-salt and per-model accounting recomputed from the entries.
-        let mut by_salt: HashMap<u32, (u64, u64, u64)> = HashMap::new();
+        let mut by_salt: HashMap<u32, (u64, u64, u64, u32)> = HashMap::new();
         let mut by_model: HashMap<u32, u64> = HashMap::new();
+        let mut pending_bytes = 0;
         for e in self.entries.iter().filter(|e| e.state != State::Free) {
             let t = by_salt.entry(e.key.salt).or_default();
-            t.0 += 1;
-            t.1 += e.alloc.size;
+            if e.state.pending() {
+                t.3 += 1;
+                pending_bytes += e.alloc.size;
+            } else {
+                t.0 += 1;
+                t.1 += e.alloc.size;
+            }
             if e.state == State::Staging {
                 t.2 += e.alloc.size;
             }
             *by_model.entry(e.key.model).or_default() += 1;
         }
+        assert_eq!(pending_bytes, self.pending_bytes, "pending bytes");
         let mut total = 0;
         for (id, s) in self.salts.iter() {
-            let (objects, bytes, staging) = by_salt.get(&id).copied().unwrap_or_default();
-            assert_eq!((s.objects, s.bytes, s.staging_bytes), (objects, bytes, staging), "salt {:?}", s.name);
-            assert!(s.objects > 0 || s.quota.is_some(), "salt {:?} should have been dropped", s.name);
+            let (objects, bytes, staging, pins) = by_salt.get(&id).copied().unwrap_or_default();
+            assert_eq!(
+                (s.objects, s.bytes, s.staging_bytes, s.pins),
+                (objects, bytes, staging, pins),
+                "salt {:?}",
+                s.name
+            );
+            assert!(
+                s.objects > 0 || s.quota.is_some() || s.pins > 0,
+                "salt {:?} should have been dropped",
+                s.name
+            );
             total += s.bytes;
         }
-        assert_eq!(total, self.arena.used(), "sum of salt bytes != arena used");
+        assert_eq!(total + self.pending_bytes, self.arena.used(), "salt bytes + pending != arena used");
         for (id, m) in self.models.iter() {
             assert_eq!(m.refs, by_model.get(&id).copied().unwrap_or(0), "model {:?}", m.name);
             assert!(m.refs > 0, "model {:?} should have been dropped", m.name);

@@ -1,6 +1,7 @@
 //! Behaviour of the L1 index. Every test checks the structural invariants (including exact
 //! per-salt accounting) after each step through `Fixture::ok`.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use proptest::prelude::*;
@@ -43,7 +44,7 @@ impl Fixture {
             .filter(|(_, r)| matches!(r, Reserve::Reserved(_)))
             .map(|(h, _)| *h)
             .collect();
-        self.idx.finish_write(s, &staged, 1, 0, false).unwrap();
+        self.idx.finish_write(s, &staged, 1, 0, false, 0).unwrap();
         self.ok();
         r.iter().filter(|r| !matches!(r, Reserve::OutOfMemory)).count()
     }
@@ -70,17 +71,20 @@ fn staging_is_invisible_until_finished() {
     let r = f.idx.reserve_write(&s, &hs(0..2), 100, 7, false).unwrap();
     assert!(matches!(r[0], Reserve::Reserved(Allocation { size: OBJ, .. })));
     assert_eq!(f.ok().peek(&s, &hs(0..2)), 0);
-    assert_eq!(f.idx.lookup(&s, &hs(0..2), 1).unwrap(), 0);
+    assert_eq!(f.idx.lease_read(&s, &hs(0..2), 1, 0).unwrap(), ReadGrant { lease: 0, hit: 0, slots: vec![] });
     let st = f.idx.stats();
     assert_eq!((st.staging_objects, st.staging_bytes, st.used_bytes), (2, 2 * OBJ, 2 * OBJ));
     // A second reserve by the same writer is in flight; by another writer it is staged again.
     assert_eq!(f.idx.reserve_write(&s, &hs(0..1), 100, 7, false).unwrap(), [Reserve::InFlight]);
     assert!(matches!(f.idx.reserve_write(&s, &hs(0..1), 100, 8, false).unwrap()[0], Reserve::Reserved(_)));
     assert_eq!(f.ok().stats().staging_objects, 3);
-    assert_eq!(f.idx.finish_write(&s, &hs(0..2), 7, 0, false).unwrap(), [Finish::Admitted; 2]);
+    assert_eq!(f.idx.finish_write(&s, &hs(0..2), 7, 0, false, 0).unwrap().finished, [Finish::Admitted; 2]);
     // The late writer's copy is dropped and still reported as success.
-    assert_eq!(f.idx.finish_write(&s, &hs(0..1), 8, 0, false).unwrap(), [Finish::AlreadyResident]);
-    assert_eq!(f.idx.finish_write(&s, &hs(0..1), 9, 0, false).unwrap(), [Finish::NotStaged]);
+    assert_eq!(
+        f.idx.finish_write(&s, &hs(0..1), 8, 0, false, 0).unwrap().finished,
+        [Finish::AlreadyResident]
+    );
+    assert_eq!(f.idx.finish_write(&s, &hs(0..1), 9, 0, false, 0).unwrap().finished, [Finish::NotStaged]);
     let st = f.ok().stats();
     assert_eq!((st.resident_objects, st.staging_objects, st.used_bytes), (2, 0, 2 * OBJ));
     assert_eq!(st.counters.duplicate_writes, 1);
@@ -96,7 +100,7 @@ fn abort_writer_drops_only_that_writers_staging() {
     f.idx.reserve_write(&s, &hs(0..2), OBJ, 2, false).unwrap();
     assert_eq!(f.idx.abort_writer(1), 3);
     assert_eq!(f.ok().stats().staging_objects, 2);
-    assert_eq!(f.idx.finish_write(&s, &hs(0..2), 2, 0, false).unwrap(), [Finish::Admitted; 2]);
+    assert_eq!(f.idx.finish_write(&s, &hs(0..2), 2, 0, false, 0).unwrap().finished, [Finish::Admitted; 2]);
     assert_eq!(f.idx.abort_writer(1), 0);
     assert_eq!(f.ok().stats().counters.aborted_writes, 3);
 }
@@ -105,18 +109,19 @@ fn abort_writer_drops_only_that_writers_staging() {
 fn write_lock_ttl_expires() {
     let f = Fixture::new(8, EvictionPolicy::Lru);
     let s = scope("");
-    let first = f.idx.reserve_write(&s, &hs(0..1), OBJ, 1, false).unwrap()[0];
+    f.idx.reserve_write(&s, &hs(0..1), OBJ, 1, false).unwrap();
     f.clock.advance_secs(599.0);
     assert_eq!(f.idx.evict_cycle().expired_staging, 0);
     assert_eq!(f.idx.reserve_write(&s, &hs(0..1), OBJ, 1, false).unwrap(), [Reserve::InFlight]);
     f.clock.advance_secs(2.0);
-    // Expired: the same writer gets the same space back with a fresh lock.
-    assert_eq!(f.idx.reserve_write(&s, &hs(0..1), OBJ, 1, false).unwrap(), [first]);
+    // Expired: the lock ends (its space is free) and the same writer stages the key afresh.
+    assert!(matches!(f.idx.reserve_write(&s, &hs(0..1), OBJ, 1, false).unwrap()[0], Reserve::Reserved(_)));
+    assert_eq!(f.ok().stats().counters.expired_staging, 1);
     f.clock.advance_secs(601.0);
     let r = f.ok().evict_cycle();
     assert_eq!(r.expired_staging, 1);
     assert_eq!(f.ok().stats().used_bytes, 0);
-    assert_eq!(f.idx.finish_write(&s, &hs(0..1), 1, 0, false).unwrap(), [Finish::NotStaged]);
+    assert_eq!(f.idx.finish_write(&s, &hs(0..1), 1, 0, false, 0).unwrap().finished, [Finish::NotStaged]);
 }
 
 #[test]
@@ -124,32 +129,41 @@ fn read_locks_count_readers_and_expire() {
     let f = Fixture::new(4, EvictionPolicy::Lru);
     let s = scope("");
     f.store(&s, &hs(0..3));
-    assert_eq!(f.idx.lookup(&s, &[h(0), h(1), h(9), h(2)], 2).unwrap(), 2);
+    let g = f.idx.lease_read(&s, &[h(0), h(1), h(9), h(2)], 2, 0).unwrap();
+    assert_eq!((g.hit, g.slots.len()), (2, 2));
+    assert_ne!(g.lease, 0);
     let st = f.ok().stats();
-    assert_eq!(st.read_locked_objects, 2);
+    assert_eq!((st.read_locked_objects, st.read_leases), (2, 1));
     assert_eq!(f.idx.resolve(&s, &hs(0..1))[0].unwrap().read_locks, 2);
     // Locked objects are never evicted: clear (not forced) and delete leave them.
     assert_eq!(f.idx.clear(false).objects, 1);
     assert_eq!(f.idx.delete(&s, &hs(0..2), false), 0);
     assert_eq!(f.ok().peek(&s, &hs(0..2)), 2);
-    assert_eq!(f.idx.finish_read(&s, &hs(0..2), 1), 2);
+    assert_eq!(f.idx.release(g.lease, 0, 2, Some(1)), 2);
     assert_eq!(f.ok().stats().read_locked_objects, 2);
-    assert_eq!(f.idx.finish_read(&s, &hs(0..2), 1), 2);
+    assert_eq!(f.idx.release(g.lease, 0, 2, Some(1)), 2);
     assert_eq!(f.ok().stats().read_locked_objects, 0);
-    assert_eq!(f.idx.finish_read(&s, &hs(0..2), 1), 0);
+    assert_eq!(f.ok().stats().read_leases, 0);
+    assert_eq!(f.idx.release(g.lease, 0, 2, Some(1)), 0, "an ended lease gives back nothing");
 
-    // Expiry: the lock no longer counts and the next lock restarts the counter.
-    f.idx.lookup(&s, &hs(0..1), 5).unwrap();
-    f.clock.advance_secs(301.0);
-    assert_eq!(f.idx.resolve(&s, &hs(0..1))[0].unwrap().read_locks, 0);
-    f.idx.lookup(&s, &hs(0..1), 1).unwrap();
+    // Two leases on one object count apart; one expiring leaves the other's share.
+    let old = f.idx.lease_read(&s, &hs(0..1), 5, 0).unwrap().lease;
+    f.clock.advance_secs(200.0);
+    let new = f.idx.lease_read(&s, &hs(0..1), 1, 0).unwrap().lease;
+    assert_eq!(f.idx.resolve(&s, &hs(0..1))[0].unwrap().read_locks, 6);
+    f.clock.advance_secs(101.0);
+    assert_eq!(f.ok().evict_cycle().expired_read_locks, 1);
     assert_eq!(f.idx.resolve(&s, &hs(0..1))[0].unwrap().read_locks, 1);
-    f.clock.advance_secs(301.0);
-    let r = f.ok().evict_cycle();
-    assert_eq!(r.expired_read_locks, 1);
+    // A late release of the expired lease cannot take the live lease's share.
+    assert_eq!(f.idx.release_all(old), 0);
+    assert_eq!(f.ok().resolve(&s, &hs(0..1))[0].unwrap().read_locks, 1);
+    f.clock.advance_secs(300.0);
+    assert_eq!(f.ok().evict_cycle().expired_read_locks, 1);
+    assert_eq!(f.idx.release_all(new), 0);
     assert_eq!(f.idx.delete(&s, &hs(0..2), false), 2);
     assert_eq!(f.ok().stats().used_bytes, 0);
-    assert!(f.idx.lookup(&s, &hs(0..1), 0).is_err());
+    assert!(f.idx.lease_read(&s, &hs(0..1), 0, 0).is_err());
+    assert!(f.idx.lease_read(&s, &hs(0..1), 1, old).is_err(), "extending an ended lease");
 }
 
 #[test]
@@ -178,8 +192,8 @@ fn touch_and_unlock_refresh_recency() {
     assert_eq!(f.idx.touch(&s, &[h(0)]), 1); // order now 1, 2, 0
     f.store(&s, &[h(3)]);
     assert_eq!(f.idx.peek(&s, &[h(1)]), 0);
-    f.idx.lookup(&s, &[h(2)], 1).unwrap();
-    f.idx.finish_read(&s, &[h(2)], 1); // order now 0, 3, 2
+    let g = f.idx.lease_read(&s, &[h(2)], 1, 0).unwrap();
+    f.idx.release_all(g.lease); // order now 0, 3, 2
     f.store(&s, &[h(4)]);
     assert_eq!(f.idx.peek(&s, &[h(0)]), 0);
     assert_eq!(f.ok().peek(&s, &[h(2)]), 1);
@@ -190,11 +204,11 @@ fn demand_eviction_never_evicts_locked_objects_or_the_callers_prefix() {
     let f = Fixture::new(4, EvictionPolicy::Lru);
     let s = scope("");
     f.store(&s, &hs(0..4));
-    f.idx.lookup(&s, &hs(0..4), 1).unwrap();
+    let g = f.idx.lease_read(&s, &hs(0..4), 1, 0).unwrap();
     let r = f.idx.reserve_write(&s, &hs(10..11), OBJ, 1, false).unwrap();
     assert_eq!(r, [Reserve::OutOfMemory]);
     assert_eq!(f.ok().stats().counters.allocation_failures, 1);
-    f.idx.finish_read(&s, &hs(0..4), 1);
+    f.idx.release_all(g.lease);
     // Storing a longer version of the same prompt: its resident prefix is not a victim, so
     // only what fits beside it... nothing here: the prefix fills L1.
     let r = f.idx.reserve_write(&s, &hs(0..6), OBJ, 1, false).unwrap();
@@ -323,18 +337,19 @@ fn temporary_objects_go_with_their_last_lock() {
     let f = Fixture::new(4, EvictionPolicy::Lru);
     let s = scope("");
     f.idx.reserve_write(&s, &hs(0..2), OBJ, 99, false).unwrap();
-    assert!(f.idx.finish_write(&s, &hs(0..2), 99, 0, true).is_err());
-    assert_eq!(f.idx.finish_write(&s, &hs(0..2), 99, 2, true).unwrap(), [Finish::Admitted; 2]);
+    assert!(f.idx.finish_write(&s, &hs(0..2), 99, 0, true, 0).is_err());
+    let done = f.idx.finish_write(&s, &hs(0..2), 99, 2, true, 0).unwrap();
+    assert_eq!(done.finished, [Finish::Admitted; 2]);
     let st = f.ok().stats();
-    assert_eq!((st.temporary_objects, st.read_locked_objects), (2, 2));
-    f.idx.finish_read(&s, &hs(0..2), 1);
+    assert_eq!((st.temporary_objects, st.read_locked_objects, st.read_leases), (2, 2, 1));
+    f.idx.release(done.lease, 0, 2, Some(1));
     assert_eq!(f.ok().peek(&s, &hs(0..2)), 2);
-    f.idx.finish_read(&s, &hs(0..2), 1);
+    f.idx.release(done.lease, 0, 2, Some(1));
     let st = f.ok().stats();
     assert_eq!((st.temporary_objects, st.used_bytes, st.counters.temporary_dropped), (0, 0, 2));
     // Expired locks drop temporaries too.
     f.idx.reserve_write(&s, &hs(0..1), OBJ, 99, false).unwrap();
-    f.idx.finish_write(&s, &hs(0..1), 99, 1, true).unwrap();
+    f.idx.finish_write(&s, &hs(0..1), 99, 1, true, 0).unwrap();
     f.clock.advance_secs(400.0);
     f.idx.evict_cycle();
     assert_eq!(f.ok().stats().used_bytes, 0);
@@ -346,18 +361,102 @@ fn clear_respects_locks_unless_forced() {
     f.idx.set_quota("q", OBJ).unwrap();
     let s = scope("q");
     f.store(&s, &hs(0..4));
-    f.idx.lookup(&s, &hs(0..1), 1).unwrap();
+    let g = f.idx.lease_read(&s, &hs(0..1), 1, 0).unwrap();
     f.idx.reserve_write(&s, &hs(10..11), OBJ, 5, false).unwrap();
     let r = f.idx.clear(false);
-    assert_eq!(r, ClearReport { objects: 3, bytes: 3 * OBJ });
+    assert_eq!(r, ClearReport { objects: 3, bytes: 3 * OBJ, pending_objects: 0, pending_bytes: 0 });
     assert_eq!(f.ok().stats().total_objects, 2);
+    // Forced: both leave the index at once, their bytes stay until their leases end.
     let r = f.idx.clear(true);
-    assert_eq!(r.objects, 2);
+    assert_eq!(r, ClearReport { objects: 2, bytes: 2 * OBJ, pending_objects: 2, pending_bytes: 2 * OBJ });
     let st = f.ok().stats();
-    assert_eq!((st.total_objects, st.used_bytes), (0, 0));
+    assert_eq!((st.total_objects, st.used_bytes), (0, 2 * OBJ));
+    assert_eq!((st.pending_release_objects, st.pending_release_bytes), (2, 2 * OBJ));
+    assert_eq!(f.idx.salt_usage("q"), 0, "pending bytes are no salt's");
+    assert_eq!(f.idx.peek(&s, &hs(0..1)), 0);
     assert_eq!(f.idx.get_quota("q"), Some(OBJ), "quotas survive a clear");
-    assert_eq!(f.idx.finish_write(&s, &hs(10..11), 5, 0, false).unwrap(), [Finish::NotStaged]);
-    assert_eq!(f.idx.finish_read(&s, &hs(0..1), 1), 0);
+    assert_eq!(f.idx.finish_write(&s, &hs(10..11), 5, 0, false, 0).unwrap().finished, [Finish::Dropped]);
+    assert_eq!(f.ok().stats().pending_release_objects, 1);
+    assert_eq!(f.idx.release_all(g.lease), 1);
+    let st = f.ok().stats();
+    assert_eq!((st.used_bytes, st.pending_release_objects, st.counters.pending_released_objects), (0, 0, 2));
+    assert_eq!(st.counters.dropped_writes, 1);
+}
+
+/// Every kind of drop (forced clear, forced delete, demand/watermark eviction, lease and
+/// write-lock expiry) with every kind of lease live: no range held by a lease is handed to
+/// another object until that lease ends, and a dropped writer is never admitted.
+#[test]
+fn leased_ranges_are_never_reused_while_held() {
+    let f = Fixture::new(4, EvictionPolicy::Lru);
+    let s = scope("");
+    f.store(&s, &hs(0..2));
+    let read = f.idx.lease_read(&s, &hs(0..2), 1, 0).unwrap();
+    let w = f.idx.reserve_write(&s, &hs(10..12), OBJ, 7, false).unwrap();
+    let staged: Vec<Allocation> =
+        w.iter().map(|r| if let Reserve::Reserved(a) = r { *a } else { panic!("{r:?}") }).collect();
+    let held: Vec<Allocation> = read.slots.iter().chain(&staged).copied().collect();
+    // L1 is full of leased ranges: nothing else fits, and demand eviction finds no victim.
+    assert_eq!(f.idx.reserve_write(&s, &hs(20..21), OBJ, 8, false).unwrap(), [Reserve::OutOfMemory]);
+    assert_eq!(f.idx.delete(&s, &hs(0..1), true), 1);
+    assert_eq!(f.idx.clear(true).pending_objects, 3);
+    for _ in 0..3 {
+        assert!(!f.idx.evict_cycle().triggered || f.idx.stats().used_bytes == 4 * OBJ);
+        assert_eq!(f.ok().reserve_write(&s, &hs(20..21), OBJ, 8, false).unwrap(), [Reserve::OutOfMemory]);
+    }
+    // One copy out ends: exactly its two ranges come back.
+    f.idx.release_all(read.lease);
+    let r = f.ok().reserve_write(&s, &hs(20..23), OBJ, 8, false).unwrap();
+    let got: Vec<Allocation> =
+        r.iter().filter_map(|r| if let Reserve::Reserved(a) = *r { Some(a) } else { None }).collect();
+    assert_eq!(got.len(), 2);
+    assert!(got.iter().all(|a| !staged.contains(a)), "a doomed writer's range was handed out");
+    // The dropped writer learns at commit; a write-lock TTL also ends a doomed write.
+    assert_eq!(f.idx.finish_write(&s, &hs(10..11), 7, 0, false, 0).unwrap().finished, [Finish::Dropped]);
+    f.clock.advance_secs(601.0);
+    f.ok().evict_cycle();
+    assert_eq!(f.ok().stats().pending_release_objects, 0);
+    assert_eq!(f.idx.finish_write(&s, &hs(11..12), 7, 0, false, 0).unwrap().finished, [Finish::NotStaged]);
+    assert_eq!(held.len(), 4);
+}
+
+/// A lease names what it took: a release after a forced clear and a new store of the same key
+/// can never unlock the new object (key-based releases could).
+#[test]
+fn release_after_clear_never_touches_a_new_object_under_the_same_key() {
+    let f = Fixture::new(4, EvictionPolicy::Lru);
+    let s = scope("");
+    f.store(&s, &hs(0..1));
+    let old = f.idx.lease_read(&s, &hs(0..1), 2, 0).unwrap();
+    f.idx.clear(true);
+    f.store(&s, &hs(0..1));
+    let new = f.idx.lease_read(&s, &hs(0..1), 1, 0).unwrap();
+    assert_ne!(new.slots, old.slots);
+    assert_eq!(f.idx.release_all(old.lease), 2);
+    assert_eq!(f.ok().resolve(&s, &hs(0..1))[0].unwrap().read_locks, 1);
+    assert_eq!(f.idx.delete(&s, &hs(0..1), false), 0, "still leased by the new reader");
+    f.idx.release_all(new.lease);
+    assert_eq!(f.ok().stats().pending_release_objects, 0);
+}
+
+/// Extending a lease across admissions (an L2 load) and releasing it by position.
+#[test]
+fn leases_extend_and_release_by_position() {
+    let f = Fixture::new(8, EvictionPolicy::Lru);
+    let s = scope("");
+    f.store(&s, &hs(0..2));
+    let g = f.idx.lease_read(&s, &hs(0..2), 3, 0).unwrap();
+    f.idx.reserve_write(&s, &hs(2..3), OBJ, 4, false).unwrap();
+    let done = f.idx.finish_write(&s, &hs(2..3), 4, 3, false, g.lease).unwrap();
+    assert_eq!((done.finished[0], done.lease), (Finish::Admitted, g.lease));
+    let more = f.idx.lease_read(&s, &hs(2..4), 3, g.lease).unwrap();
+    assert_eq!((more.lease, more.hit), (g.lease, 1));
+    assert_eq!(f.idx.release(g.lease, 1, 3, Some(1)), 2);
+    assert_eq!(f.idx.release(g.lease, 3, 9, None), 3);
+    let locks: Vec<u32> = f.idx.resolve(&s, &hs(0..3)).iter().map(|x| x.unwrap().read_locks).collect();
+    assert_eq!(locks, [3, 2, 2]);
+    assert_eq!(f.idx.release_all(g.lease), 7);
+    assert_eq!(f.ok().stats().read_locked_objects, 0);
 }
 
 #[test]
@@ -390,17 +489,31 @@ fn config_is_validated() {
     assert!("ARC".parse::<EvictionPolicy>().is_err());
 }
 
+fn tag(h: &ChunkHash) -> u64 {
+    u64::from(u32::from_be_bytes(h.as_bytes()[..4].try_into().unwrap())) + 1
+}
+
+fn stamp(tags: &[std::sync::atomic::AtomicU64], a: Allocation, h: &ChunkHash) {
+    tags[(a.offset / OBJ) as usize].store(tag(h), Relaxed);
+}
+
+/// Four writers/readers, one thread evicting and clearing (forced or not) all the time. Each
+/// arena block carries a tag standing for its bytes: writers stamp what they copy in, readers
+/// check every leased block holds its chunk for as long as they hold the lease.
 #[test]
 fn threads_hammering_while_one_evicts_keep_exact_accounting() {
+    use std::sync::atomic::AtomicU64;
     let mut cfg = L1Config::new(64 * OBJ);
     cfg.policy = EvictionPolicy::IsolatedLru;
     let idx = Arc::new(L1Index::new(cfg).unwrap());
+    let tags: Arc<Vec<AtomicU64>> = Arc::new((0..64).map(|_| AtomicU64::new(0)).collect());
     for salt in ["t0", "t1", "t2"] {
         idx.set_quota(salt, 20 * OBJ).unwrap();
     }
     let workers: Vec<_> = (0..4u32)
         .map(|t| {
             let idx = idx.clone();
+            let tags = tags.clone();
             std::thread::spawn(move || {
                 let s = scope(&format!("t{}", t % 4));
                 for round in 0..2000u32 {
@@ -413,13 +526,38 @@ fn threads_hammering_while_one_evicts_keep_exact_accounting() {
                         .filter(|(_, r)| matches!(r, Reserve::Reserved(_)))
                         .map(|(h, _)| *h)
                         .collect();
+                    // The "copy in": stamp each staged range with its chunk, twice around a yield.
+                    for (hash, res) in hashes.iter().zip(&r) {
+                        if let Reserve::Reserved(a) = res {
+                            stamp(&tags, *a, hash);
+                        }
+                    }
+                    std::thread::yield_now();
+                    for (hash, res) in hashes.iter().zip(&r) {
+                        if let Reserve::Reserved(a) = res {
+                            stamp(&tags, *a, hash);
+                        }
+                    }
                     if round % 5 == 0 {
                         idx.abort_write(&s, &staged, u64::from(t));
                     } else {
-                        idx.finish_write(&s, &staged, u64::from(t), 0, false).unwrap();
+                        idx.finish_write(&s, &staged, u64::from(t), 0, false, 0).unwrap();
                     }
-                    let hit = idx.lookup(&s, &hashes, 2).unwrap();
-                    idx.finish_read(&s, &hashes[..hit], 2);
+                    // The "copy out": every leased range holds its chunk until the lease ends,
+                    // whatever clears and evictions happen meanwhile.
+                    let g = idx.lease_read(&s, &hashes, 2, 0).unwrap();
+                    for _ in 0..2 {
+                        for (hash, a) in hashes.iter().zip(&g.slots) {
+                            assert_eq!(
+                                tags[(a.offset / OBJ) as usize].load(Relaxed),
+                                tag(hash),
+                                "wrong bytes"
+                            );
+                        }
+                        std::thread::yield_now();
+                    }
+                    idx.release(g.lease, 0, g.hit, Some(1));
+                    idx.release_all(g.lease);
                 }
             })
         })
@@ -427,8 +565,11 @@ fn threads_hammering_while_one_evicts_keep_exact_accounting() {
     let evictor = {
         let idx = idx.clone();
         std::thread::spawn(move || {
-            for _ in 0..500 {
+            for i in 0..500 {
                 idx.evict_cycle();
+                if i % 3 == 0 {
+                    idx.clear(i % 2 == 0);
+                }
                 idx.check_invariants();
             }
         })
@@ -438,6 +579,7 @@ fn threads_hammering_while_one_evicts_keep_exact_accounting() {
     }
     evictor.join().unwrap();
     idx.check_invariants();
+    assert_eq!(idx.stats().pending_release_objects, 0);
     let st = idx.stats();
     assert_eq!(st.read_locked_objects, 0);
     assert_eq!(st.staging_objects, 0);
@@ -490,6 +632,7 @@ proptest! {
         let policy = if isolated { EvictionPolicy::IsolatedLru } else { EvictionPolicy::Lru };
         let f = Fixture::new(16, policy);
         let salts = ["", "a", "b"];
+        let mut leases: Vec<LeaseId> = Vec::new();
         for op in ops {
             match op {
                 Op::Store(s, b, n, all) => {
@@ -501,16 +644,33 @@ proptest! {
                     }
                 }
                 Op::Finish(s, b, n) => {
-                    f.idx.finish_write(&scope(salts[s as usize]), &hs(u32::from(b)..u32::from(b + n + 1)), 1, 0, false).unwrap();
+                    // Some finishes admit read-locked (an L2 load), into a new or a live lease.
+                    let (lock, extend) = match n {
+                        2 => (1, leases.last().copied().unwrap_or(0)),
+                        1 => (2, 0),
+                        _ => (0, 0),
+                    };
+                    let done = f.idx.finish_write(&scope(salts[s as usize]), &hs(u32::from(b)..u32::from(b + n + 1)), 1, lock, false, extend);
+                    if let Ok(done) = done {
+                        if done.lease != 0 && done.lease != extend {
+                            leases.push(done.lease);
+                        }
+                    }
                 }
                 Op::Abort(s, b, n) => {
                     f.idx.abort_write(&scope(salts[s as usize]), &hs(u32::from(b)..u32::from(b + n + 1)), 1);
                 }
                 Op::Lookup(s, b, r) => {
-                    f.idx.lookup(&scope(salts[s as usize]), &hs(u32::from(b)..u32::from(b) + 4), u32::from(r)).unwrap();
+                    let g = f.idx.lease_read(&scope(salts[s as usize]), &hs(u32::from(b)..u32::from(b) + 4), u32::from(r), 0).unwrap();
+                    if g.lease != 0 {
+                        leases.push(g.lease);
+                    }
                 }
                 Op::Release(s, b, r) => {
-                    f.idx.finish_read(&scope(salts[s as usize]), &hs(u32::from(b)..u32::from(b) + 4), u32::from(r));
+                    if !leases.is_empty() {
+                        let lease = leases[b as usize % leases.len()];
+                        f.idx.release(lease, usize::from(s), usize::from(s) + 2, Some(u32::from(r)));
+                    }
                 }
                 Op::Touch(s, b) => {
                     f.idx.touch(&scope(salts[s as usize]), &hs(u32::from(b)..u32::from(b) + 3));

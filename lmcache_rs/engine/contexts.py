@@ -93,10 +93,12 @@ class PreparedStore:
 
 @dataclass
 class PreparedRetrieve:
-    """A prepare_retrieve waiting for its commit: chunks read-locked while the worker copies."""
+    """A prepare_retrieve waiting for its commit: the read lease on the chunks the worker
+    copies out of."""
 
     scope: KeyScope
     hashes: list[bytes]
+    lease: int
     at: float = field(default_factory=time.monotonic)
 
 
@@ -187,7 +189,7 @@ class EngineDrivenContext:
             return item
 
     def take_all(self) -> list[PreparedRetrieve]:
-        """Forgets every prepared operation; returns the retrieves, whose read locks the caller
+        """Forgets every prepared operation; returns the retrieves, whose leases the caller
         releases (staged writes go with the writer's `abort_writer`)."""
         with self.lock:
             reads = [p for v in self.reads.values() for p in v]
@@ -195,11 +197,13 @@ class EngineDrivenContext:
             self.reads.clear()
         return reads
 
-    def take_older(self, store_cutoff: float, read_cutoff: float) -> tuple[list[PreparedStore], int]:
-        """Drops prepared operations older than the cutoffs (their locks have expired in the
-        index). Returns the stores, whose staging the caller aborts, and how many reads went."""
+    def take_older(
+        self, store_cutoff: float, read_cutoff: float
+    ) -> tuple[list[PreparedStore], list[PreparedRetrieve]]:
+        """Drops prepared operations older than the cutoffs (their leases have expired in the
+        index). Returns the stores, whose staging the caller aborts, and the retrieves."""
         with self.lock:
-            return _drop_older(self.stores, store_cutoff), len(_drop_older(self.reads, read_cutoff))
+            return _drop_older(self.stores, store_cutoff), _drop_older(self.reads, read_cutoff)
 
     def status(self) -> dict[str, Any]:
         return {

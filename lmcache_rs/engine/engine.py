@@ -289,10 +289,14 @@ class Engine:
         ctx = self.contexts.remove(instance_id)
         if ctx is None:
             return False
-        aborted = self.index.abort_writer(instance_id)
+        aborted = 0
         if isinstance(ctx, EngineDrivenContext):
+            # The worker copies into its prepared slots itself: its leases end with it. An
+            # lmcache-driven worker's stores are copied by our own threads, which end their
+            # write leases themselves (finish or abort) when the copy is done.
+            aborted = self.index.abort_writer(instance_id)
             for r in ctx.take_all():
-                self.index.finish_read(r.scope, r.hashes, 1)
+                self.index.release(r.lease)
         log.info("instance %d %s (%d staged writes dropped)", instance_id, why, aborted)
         return True
 
@@ -369,17 +373,19 @@ class Engine:
         except Exception:
             self.index.abort_write(scope, staged_hashes, instance_id)
             raise
-        done = self.index.finish_write(scope, staged_hashes, instance_id)
+        done = self.index.finish_write(scope, staged_hashes, instance_id).statuses
         if self.l2 is not None:
             self.l2.enqueue(scope, [h for h, st in zip(staged_hashes, done, strict=True) if st == "admitted"])
-        failed = sum(s == "oom" for s, _, _ in res) + sum(s == "not_staged" for s in done)
+        oom = sum(s == "oom" for s, _, _ in res)
+        lost = sum(s in ("not_staged", "dropped") for s in done)
         self.stats.add("l1_write_chunks", key.cache_salt, n=sum(s == "admitted" for s in done))
         self.stats.add("stores_finished", ctx.device)
-        if failed:
-            self.stats.add("l1_allocation_failure_chunks", "l1_store", key.model_name, n=failed)
+        if oom or lost:
+            self.stats.add("l1_allocation_failure_chunks", "l1_store", key.model_name, n=oom + lost)
             raise ProtocolError(
                 "not_stored",
-                f"{failed} of {len(want)} chunk(s) not stored: L1 is full of locked objects",
+                f"{oom + lost} of {len(want)} chunk(s) not stored: {oom} found L1 full of locked objects, "
+                f"{lost} were dropped by a clear while being copied",
                 fallback=[done_event, False],
             )
         return [done_event, True]
@@ -406,7 +412,9 @@ class Engine:
             if n == 0:
                 return [self._done_event(ctx, event), True]
             blocks = self._block_tensors(ctx, block_ids, n)
-            slots = self._lock_for_read(key, scope, hashes, lambda: [self._done_event(ctx, event), False])
+            lease, slots = self._lock_for_read(
+                key, scope, hashes, lambda: [self._done_event(ctx, event), False]
+            )
             try:
                 copies = [
                     (
@@ -433,7 +441,9 @@ class Engine:
                             self.null_block_id,
                         )
             finally:
-                self.index.finish_read(scope, hashes, 1)
+                # Every copy out of the leased ranges is done here: the CUDA mover synchronizes
+                # on its stream before it returns (CudaMover._finish).
+                self.index.release(lease)
             self.stats.add("l1_read_chunks", key.cache_salt, n=n)
             self.stats.add("num_chunks_loaded", str(key.worker_id), key.model_name, key.cache_salt, n=n)
             return [done_event, True]
@@ -463,18 +473,18 @@ class Engine:
 
     def _lock_for_read(
         self, key: IPCCacheServerKey, scope: KeyScope, hashes: list[bytes], fallback: Callable[[], Any]
-    ) -> list[int]:
-        """Read-locks every chunk for one copy out (the lookup's locks may expire; eviction never
-        takes these) and returns their L1 offsets. If any chunk is missing or fails checksum
-        verification, unlocks what it locked and raises not_found / corrupt (`fallback()`
-        gives the failure payload)."""
+    ) -> tuple[int, list[int]]:
+        """Takes a read lease on every chunk for one copy out (the lookup's leases may expire;
+        nothing frees a leased range, not even a forced clear) and returns the lease and the
+        chunks' L1 offsets. If any chunk is missing or fails checksum verification, ends the
+        lease and raises not_found / corrupt (`fallback()` gives the failure payload)."""
         n = len(hashes)
-        hit = self.index.lookup(scope, hashes, 1)
-        slots = self.index.resolve(scope, hashes[:hit])
-        bad = sum(s is None or not self.l1.intact(s[0], s[1]) for s in slots)
+        grant = self.index.lease_read(scope, hashes, 1)
+        hit = grant.hit
+        bad = sum(not self.l1.intact(o, z) for o, z in zip(grant.offsets, grant.sizes, strict=True))
         if hit == n and not bad:
-            return [s[0] for s in slots if s is not None]
-        self.index.finish_read(scope, hashes[:hit], 1)
+            return grant.lease, grant.offsets
+        self.index.release(grant.lease)
         if bad:
             self.stats.add("l1_checksum_mismatch_chunks", key.model_name, n=bad)
             log.error("retrieve %s: %d chunk(s) failed L1 checksum verification", key.request_id, bad)
@@ -530,12 +540,12 @@ class Engine:
                 self.stats.add("lookup_early_exit", key.model_name, key.cache_salt, "empty_chunk_hashes")
                 session.set_result(0)
                 return None
-            hits = [self.index.lookup(s, hashes, readers) for s in scopes]
-            hit = min(hits)
-            for s, h in zip(scopes, hits, strict=True):
-                if h > hit:
-                    self.index.finish_read(s, hashes[hit:h], readers)
-            session.locks = LookupLocks(scopes, hashes[:hit], [[readers] * hit for _ in scopes])
+            grants = [self.index.lease_read(s, hashes, readers) for s in scopes]
+            hit = min(g.hit for g in grants)
+            for g in grants:
+                if g.hit > hit:
+                    self.index.release(g.lease, hit, g.hit)
+            session.locks = LookupLocks.of([g.lease for g in grants], hit)
             self._count_hit(key, hit, "l1")
             l2 = self.l2
             if l2 is not None and hit < len(hashes):
@@ -566,19 +576,16 @@ class Engine:
         """Loads what L1 missed from L2 (prefetch pool) and completes the lookup's result."""
         assert self.l2 is not None
         try:
-            loaded = self.l2.load(scopes, hashes[hit:], readers, key.model_name)
+            loaded, leases = self.l2.load(scopes, hashes[hit:], readers, key.model_name)
         except Exception:
             log.exception("L2 prefetch for %s failed", key.request_id)
-            loaded = 0
+            loaded, leases = 0, []
         with session.lock:
             if session.generation != gen or session.closed or session.locks is None:
-                for s in scopes:  # superseded by a newer lookup, or the session ended
-                    self.index.finish_read(s, hashes[hit : hit + loaded], readers)
+                for lease in leases:  # superseded by a newer lookup, or the session ended
+                    self.index.release(lease)
                 return
-            if loaded:
-                session.locks.hashes = hashes[: hit + loaded]
-                for row in session.locks.shares:
-                    row.extend([readers] * loaded)
+            session.locks.extend(leases, hit, loaded)
             session.set_result(hit + loaded)
         self._count_hit(key, loaded, "l2")
 
@@ -642,13 +649,27 @@ class Engine:
                 stores, reads = ctx.take_older(now - st.l1_write_ttl_seconds, now - st.l1_read_ttl_seconds)
                 for p in stores:
                     self.index.abort_write(p.scope, p.hashes, ctx.instance_id)
+                for r in reads:  # their leases expired in the core already: a no-op there
+                    self.index.release(r.lease)
                 n_stores += len(stores)
-                n_reads += reads
+                n_reads += len(reads)
         return n_stores, n_reads
 
-    def clear(self, force: bool) -> None:
+    def clear(self, force: bool) -> dict[str, int]:
+        """Spec E.8 (L1 only). Forced, objects still held by transfers in flight leave the
+        index now and their bytes return to the arena when those transfers end."""
         report = self.index.clear(force)
-        log.info("clear(force=%s): %d objects, %d bytes", force, report["objects"], report["bytes"])
+        log.info(
+            "clear(force=%s): %d objects (%d bytes) dropped, %d of them (%d bytes) pending the end "
+            "of transfers in flight",
+            force,
+            report["objects"],
+            report["bytes"],
+            report["pending_objects"],
+            report["pending_bytes"],
+        )
+        self.stats.add("l1_clears", "forced" if force else "normal")
+        return report
 
     def evict_cycle(self) -> tuple[str, dict[str, Any]]:
         r = self.index.evict_cycle()
@@ -763,18 +784,20 @@ class Engine:
             )
         for off in p.offsets:
             self.l1.seal(off, ctx.chunk_bytes)
-        done = self.index.finish_write(p.scope, p.hashes, instance_id)
+        done = self.index.finish_write(p.scope, p.hashes, instance_id).statuses
         admitted = [h for h, st in zip(p.hashes, done, strict=True) if st == "admitted"]
         if self.l2 is not None:
             self.l2.enqueue(p.scope, admitted)
         self.stats.add("l1_write_chunks", key.cache_salt, n=len(admitted))
         self.stats.add("stores_finished", ctx.device)
-        lost = sum(st == "not_staged" for st in done)
-        if p.oom or lost:
+        expired = sum(st == "not_staged" for st in done)
+        dropped = sum(st == "dropped" for st in done)
+        if p.oom or expired or dropped:
             raise ProtocolError(
                 "not_stored",
-                f"{p.oom + lost} chunk(s) of this range not stored: {p.oom} found L1 full of locked "
-                f"objects, {lost} reservation(s) expired before the commit",
+                f"{p.oom + expired + dropped} chunk(s) of this range not stored: {p.oom} found L1 full "
+                f"of locked objects, {expired} reservation(s) expired before the commit, {dropped} "
+                "dropped by a clear while being written",
             )
         return True
 
@@ -785,12 +808,14 @@ class Engine:
             self._check_prepared(ctx)
             self.stats.add("retrieves_submitted", ctx.device)
             try:
-                offsets = self._lock_for_read(key, scope, hashes, lambda: PrepareRetrieveReply(success=False))
+                lease, offsets = self._lock_for_read(
+                    key, scope, hashes, lambda: PrepareRetrieveReply(success=False)
+                )
             except ProtocolError:
                 self.stats.add("retrieves_finished", ctx.device)
                 raise
-            # The locks stay until commit_retrieve: the worker copies out of these slots.
-            ctx.push(ctx.reads, self._prepare_key(key), PreparedRetrieve(scope, hashes))
+            # The lease lasts until commit_retrieve: the worker copies out of these slots.
+            ctx.push(ctx.reads, self._prepare_key(key), PreparedRetrieve(scope, hashes, lease))
             return PrepareRetrieveReply(
                 success=True, context=RetrieveSlots(slots=[self._slot(ctx, off) for off in offsets])
             )
@@ -804,7 +829,7 @@ class Engine:
         p: PreparedRetrieve | None = ctx.pop(ctx.reads, self._prepare_key(key))
         if p is None:
             return False
-        self.index.finish_read(p.scope, p.hashes, 1)
+        self.index.release(p.lease)
         self.stats.add("l1_read_chunks", key.cache_salt, n=len(p.hashes))
         self.stats.add(
             "num_chunks_loaded", str(key.worker_id), key.model_name, key.cache_salt, n=len(p.hashes)

@@ -6,7 +6,6 @@ hashes) and the TTL counts from the last use, not from creation (spec L.5).
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,39 +18,44 @@ from lmcache_rs.protocol.messages import IPCCacheServerKey, ServerKey
 
 @dataclass
 class LookupLocks:
-    """Read locks a lookup holds for a request: `shares[rank][chunk]` locks still owed per key.
+    """The read leases a lookup holds for a request: per rank, runs of the locked prefix, each
+    `(lease, first chunk, chunks)` in chunk order (the L1 hit, then what an L2 prefetch loaded).
 
     Retrieve releases one share of its own rank's chunks, free_lookup_locks releases what is
-    left in a range, end_session or expiry release everything; each release is idempotent."""
+    left in a range, end_session or expiry release everything. The core counts the shares
+    each lease still owes, so every release is idempotent and can only give back what these
+    leases took, whatever happened to the keys meanwhile."""
 
-    scopes: list[KeyScope]
-    hashes: list[bytes]
-    shares: list[list[int]]
+    runs: list[list[tuple[int, int, int]]]
+
+    @classmethod
+    def of(cls, leases: list[int], chunks: int) -> LookupLocks:
+        """The locks of a lookup that leased `chunks` chunks per rank (lease 0: none)."""
+        return cls([[(lease, 0, chunks)] if lease and chunks else [] for lease in leases])
+
+    @property
+    def chunks(self) -> int:
+        """Length of the locked prefix."""
+        return max((first + n for row in self.runs for _, first, n in row), default=0)
+
+    def extend(self, leases: list[int], first: int, chunks: int) -> None:
+        """Adds one lease per rank covering chunks `[first, first + chunks)` (no leases: nothing
+        was taken)."""
+        if not leases:
+            return
+        for row, lease in zip(self.runs, leases, strict=True):
+            if lease and chunks:
+                row.append((lease, first, chunks))
 
     def release(self, index: L1Index, rank: int | None, start: int, end: int, n: int | None) -> int:
-        """Releases up to `n` (None: all) shares of chunks [start, end) for `rank` (None: all).
-        One `finish_read` per run of equal shares (usually one per rank)."""
+        """Releases up to `n` (None: all) shares of chunks [start, end) for `rank` (None: all)."""
         released = 0
-        ranks = range(len(self.scopes)) if rank is None else [rank]
-        start, end = max(start, 0), min(end, len(self.hashes))
-        if start >= end:
-            return 0
-        for r in ranks:
-            if not 0 <= r < len(self.scopes):
-                continue
-            row = self.shares[r]
-            owed = row[start:end]
-            takes = owed if n is None else [min(n, v) for v in owed]
-            i = start
-            for take, run in itertools.groupby(takes):
-                j = i + len(list(run))
-                if take:
-                    index.finish_read(self.scopes[r], self.hashes[i:j], take)
-                    released += take * (j - i)
-                i = j
-            row[start:end] = (
-                [0] * (end - start) if n is None else [v - t for v, t in zip(owed, takes, strict=True)]
-            )
+        rows = self.runs if rank is None else self.runs[rank : rank + 1] if 0 <= rank < len(self.runs) else []
+        for row in rows:
+            for lease, first, count in row:
+                lo, hi = max(start - first, 0), min(end - first, count)
+                if lo < hi:
+                    released += index.release(lease, lo, hi, n)
         return released
 
 
@@ -98,7 +102,9 @@ class Session:
     def drop_locks(self, index: L1Index) -> None:
         """Releases every lock the last lookup still holds (caller holds `lock`)."""
         if self.locks is not None:
-            self.locks.release(index, None, 0, len(self.locks.hashes), None)
+            for row in self.locks.runs:
+                for lease, _, _ in row:
+                    index.release(lease)
             self.locks = None
 
     def set_result(self, hit_chunks: int) -> None:

@@ -16,20 +16,38 @@ if TYPE_CHECKING:
     from lmcache_rs.runtime import Runtime
 
 
+class Cleared(msgspec.Struct):
+    """What a clear did. `objects`/`bytes` left the index now (no lookup finds them); of those,
+    `pending_objects`/`pending_bytes` are still being copied in or out by transfers in flight,
+    and return to free memory when those transfers end (a writer cut this way is told its store
+    failed; a reader finishes reading the bytes it was promised)."""
+
+    tier: str
+    objects: int
+    bytes: int
+    pending_objects: int
+    pending_bytes: int
+
+    @classmethod
+    def of(cls, tier: str, report: dict[str, int]) -> Cleared:
+        return cls(
+            tier=tier,
+            objects=report["objects"],
+            bytes=report["bytes"],
+            pending_objects=report["pending_objects"],
+            pending_bytes=report["pending_bytes"],
+        )
+
+
 class ClearStatus(msgspec.Struct, omit_defaults=True):
     status: str
     reason: str | None = None
+    cleared: Cleared | None = None
 
 
 class ClearRequest(msgspec.Struct, forbid_unknown_fields=True):
     tier: str = "l1"
     force: bool = False
-
-
-class Cleared(msgspec.Struct):
-    tier: str
-    objects: int
-    bytes: int
 
 
 class ClearResponse(msgspec.Struct):
@@ -39,19 +57,22 @@ class ClearResponse(msgspec.Struct):
 
 @post("/clear-cache", status_code=200, sync_to_thread=False, opt={SENSITIVE: ALWAYS})
 def clear_cache(http_state: NamedDependency[HttpState]) -> Response[ClearStatus]:
-    """Force-clears L1 (seed document): bypasses read and write locks, so transfers in flight
-    may be cut; use when idle or to recover from a bad cache state. The body is ignored."""
+    """Force-clears L1 (seed document): every object leaves the index at once, locked and
+    in-flight ones included. Unlike LMCache it never corrupts a transfer in flight: their bytes
+    stay until the transfer ends (`cleared.pending_*`), a store cut this way fails, a retrieve
+    completes with the right bytes. The body is ignored."""
     runtime = http_state.runtime
     if runtime is None:
         return Response(ClearStatus(status="error", reason="engine not initialized"), status_code=503)
-    runtime.l1.index.clear(True)
-    return Response(ClearStatus(status="ok"), status_code=200)
+    report = runtime.engine.clear(True)
+    return Response(ClearStatus(status="ok", cleared=Cleared.of("l1", report)), status_code=200)
 
 
 @post("/cache/clear", status_code=200, opt={SENSITIVE: ALWAYS})
 async def cache_clear(request: Request, runtime: NamedDependency[Runtime]) -> ClearResponse:  # type: ignore[type-arg]
     """Clears one tier. Body (optional): {"tier": "l1", "force": false}; without force,
-    locked and in-flight objects stay."""
+    locked and in-flight objects stay; forced, they leave the index and their bytes follow when
+    their transfers end (see `/clear-cache`)."""
     raw = await request.body()
     try:
         body = msgspec.json.decode(raw, type=ClearRequest) if raw.strip() else ClearRequest()
@@ -59,10 +80,7 @@ async def cache_clear(request: Request, runtime: NamedDependency[Runtime]) -> Cl
         raise ApiError(400, {"detail": f"invalid body: {e}"}) from None
     if body.tier != "l1":
         raise ApiError(400, {"detail": f"tier '{body.tier}' not supported; only 'l1'"})
-    report = runtime.l1.index.clear(body.force)
-    return ClearResponse(
-        status="ok", cleared=Cleared(tier="l1", objects=report["objects"], bytes=report["bytes"])
-    )
+    return ClearResponse(status="ok", cleared=Cleared.of("l1", runtime.engine.clear(body.force)))
 
 
 router = Router(path="/", route_handlers=[clear_cache, cache_clear], tags=["cache"])

@@ -146,11 +146,26 @@ CORE_COUNTERS: dict[str, tuple[str, str, dict[str, str]]] = {
     "evicted_demand_objects": ("lmcache_rs_l1_evicted_objects", "", {"reason": "demand"}),
     "deleted_objects": ("lmcache_rs_l1_evicted_objects", "", {"reason": "deleted"}),
     "cleared_objects": ("lmcache_rs_l1_evicted_objects", "", {"reason": "cleared"}),
-    "expired_read_locks": ("lmcache_rs_l1_expired_read_locks", "Read locks released by their TTL.", {}),
+    "expired_read_locks": ("lmcache_rs_l1_expired_read_locks", "Read leases ended by their TTL.", {}),
     "expired_staging": ("lmcache_rs_l1_expired_staging", "Write reservations reclaimed by their TTL.", {}),
     "duplicate_writes": (
         "lmcache_rs_l1_duplicate_writes",
         "Staged copies dropped because another writer finished first.",
+        {},
+    ),
+    "read_leases": (
+        "lmcache_rs_l1_read_leases",
+        "Read leases taken (a lookup rank, a copy out, a read-locked L2 load).",
+        {},
+    ),
+    "dropped_writes": (
+        "lmcache_rs_l1_dropped_writes",
+        "Staged writes refused at their commit because a forced clear dropped them meanwhile.",
+        {},
+    ),
+    "pending_released_objects": (
+        "lmcache_rs_l1_pending_released_objects",
+        "Objects dropped while leased whose bytes returned to L1 when their last lease ended.",
         {},
     ),
 }
@@ -267,7 +282,16 @@ class ServerCollector(Collector):
         objects.add_metric(["read_locked"], stats["read_locked_objects"])
         objects.add_metric(["staging"], stats["staging_objects"])
         objects.add_metric(["temporary"], stats["temporary_objects"])
+        objects.add_metric(["pending_release"], stats["pending_release_objects"])
         yield objects
+        yield GaugeMetricFamily(
+            "lmcache_rs_l1_pending_release_bytes",
+            "Bytes of objects dropped from L1 (clear, delete) that transfers in flight still hold.",
+            value=stats["pending_release_bytes"],
+        )
+        yield GaugeMetricFamily(
+            "lmcache_rs_l1_live_read_leases", "Read leases held now.", value=stats["read_leases"]
+        )
         jobs = GaugeMetricFamily("lmcache_mp_active_prefetch_jobs", "Prefetch jobs in progress.")
         l2 = rt.l2.status() if rt.l2 is not None else None
         jobs.add_metric([], 0 if l2 is None else l2.prefetch_in_flight)

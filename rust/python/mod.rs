@@ -401,6 +401,36 @@ fn to_hashes(hashes: Hashes<'_>) -> PyResult<Vec<ChunkHash>> {
 /// `(offset, size, read_locks, temporary)` of a resident object.
 type SlotTuple = (u64, u64, u32, bool);
 
+/// What `L1Index.lease_read` took: the lease (0: nothing) and the `hit` objects' ranges.
+#[pyclass(frozen, get_all, module = "lmcache_rs._core")]
+struct ReadGrant {
+    lease: u64,
+    hit: usize,
+    offsets: Vec<u64>,
+    sizes: Vec<u64>,
+}
+
+#[pymethods]
+impl ReadGrant {
+    fn __repr__(&self) -> String {
+        format!("ReadGrant(lease={}, hit={})", self.lease, self.hit)
+    }
+}
+
+/// What `L1Index.finish_write` did: a status per key, and the read lease (0: none).
+#[pyclass(frozen, get_all, module = "lmcache_rs._core")]
+struct WriteDone {
+    statuses: Vec<&'static str>,
+    lease: u64,
+}
+
+#[pymethods]
+impl WriteDone {
+    fn __repr__(&self) -> String {
+        format!("WriteDone(statuses={:?}, lease={})", self.statuses, self.lease)
+    }
+}
+
 /// The L1 index. Every method takes the index lock with the GIL released.
 #[pyclass(frozen, module = "lmcache_rs._core")]
 struct L1Index(index::L1Index);
@@ -481,8 +511,12 @@ impl L1Index {
             .collect())
     }
 
-    /// Returns one of `admitted`, `resident` (another writer won; success) or `not_staged`.
-    #[pyo3(signature = (scope, hashes, writer, lock_readers = 0, temporary = false))]
+    /// One status per hash: `admitted`, `resident` (another writer won; success),
+    /// `not_staged` or `dropped` (a clear dropped it while it was written); with
+    /// `lock_readers > 0`, the read lease holding the admitted and resident keys (`lease` to
+    /// extend one).
+    #[pyo3(signature = (scope, hashes, writer, lock_readers = 0, temporary = false, lease = 0))]
+    #[allow(clippy::too_many_arguments)]
     fn finish_write(
         &self,
         py: Python<'_>,
@@ -491,19 +525,23 @@ impl L1Index {
         writer: u64,
         lock_readers: u32,
         temporary: bool,
-    ) -> PyResult<Vec<&'static str>> {
+        lease: u64,
+    ) -> PyResult<WriteDone> {
         let hashes = to_hashes(hashes)?;
         let out = py
-            .detach(|| self.0.finish_write(&scope.0, &hashes, writer, lock_readers, temporary))
+            .detach(|| self.0.finish_write(&scope.0, &hashes, writer, lock_readers, temporary, lease))
             .map_err(to_py_err)?;
-        Ok(out
+        let statuses = out
+            .finished
             .into_iter()
             .map(|f| match f {
                 Finish::Admitted => "admitted",
                 Finish::AlreadyResident => "resident",
                 Finish::NotStaged => "not_staged",
+                Finish::Dropped => "dropped",
             })
-            .collect())
+            .collect();
+        Ok(WriteDone { statuses, lease: out.lease })
     }
 
     fn abort_write(
@@ -522,21 +560,36 @@ impl L1Index {
         py.detach(|| self.0.abort_writer(writer))
     }
 
-    #[pyo3(signature = (scope, hashes, readers = 1))]
-    fn lookup(&self, py: Python<'_>, scope: &KeyScope, hashes: Hashes<'_>, readers: u32) -> PyResult<usize> {
+    /// A read lease with `shares` shares on each key of the longest resident prefix
+    /// (`lease` to extend one).
+    #[pyo3(signature = (scope, hashes, shares = 1, lease = 0))]
+    fn lease_read(
+        &self,
+        py: Python<'_>,
+        scope: &KeyScope,
+        hashes: Hashes<'_>,
+        shares: u32,
+        lease: u64,
+    ) -> PyResult<ReadGrant> {
         let hashes = to_hashes(hashes)?;
-        py.detach(|| self.0.lookup(&scope.0, &hashes, readers)).map_err(to_py_err)
+        let g = py.detach(|| self.0.lease_read(&scope.0, &hashes, shares, lease)).map_err(to_py_err)?;
+        Ok(ReadGrant {
+            lease: g.lease,
+            hit: g.hit,
+            offsets: g.slots.iter().map(|a| a.offset).collect(),
+            sizes: g.slots.iter().map(|a| a.size).collect(),
+        })
+    }
+
+    /// Gives back up to `n` shares (None: all) of the lease's items `[start, end)`.
+    #[pyo3(signature = (lease, start = 0, end = None, n = None))]
+    fn release(&self, py: Python<'_>, lease: u64, start: usize, end: Option<usize>, n: Option<u32>) -> u64 {
+        py.detach(|| self.0.release(lease, start, end.unwrap_or(usize::MAX), n))
     }
 
     fn peek(&self, py: Python<'_>, scope: &KeyScope, hashes: Hashes<'_>) -> PyResult<usize> {
         let hashes = to_hashes(hashes)?;
         Ok(py.detach(|| self.0.peek(&scope.0, &hashes)))
-    }
-
-    #[pyo3(signature = (scope, hashes, n = 1))]
-    fn finish_read(&self, py: Python<'_>, scope: &KeyScope, hashes: Hashes<'_>, n: u32) -> PyResult<usize> {
-        let hashes = to_hashes(hashes)?;
-        Ok(py.detach(|| self.0.finish_read(&scope.0, &hashes, n)))
     }
 
     /// One `(offset, size, read_locks, temporary)` per hash, or None when not resident.
@@ -626,5 +679,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ManualClock>()?;
     m.add_class::<ChainMemo>()?;
     m.add_class::<L1Index>()?;
+    m.add_class::<ReadGrant>()?;
+    m.add_class::<WriteDone>()?;
     Ok(())
 }

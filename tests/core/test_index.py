@@ -37,18 +37,20 @@ def test_write_read_lifecycle() -> None:
     assert len({r[1] for r in res}) == 3
     assert idx.peek(s, hs) == 0, "staging objects are invisible"
     assert idx.reserve_write(s, hs[:1], 1000, writer=7)[0][0] == "in_flight"
-    assert idx.finish_write(s, hs, writer=7) == ["admitted"] * 3
-    assert idx.finish_write(s, hs, writer=7) == ["not_staged"] * 3
-    assert idx.lookup(s, hs + hashes(1, 99), readers=2) == 3
+    assert idx.finish_write(s, hs, writer=7).statuses == ["admitted"] * 3
+    assert idx.finish_write(s, hs, writer=7).statuses == ["not_staged"] * 3
+    grant = idx.lease_read(s, hs + hashes(1, 99), shares=2)
+    assert (grant.hit, grant.offsets, grant.sizes) == (3, [r[1] for r in res], [OBJ] * 3)
     slot = idx.resolve(s, hs[:1])[0]
     assert slot == (res[0][1], OBJ, 2, False)
     assert idx.resolve(s, hashes(1, 99)) == [None]
-    assert idx.finish_read(s, hs, 1) == 3
+    assert idx.release(grant.lease, n=1) == 3
     assert idx.stats()["read_locked_objects"] == 3
-    assert idx.finish_read(s, hs, 1) == 3
+    assert idx.release(grant.lease, 0, 3, 1) == 3
     assert idx.stats()["read_locked_objects"] == 0
+    assert idx.release(grant.lease) == 0, "an ended lease gives back nothing"
     with pytest.raises(lm.LmcacheCoreError, match="num_kv_readers"):
-        idx.lookup(s, hs, readers=0)
+        idx.lease_read(s, hs, shares=0)
     idx.check_invariants()
 
 
@@ -58,12 +60,12 @@ def test_ttls_use_the_injected_clock() -> None:
     s = scope()
     idx.reserve_write(s, hashes(1), OBJ, writer=1)
     store(idx, s, hashes(1, 50))
-    idx.lookup(s, hashes(1, 50))
+    idx.lease_read(s, hashes(1, 50))
     clock.advance(11)
     report = idx.evict_cycle()
     assert report["expired_staging"] == 1
     assert report["expired_read_locks"] == 1
-    assert idx.finish_write(s, hashes(1), writer=1) == ["not_staged"]
+    assert idx.finish_write(s, hashes(1), writer=1).statuses == ["not_staged"]
     assert idx.delete(s, hashes(1, 50)) == 1
     assert idx.stats()["used_bytes"] == 0
 
@@ -85,7 +87,7 @@ def test_full_of_locked_objects_fails_fast() -> None:
     idx = lm.L1Index(2 * OBJ)
     s = scope()
     store(idx, s, hashes(2))
-    idx.lookup(s, hashes(2))
+    idx.lease_read(s, hashes(2))
     assert store(idx, s, hashes(1, 9)) == ["oom"]
     assert idx.stats()["counters"]["allocation_failures"] == 1
     assert idx.reserve_write(s, hashes(3, 20), OBJ, 1, all_or_nothing=True) == [("oom", 0, 0)] * 3
@@ -133,15 +135,21 @@ def test_clear_and_stats() -> None:
     idx = lm.L1Index(16 * OBJ)
     s = scope("t")
     store(idx, s, hashes(4))
-    idx.lookup(s, hashes(1))
-    assert idx.clear() == {"objects": 3, "bytes": 3 * OBJ}
+    grant = idx.lease_read(s, hashes(1))
+    assert idx.clear() == {"objects": 3, "bytes": 3 * OBJ, "pending_objects": 0, "pending_bytes": 0}
     stats = idx.stats()
     assert stats["resident_objects"] == 1
     assert stats["salts"][0]["cache_salt"] == "t"
     assert stats["salts"][0]["bytes"] == OBJ
-    assert idx.clear(force=True) == {"objects": 1, "bytes": OBJ}
+    # Forced: the leased object leaves the index, its bytes wait for the lease to end.
+    assert idx.clear(force=True) == {"objects": 1, "bytes": OBJ, "pending_objects": 1, "pending_bytes": OBJ}
     stats = idx.stats()
-    assert (stats["used_bytes"], stats["total_objects"], stats["salts"]) == (0, 0, [])
+    assert (stats["used_bytes"], stats["total_objects"]) == (OBJ, 0)
+    assert (stats["pending_release_objects"], stats["pending_release_bytes"]) == (1, OBJ)
+    assert idx.peek(s, hashes(1)) == 0
+    assert idx.release(grant.lease) == 1
+    stats = idx.stats()
+    assert (stats["used_bytes"], stats["pending_release_objects"], stats["salts"]) == (0, 0, [])
     assert stats["counters"]["cleared_objects"] == 4
 
 
@@ -154,7 +162,7 @@ def test_bad_arguments() -> None:
         lm.L1Index(1 << 20, trigger_watermark=1.5)
     idx = lm.L1Index(1 << 20)
     with pytest.raises(lm.InvalidKeyError, match="chunk_hash"):
-        idx.lookup(scope(), [b""])
+        idx.lease_read(scope(), [b""])
     with pytest.raises(lm.LmcacheCoreError, match="size must be > 0"):
         idx.reserve_write(scope(), hashes(1), 0, 1)
     assert idx.object_footprint(1) == 4096
@@ -179,8 +187,9 @@ def test_threads_hammering_while_one_evicts() -> None:
                     idx.abort_write(s, staged, t)
                 else:
                     idx.finish_write(s, staged, t)
-                hit = idx.lookup(s, hs, 2)
-                idx.finish_read(s, hs[:hit], 2)
+                grant = idx.lease_read(s, hs, 2)
+                idx.release(grant.lease, 0, grant.hit, 1)
+                idx.release(grant.lease)
         except BaseException as e:
             errors.append(e)
 

@@ -161,18 +161,40 @@ def test_clear_endpoints(api, server) -> None:
         assert w.store(t, list(range(1, 33)))
         r = api.post("/cache/clear", json={"tier": "l1", "force": False})
         assert r.status_code == 200
-        assert r.json() == {"status": "ok", "cleared": {"tier": "l1", "objects": 2, "bytes": 2 * CHUNK_BYTES}}
+        cleared = {
+            "tier": "l1",
+            "objects": 2,
+            "bytes": 2 * CHUNK_BYTES,
+            "pending_objects": 0,
+            "pending_bytes": 0,
+        }
+        assert r.json() == {"status": "ok", "cleared": cleared}
         r = api.post("/cache/clear", json={"tier": "l2"})
         assert (r.status_code, r.json()) == (400, {"detail": "tier 'l2' not supported; only 'l1'"})
         assert api.post("/cache/clear").json()["cleared"]["objects"] == 0
         assert w.store(t, list(range(1, 33)))
         assert lookup(c, t, "locked") == 2  # read-locked: only a force clear removes it
         assert api.post("/cache/clear", json={}).json()["cleared"]["objects"] == 0
+        # Forced: the locked objects leave the index now; their bytes wait for the lookup's
+        # leases, which end_session gives back.
         r = api.post("/clear-cache")
-        assert (r.status_code, r.json()) == (200, {"status": "ok"})
+        cleared = {"tier": "l1", "objects": 2, "bytes": 2 * CHUNK_BYTES, "pending_objects": 2}
+        assert (r.status_code, r.json()) == (
+            200,
+            {"status": "ok", "cleared": {**cleared, "pending_bytes": 2 * CHUNK_BYTES}},
+        )
         assert lookup(c, t, "after") == 0
+        l1 = api.get("/status").json()["storage_manager"]["l1_manager"]
+        assert (l1["pending_release_object_count"], l1["pending_release_bytes"]) == (2, 2 * CHUNK_BYTES)
+        assert l1["memory_used_bytes"] == 2 * CHUNK_BYTES
         c.end_session("locked")
         c.end_session("after")
+        l1 = api.get("/status").json()["storage_manager"]["l1_manager"]
+        assert (l1["pending_release_object_count"], l1["memory_used_bytes"], l1["read_lease_count"]) == (
+            0,
+            0,
+            0,
+        )
         w.close()
 
 

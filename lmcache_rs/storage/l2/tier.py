@@ -143,15 +143,15 @@ class L2Tier:
         return self.queue.qsize()
 
     def _write_through(self, scope: KeyScope, h: bytes) -> int:
-        if self.index.lookup(scope, [h], 1) == 0:
+        grant = self.index.lease_read(scope, [h], 1)
+        if grant.hit == 0:
             self.count("l2_store_skipped", "*", "evicted_from_l1")
             return 0
         written = 0
         all_stored = True
         try:
-            slot = self.index.resolve(scope, [h])[0]
-            assert slot is not None
-            payload = memoryview(self.l1.view(slot[0], slot[1]).numpy())
+            offset, size = grant.offsets[0], grant.sizes[0]
+            payload = memoryview(self.l1.view(offset, size).numpy())
             key = L2Key.of(scope, h)
             for a in self.adapters:
                 if not a.available():
@@ -160,7 +160,7 @@ class L2Tier:
                     continue
                 try:
                     a.make_room(HEADER.size + len(key.encode()) + payload.nbytes)
-                    if a.put(key, payload, self.l1.sealed(slot[0])):
+                    if a.put(key, payload, self.l1.sealed(offset)):
                         self.count("l2_store_chunks", a.name, scope.cache_salt)
                         written += 1
                     a.succeeded()
@@ -169,7 +169,7 @@ class L2Tier:
                     self.count("l2_store_skipped", a.name, "error")
                     all_stored = False
         finally:
-            self.index.finish_read(scope, [h], 1)
+            self.index.release(grant.lease)
         if self.store_policy == "skip_l1" and all_stored:
             self.index.delete(scope, [h])
         return written
@@ -200,29 +200,31 @@ class L2Tier:
             return False
         return True
 
-    def load(self, scopes: list[KeyScope], hashes: list[bytes], readers: int, model: str) -> int:
+    def load(
+        self, scopes: list[KeyScope], hashes: list[bytes], readers: int, model: str
+    ) -> tuple[int, list[int]]:
         """Loads the longest prefix of `hashes` that one adapter holds for every scope into L1,
-        read-locked `readers` times per scope; returns its length (0: nothing loaded)."""
+        held by one read lease per scope with `readers` shares on each chunk. Returns its length
+        (0: nothing loaded) and the leases (the caller owns them; empty when nothing loaded)."""
         plan = self._plan(scopes, hashes)
         if plan is None:
-            return 0
+            return 0, []
         n, adapter, lengths = plan
         self.count("l2_prefetch_lookup_chunks", adapter.name, scopes[0].cache_salt, n=n)
         writer = next(self._writers)
-        got: list[int] = []
+        got: list[tuple[int, int]] = []
         for s, row in zip(scopes, lengths, strict=True):
             try:
-                k = self._load_scope(adapter, s, hashes[:n], row[:n], readers, writer, model)
-            except Exception:  # release what earlier scopes locked, then report
-                for done_scope, done in zip(scopes, got, strict=False):
-                    self.index.finish_read(done_scope, hashes[:done], readers)
+                k, lease = self._load_scope(adapter, s, hashes[:n], row[:n], readers, writer, model)
+            except Exception:  # release what earlier scopes leased, then report
+                for _, lease in got:
+                    self.index.release(lease)
                 raise
-            got.append(k)
+            got.append((k, lease))
             n = min(n, k)
-        for s, k in zip(scopes, got, strict=True):
-            if k > n:
-                self.index.finish_read(s, hashes[n:k], readers)
-        return n
+        for k, lease in got:
+            self.index.release(lease, n, k)
+        return n, ([lease for _, lease in got] if n else [])
 
     def _plan(
         self, scopes: list[KeyScope], hashes: list[bytes]
@@ -254,42 +256,65 @@ class L2Tier:
         writer: int,
         model: str,
     ) -> int:
-        """Loads chunks in order until one fails; returns how many are now locked in L1."""
-        for i, (h, size) in enumerate(zip(hashes, lengths, strict=True)):
-            assert size is not None
-            status, off, _ = self.index.reserve_write(scope, [h], size, writer)[0]
-            if status == "resident":  # stored meanwhile (or by another lookup): lock it
-                if self.index.lookup(scope, [h], readers) == 1:
-                    continue
-                return i
-            if status != "reserved":
-                self.count("l2_prefetch_failure_chunks", "l1_oom" if status == "oom" else status, model)
-                return i
-            try:
-                digest = a.get_into(L2Key.of(scope, h), memoryview(self.l1.view(off, size).numpy()))
-                a.succeeded()
-            except IntegrityError as e:
-                log.warning("L2 %s: corrupt object dropped (%s)", a.name, e)
-                self.count("l2_corrupt_objects", a.name)
-                digest = None
-            except (L2Unavailable, OSError) as e:
-                a.failed("load", e)
-                digest = None
-            except Exception:  # a bug: the chunks locked so far stay valid, this one is dropped
-                log.exception("L2 %s: load failed", a.name)
-                digest = None
-            if digest is not None:
-                self.l1.seal(off, size, digest)  # already verified: no second hash pass
-            else:
-                self.index.abort_write(scope, [h], writer)
-                self.count("l2_prefetch_failure_chunks", "not_found", model)
-                return i
-            done = self.index.finish_write(scope, [h], writer, readers, self.temporary)[0]
-            if done == "admitted":
-                self.count("l2_prefetch_load_chunks", a.name, scope.cache_salt)
-            elif done != "resident" or self.index.lookup(scope, [h], readers) != 1:
-                return i
-        return len(hashes)
+        """Loads chunks in order until one fails; returns how many are now in L1 and the read
+        lease (0: none) holding them, one item per chunk. On an exception the lease is ended."""
+        lease = 0
+        try:
+            for i, (h, size) in enumerate(zip(hashes, lengths, strict=True)):
+                assert size is not None
+                ok, lease = self._load_chunk(a, scope, h, size, readers, writer, model, lease)
+                if not ok:
+                    return i, lease
+        except BaseException:
+            self.index.release(lease)
+            raise
+        return len(hashes), lease
+
+    def _load_chunk(
+        self,
+        a: L2Adapter,
+        scope: KeyScope,
+        h: bytes,
+        size: int,
+        readers: int,
+        writer: int,
+        model: str,
+        lease: int,
+    ) -> tuple[bool, int]:
+        """Loads one chunk into L1 (or finds it there) and adds it to `lease` (0: a new one).
+        Returns whether it is held, and the lease."""
+        status, off, _ = self.index.reserve_write(scope, [h], size, writer)[0]
+        if status == "resident":  # stored meanwhile (or by another lookup): lease it
+            grant = self.index.lease_read(scope, [h], readers, lease)
+            return grant.hit == 1, grant.lease
+        if status != "reserved":
+            self.count("l2_prefetch_failure_chunks", "l1_oom" if status == "oom" else status, model)
+            return False, lease
+        try:
+            digest = a.get_into(L2Key.of(scope, h), memoryview(self.l1.view(off, size).numpy()))
+            a.succeeded()
+        except IntegrityError as e:
+            log.warning("L2 %s: corrupt object dropped (%s)", a.name, e)
+            self.count("l2_corrupt_objects", a.name)
+            digest = None
+        except (L2Unavailable, OSError) as e:
+            a.failed("load", e)
+            digest = None
+        except Exception:  # a bug: the chunks locked so far stay valid, this one is dropped
+            log.exception("L2 %s: load failed", a.name)
+            digest = None
+        if digest is not None:
+            self.l1.seal(off, size, digest)  # already verified: no second hash pass
+        else:
+            self.index.abort_write(scope, [h], writer)
+            self.count("l2_prefetch_failure_chunks", "not_found", model)
+            return False, lease
+        # Admitted (or found resident) read-locked into the lease; a clear meanwhile drops it.
+        done = self.index.finish_write(scope, [h], writer, readers, self.temporary, lease)
+        status = done.statuses[0]
+        if status == "admitted":
+            self.count("l2_prefetch_load_chunks", a.name, scope.cache_salt)
+        return status in ("admitted", "resident"), done.lease
 
     # ---- eviction and status -----------------------------------------------------------------
 
