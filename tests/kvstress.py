@@ -330,8 +330,9 @@ def clear_l1(path: ClearPath, force: bool, http: httpx.Client, client: MPClient)
 
 
 class Clearer(threading.Thread):
-    """Clears L1 every 20-50 ms through CLEAR_CYCLE until `stop()`; counts `clear:{path}:{force}`
-    per answered clear, `CLEAR_FAILED` per error answer and UNANSWERED per timeout."""
+    """Clears L1 every 20-50 ms through CLEAR_CYCLE until `stop()`, and always through whole
+    cycles (so through every path at least once); counts `clear:{path}:{force|soft}` per
+    answered clear, CLEAR_FAILED per error answer, UNANSWERED per timeout, CRASHED if it dies."""
 
     def __init__(self, http: str, url: str, seed: int = 0, call_timeout: float = CALL_TIMEOUT) -> None:
         super().__init__(name="l1-clearer", daemon=True)
@@ -343,26 +344,31 @@ class Clearer(threading.Thread):
         self._stop_event = threading.Event()
 
     def run(self) -> None:
-        with (
-            httpx.Client(base_url=self.http_url, timeout=self.call_timeout) as http,
-            MPClient(self.url, timeout=self.call_timeout) as client,
-        ):
-            i = 0
-            while not self._stop_event.wait(self.rng.uniform(0.02, 0.05)):
-                path, force = CLEAR_CYCLE[i % len(CLEAR_CYCLE)]
-                i += 1
-                try:
-                    ok = clear_l1(path, force, http, client)
-                except TimeoutError:
-                    self.stats["UNANSWERED"] += 1
-                    self.stats[f"unanswered:clear:{path}"] += 1
-                    continue
-                self.stats[f"clear:{path}:{'force' if force else 'soft'}" if ok else "CLEAR_FAILED"] += 1
+        try:
+            with (
+                httpx.Client(base_url=self.http_url, timeout=self.call_timeout) as http,
+                MPClient(self.url, timeout=self.call_timeout) as client,
+            ):
+                i = 0
+                while not (self._stop_event.is_set() and i and i % len(CLEAR_CYCLE) == 0):
+                    self._stop_event.wait(self.rng.uniform(0.02, 0.05))
+                    path, force = CLEAR_CYCLE[i % len(CLEAR_CYCLE)]
+                    i += 1
+                    try:
+                        ok = clear_l1(path, force, http, client)
+                    except TimeoutError:
+                        self.stats["UNANSWERED"] += 1
+                        self.stats[f"unanswered:clear:{path}"] += 1
+                        continue
+                    self.stats[f"clear:{path}:{'force' if force else 'soft'}" if ok else "CLEAR_FAILED"] += 1
+        except Exception as e:  # reported to the test, which fails on it
+            self.stats[f"CRASHED: {type(e).__name__}: {e}"] += 1
 
     def stop(self) -> Counter[str]:
-        """Stops the clearer and returns its counters."""
+        """Stops the clearer (after its current cycle) and returns its counters."""
         self._stop_event.set()
-        self.join(2 * self.call_timeout + 5)
+        if self.is_alive():
+            self.join(len(CLEAR_CYCLE) * self.call_timeout + 5)
         if self.is_alive():
             self.stats["UNANSWERED"] += 1
             self.stats["clearer_stuck"] += 1
