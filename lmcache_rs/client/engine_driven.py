@@ -99,7 +99,14 @@ class EngineDrivenWorker:
         ctx = self.client.prepare_store(key, self.instance_id)
         if not ctx.slots:
             return True  # everything in the range is cached (or being written) already
-        for slot, chunk in zip(ctx.slots, ctx.chunk_indices, strict=True):
+        self.write_slots(ctx.slots, ctx.chunk_indices, block_ids)
+        return self.client.commit_store(key, self.instance_id)
+
+    def write_slots(self, slots: list[ShmSlot], chunk_indices: list[int], block_ids: list[int]) -> None:
+        """Copies chunk `chunk_indices[i]` of `block_ids` into `slots[i]` (a prepare_store's
+        reply), as `store` does between its prepare and its commit."""
+        assert self.pool is not None, "register() first"
+        for slot, chunk in zip(slots, chunk_indices, strict=True):
             gather(
                 [self.group],
                 self.layers,
@@ -107,7 +114,6 @@ class EngineDrivenWorker:
                 self.pool.raw(slot),
                 self.chunk_size,
             )
-        return self.client.commit_store(key, self.instance_id)
 
     def retrieve(self, key: IPCCacheServerKey, block_ids: list[int], skip_first_n_tokens: int = 0) -> bool:
         """Copies the range's chunks out of their slots into `block_ids`, leaving the first
@@ -115,19 +121,25 @@ class EngineDrivenWorker:
         assert self.pool is not None, "register() first"
         try:
             reply = self.client.prepare_retrieve(key, self.instance_id)
-            for i, slot in enumerate(reply.context.slots):
-                skip = min(max(skip_first_n_tokens - i * self.chunk_size, 0), self.chunk_size)
-                scatter(
-                    [self.group],
-                    self.layers,
-                    self._blocks(block_ids, i),
-                    self.pool.raw(slot),
-                    self.chunk_size,
-                    skip,
-                    -1,
-                )
+            self.read_slots(reply.context.slots, block_ids, skip_first_n_tokens)
             return reply.success
         except ServerError:
             return False
         finally:
             self.client.commit_retrieve(key, self.instance_id)
+
+    def read_slots(self, slots: list[ShmSlot], block_ids: list[int], skip_first_n_tokens: int = 0) -> None:
+        """Copies `slots` (a prepare_retrieve's reply) into `block_ids`, as `retrieve` does
+        between its prepare and its commit."""
+        assert self.pool is not None, "register() first"
+        for i, slot in enumerate(slots):
+            skip = min(max(skip_first_n_tokens - i * self.chunk_size, 0), self.chunk_size)
+            scatter(
+                [self.group],
+                self.layers,
+                self._blocks(block_ids, i),
+                self.pool.raw(slot),
+                self.chunk_size,
+                skip,
+                -1,
+            )
