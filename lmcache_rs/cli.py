@@ -114,6 +114,13 @@ def _parser() -> argparse.ArgumentParser:
         help="engine-driven L1 pool /dev/shm/lmcache_l1_pool_NAME; 'auto': named after --port, and "
         "L1 stays private (engine-driven workers refused) if /dev/shm is too small; '': private",
     )
+    g.add_argument(
+        "--io-stall-timeout-seconds",
+        type=float,
+        default=mp.io_stall_timeout_seconds,
+        help="/healthcheck answers 503 when the request I/O loop has not ticked for this long "
+        "(it ticks at least every 0.1 s when idle)",
+    )
     g = s.add_argument_group("L1 (CPU memory)")
     g.add_argument(
         "--l1-size-gb",
@@ -267,6 +274,7 @@ def build_config(ns: argparse.Namespace) -> ServerConfig:
             "hash_memo_mib",
             "supported_transfer_mode",
             "shm_name",
+            "io_stall_timeout_seconds",
         )
     }
     if ns.instance_id:

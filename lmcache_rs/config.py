@@ -66,6 +66,9 @@ class MPConfig(msgspec.Struct, kw_only=True):
     #: `/dev/shm/lmcache_l1_pool_<name>`. "auto": named after the port, and L1 stays private
     #: (engine-driven workers refused) when /dev/shm cannot hold it; "": always private.
     shm_name: str = "auto"
+    #: /healthcheck turns 503 when the request I/O loop has not ticked for this long (it ticks
+    #: at least every 0.1 s when idle): a handler blocking it, a deadlock.
+    io_stall_timeout_seconds: float = 10.0
 
     def __post_init__(self) -> None:
         _check(0 < self.port < 65536, "--port", f"must be in 1..65535, got {self.port}")
@@ -93,6 +96,8 @@ class MPConfig(msgspec.Struct, kw_only=True):
         _check(self.max_message_bytes >= 1 << 20, "--max-message-bytes", "must be >= 1 MiB")
         _check(self.max_pending_requests >= 1, "--max-pending-requests", "must be >= 1")
         _check(self.hash_memo_mib >= 0, "--hash-memo-mib", "must be >= 0 (0: off)")
+        s = self.io_stall_timeout_seconds
+        _check(math.isfinite(s) and s >= 1, "--io-stall-timeout-seconds", f"must be >= 1, got {s}")
 
     @property
     def hash_memo_chunks(self) -> int:

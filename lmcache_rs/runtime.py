@@ -12,19 +12,25 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from lmcache_rs.config import ServerConfig
 from lmcache_rs.engine.engine import Engine
 from lmcache_rs.http.app import create_app
 from lmcache_rs.http.server import HttpServer
 from lmcache_rs.http.state import HttpState
+from lmcache_rs.observability.health import IoLoopStatus, L1Health, io_problem, l1_problems
 from lmcache_rs.observability.metrics import Metrics
 from lmcache_rs.observability.periodic import Level, PeriodicRegistry, PeriodicThread
 from lmcache_rs.storage.l1 import L1Store
 from lmcache_rs.storage.l2.tier import L2Tier
 from lmcache_rs.storage.shm_pool import auto_name
 from lmcache_rs.transport.zmq_server import ZmqServer
+
+if TYPE_CHECKING:
+    from lmcache_rs._core import L1Stats
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +49,10 @@ L2_FLUSH_MAX_RUN_S = 30.0
 
 
 class Runtime:
-    def __init__(self, cfg: ServerConfig) -> None:
+    def __init__(self, cfg: ServerConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+        """`clock`: the request I/O loop's heartbeat clock (tests pass a manual one)."""
         self.cfg = cfg
+        self._clock = clock
         self.started_at = time.time()
         mp = cfg.mp
         shm_name = None
@@ -60,6 +68,7 @@ class Runtime:
 
     def _build(self, cfg: ServerConfig) -> None:
         self.engine = Engine(cfg, self.l1)
+        self.l1_health = L1Health(self.l1.index.stats()["counters"]["allocation_failures"])
         self.periodic = PeriodicRegistry()
         self.l2: L2Tier | None = None
         if cfg.storage_manager.l2_adapters:
@@ -77,7 +86,7 @@ class Runtime:
                 PeriodicThread("l2-eviction-cycle", 1.0, Level.MEDIUM, self.l2.evict_cycle)
             )
         self.periodic.register(
-            PeriodicThread("l1-eviction-cycle", 1.0, Level.CRITICAL, self.engine.evict_cycle)
+            PeriodicThread("l1-eviction-cycle", 1.0, Level.CRITICAL, self.l1_eviction_cycle)
         )
         self.periodic.register(
             PeriodicThread(
@@ -96,13 +105,46 @@ class Runtime:
                     self.engine.reap_workers,
                 )
             )
-        self.server = ZmqServer(cfg.mp, self.engine)
+        self.server = ZmqServer(cfg.mp, self.engine, self._clock)
         self.metrics = Metrics(self)
         self.http_state = HttpState(config=cfg)
         self.http: HttpServer | None = None
         if cfg.http.enabled:
             self.http = HttpServer(create_app(self.http_state), cfg.http.http_host, cfg.http.http_port)
         self._stopped = threading.Event()
+
+    # ---- health (observability.health) -------------------------------------------------------
+
+    def l1_eviction_cycle(self) -> tuple[str, dict[str, Any]]:
+        """The `l1-eviction-cycle` job: one eviction cycle, then a sample for L1 health."""
+        out = self.engine.evict_cycle()
+        self.l1_health.tick(self.l1.index.stats()["counters"]["allocation_failures"])
+        return out
+
+    def io_status(self) -> IoLoopStatus:
+        """The request I/O loop's heartbeat."""
+        return self.server.io_status()
+
+    def io_problem(self, io: IoLoopStatus | None = None) -> str | None:
+        """Why the request I/O loop is unhealthy (dead or stalled), or None; `io`: a status
+        the caller already has."""
+        io = self.io_status() if io is None else io
+        return io_problem(io, self.cfg.mp.io_stall_timeout_seconds)
+
+    def l1_problems(self, stats: L1Stats | None = None) -> list[str]:
+        """Why L1 is unhealthy (empty: healthy), from `stats` (index.stats()) or fresh ones."""
+        stats = self.l1.index.stats() if stats is None else stats
+        st = self.cfg.storage_manager
+        return l1_problems(
+            stats,
+            self.l1_health.recent_failures(stats["counters"]["allocation_failures"]),
+            st.eviction_trigger_watermark,
+            self.periodic.get("l1-eviction-cycle"),
+            st.eviction_policy,
+            st.demand_eviction,
+        )
+
+    # ---- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)

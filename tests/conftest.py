@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -123,17 +123,18 @@ def server_factory(tmp_path: os.PathLike[str]) -> Iterator[object]:
 
 @pytest.fixture
 def runtime_factory() -> Iterator[object]:
-    """A server running in this process (no HTTP), for tests that reach into its state."""
+    """A server running in this process (no HTTP), for tests that reach into its state;
+    `clock`: the request I/O loop's heartbeat clock."""
     from lmcache_rs.config import HttpConfig, MPConfig, ServerConfig  # noqa: PLC0415
     from lmcache_rs.runtime import Runtime  # noqa: PLC0415
 
     started: list[Runtime] = []
 
-    def make(storage: object) -> Runtime:
+    def make(storage: object, clock: Callable[[], float] = time.monotonic) -> Runtime:
         cfg = ServerConfig(
             mp=MPConfig(port=free_port()), storage_manager=storage, http=HttpConfig(enabled=False)
         )
-        rt = Runtime(cfg)
+        rt = Runtime(cfg, clock=clock)
         rt.start()
         started.append(rt)
         return rt

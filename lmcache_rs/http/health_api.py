@@ -1,4 +1,10 @@
-"""`GET /`, `GET /healthcheck`, `GET /status`."""
+"""`GET /`, `GET /healthcheck`, `GET /status`.
+
+Health rules (observability.health): /healthcheck is 503 when the engine is not initialized,
+a critical/high periodic thread is unhealthy, or the request I/O loop died or stalled. L1's
+`is_healthy` in /status also turns false when L1 is full while allocations fail; that alone
+does not fail /healthcheck (a restart would only empty the cache), it shows in /status.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from litestar.di import NamedDependency
 
 from lmcache_rs.http.errors import ApiError
 from lmcache_rs.http.state import HttpState
+from lmcache_rs.observability.health import IoLoopStatus, describe_thread
 
 if TYPE_CHECKING:
     from lmcache_rs.runtime import Runtime
@@ -31,26 +38,22 @@ def root() -> Root:
     return Root(status="ok", service="LMCache HTTP API")
 
 
-def health_problem(runtime: NamedDependency[Runtime]) -> str | None:
-    """Why the server is unhealthy, or None: a critical/high periodic thread that is not
-    running or has not ticked within 3 intervals (e.g. the L1 eviction cycle)."""
-    bad = runtime.periodic.unhealthy()
-    if not bad:
-        return None
-    parts = []
-    for t in bad:
-        st = t.status()
-        since = "never ran" if st.last_run_ago is None else f"last ran {st.last_run_ago:.1f} s ago"
-        state = "not running" if not st.is_running else since
-        if st.is_running and t.is_failing and st.last_summary is not None:
-            state = f"failed its last {st.consecutive_failures} runs ({st.last_summary.message})"
-        parts.append(f"periodic thread {t.name} ({t.level.value}, every {t.interval:g} s) {state}")
-    return "; ".join(parts)
+def health_problem(runtime: Runtime, io: IoLoopStatus | None = None) -> str | None:
+    """Why the server is unhealthy, or None: the request I/O loop died or has not ticked within
+    --io-stall-timeout-seconds, or a critical/high periodic thread is not running, has not
+    ticked within 3 intervals or keeps failing (e.g. the L1 eviction cycle). `io`: the I/O
+    loop's status when the caller already has it."""
+    parts = [describe_thread(t) for t in runtime.periodic.unhealthy()]
+    io_reason = runtime.io_problem(io)
+    if io_reason is not None:
+        parts.insert(0, io_reason)
+    return "; ".join(parts) or None
 
 
 @get("/healthcheck", sync_to_thread=False)
 def healthcheck(http_state: NamedDependency[HttpState]) -> Response[Health]:
-    """200 when the engine is initialized and its critical periodic threads tick; else 503."""
+    """200 when the engine is initialized, its request I/O loop ticks and its critical periodic
+    threads tick; else 503 with the reason."""
     runtime = http_state.runtime
     if runtime is None:
         return Response(Health(status="unhealthy", reason="engine not initialized"), status_code=503)
@@ -62,13 +65,20 @@ def healthcheck(http_state: NamedDependency[HttpState]) -> Response[Health]:
 
 @get("/status", sync_to_thread=True)
 def status(runtime: NamedDependency[Runtime]) -> dict[str, Any]:
-    """A snapshot of the engine: L1, registered workers, sessions, periodic threads."""
+    """A snapshot of the engine: L1, registered workers, sessions, periodic threads, the
+    request I/O loop. `is_healthy` at the top is /healthcheck's verdict; `storage_manager`'s
+    adds L1 (`l1_manager.problems`) and L2 health."""
     stats = runtime.l1.index.stats()
     cfg = runtime.cfg
     contexts = runtime.engine.contexts.all()
     evict = runtime.periodic.get("l1-eviction-cycle")
+    l1_problems = runtime.l1_problems(stats)
     l1 = {
-        "is_healthy": True,
+        "is_healthy": not l1_problems,
+        "problems": l1_problems,
+        "recent_allocation_failures": runtime.l1_health.recent_failures(
+            stats["counters"]["allocation_failures"]
+        ),
         "total_object_count": stats["total_objects"],
         "resident_object_count": stats["resident_objects"],
         "write_locked_count": stats["staging_objects"],
@@ -94,17 +104,20 @@ def status(runtime: NamedDependency[Runtime]) -> dict[str, Any]:
         "counters": stats["counters"],
     }
     eviction = {
-        "is_healthy": bool(evict and evict.is_running and evict.is_active),
+        "is_healthy": bool(evict and evict.is_running and evict.is_active and not evict.is_failing),
         "thread_alive": bool(evict and evict.is_running),
         "eviction_policy": cfg.storage_manager.eviction_policy,
         "trigger_watermark": cfg.storage_manager.eviction_trigger_watermark,
         "eviction_ratio": cfg.storage_manager.eviction_ratio,
         "demand_eviction": cfg.storage_manager.demand_eviction,
     }
-    healthy = health_problem(runtime) is None
+    io = runtime.io_status()
+    io_reason = runtime.io_problem(io)
+    problem = health_problem(runtime, io)
+    healthy = problem is None
     l2 = runtime.l2.status() if runtime.l2 is not None else None
     storage = {
-        "is_healthy": healthy and (l2 is None or l2.is_healthy),
+        "is_healthy": healthy and not l1_problems and (l2 is None or l2.is_healthy),
         "l1_manager": l1,
         "l1_eviction_controller": eviction,
         "l1_usage": [stats["used_bytes"], stats["capacity_bytes"]],
@@ -115,6 +128,7 @@ def status(runtime: NamedDependency[Runtime]) -> dict[str, Any]:
     }
     return {
         "is_healthy": healthy,
+        "reason": problem,
         "engine_type": "MPCacheEngine",
         "chunk_size": cfg.mp.chunk_size,
         "hash_algorithm": cfg.mp.hash_algorithm,
@@ -142,6 +156,17 @@ def status(runtime: NamedDependency[Runtime]) -> dict[str, Any]:
             "requests_total": runtime.server.requests_total,
             "pending_requests": runtime.server.pending,
             "errors": dict(runtime.server.errors),
+        },
+        "io_thread": {
+            "is_healthy": io_reason is None,
+            "reason": io_reason,
+            "alive": io.alive,
+            "last_tick_ago": io.last_tick_ago,
+            "stall_timeout_seconds": cfg.mp.io_stall_timeout_seconds,
+            "requests_received": io.requests_received,
+            "replies_sent": io.replies_sent,
+            "pending_requests": io.pending_requests,
+            "error": io.error,
         },
     }
 

@@ -8,6 +8,11 @@ finished replies back through a queue and an eventfd; only the I/O thread sends.
 
 Every request gets a reply: malformed frames, unknown operations, bad arguments, overload and
 handler failures produce an error reply (codec.error_frames) and a log line.
+
+The I/O loop ticks a heartbeat on every iteration (it polls with a POLL_MS timeout, so an idle
+loop ticks too) and after every request it dispatches; `io_status()` reports it for
+/healthcheck (observability.health). An exception that escapes the loop ends the thread; it is
+logged and reported there instead of vanishing.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import socket
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -27,12 +33,16 @@ import zmq
 
 from lmcache_rs.config import MPConfig
 from lmcache_rs.engine.engine import Engine
+from lmcache_rs.observability.health import IoLoopStatus
 from lmcache_rs.protocol import codec, ops
 from lmcache_rs.protocol.codec import ProtocolError
 
 log = logging.getLogger(__name__)
 
 _NIL_UID = codec.encode(None)
+
+#: Longest the I/O loop waits in poll: the heartbeat's period when idle.
+POLL_MS = 100
 
 
 def bind_url(host: str, port: int) -> str:
@@ -46,9 +56,14 @@ def bind_url(host: str, port: int) -> str:
 
 
 class ZmqServer:
-    def __init__(self, cfg: MPConfig, engine: Engine) -> None:
+    def __init__(self, cfg: MPConfig, engine: Engine, clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
         self.engine = engine
+        #: The heartbeat's clock (tests pass a manual one to make a stall without waiting).
+        self._clock = clock
+        self._last_tick: float | None = None
+        self._loop_error: str | None = None
+        self.replies_sent = 0
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -72,7 +87,7 @@ class ZmqServer:
         self._pending_lock = threading.Lock()
         self._stop = threading.Event()
         self._accepting = True
-        self._thread = threading.Thread(target=self._loop, name="mq-server-thread", daemon=True)
+        self._thread = threading.Thread(target=self._run_loop, name="mq-server-thread", daemon=True)
         self.requests_total = 0
         self.errors: dict[str, int] = {}
         #: Per operation: [requests, seconds in the handler, seconds queued for a pool thread].
@@ -82,6 +97,7 @@ class ZmqServer:
     # ---- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._last_tick = self._clock()
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -101,14 +117,35 @@ class ZmqServer:
     def pending(self) -> int:
         return self._pending
 
+    def io_status(self) -> IoLoopStatus:
+        """The I/O loop's heartbeat (observability.health.IoLoop)."""
+        last = self._last_tick
+        return IoLoopStatus(
+            alive=self._thread.is_alive(),
+            stopping=self._stop.is_set() or not self._accepting,
+            last_tick_ago=None if last is None else max(0.0, self._clock() - last),
+            requests_received=self.requests_total,
+            replies_sent=self.replies_sent,
+            pending_requests=self._pending,
+            error=self._loop_error,
+        )
+
     # ---- I/O thread ---------------------------------------------------------------------------
+
+    def _run_loop(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # recorded for /healthcheck; the thread ends
+            log.critical("request I/O thread died; no more requests are answered", exc_info=True)
+            self._loop_error = f"{type(e).__name__}: {e}"
 
     def _loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._wake, zmq.POLLIN)
         while True:
-            events = dict(poller.poll(100))
+            events = dict(poller.poll(POLL_MS))
+            self._last_tick = self._clock()
             if self._wake in events:
                 with contextlib.suppress(BlockingIOError):
                     os.eventfd_read(self._wake)
@@ -130,6 +167,7 @@ class ZmqServer:
                         op = frames[2] if len(frames) > 2 else b""
                         err = ProtocolError("internal", f"{type(e).__name__}: {e}")
                         self._send(self._error(frames[0], uid, op, None, err))
+                    self._last_tick = self._clock()
 
     def _drain_on_stop(self, poller: zmq.Poller) -> None:
         """Answers what is still arriving (with `shutting_down`) until the socket has been quiet
@@ -156,6 +194,7 @@ class ZmqServer:
     def _send(self, frames: list[bytes]) -> None:
         try:
             self._sock.send_multipart(frames, zmq.NOBLOCK)
+            self.replies_sent += 1
         except zmq.ZMQError as e:
             # The peer disconnected (EHOSTUNREACH) or is not reading: drop the reply.
             log.debug("reply to a gone or stalled client dropped: %s", e)

@@ -47,6 +47,7 @@ def test_help_explains_every_flag() -> None:
         (["--quota", "a/b=1"], "--quota"),
         (["--quota", "nope"], "SALT=GIB"),
         (["--worker-reap-timeout-seconds", "0.5"], "--worker-reap-timeout-seconds"),
+        (["--io-stall-timeout-seconds", "0.5"], "--io-stall-timeout-seconds"),
     ],
 )
 def test_bad_configuration_fails_at_startup(args: list[str], needle: str) -> None:
