@@ -439,6 +439,27 @@ fn release_after_clear_never_touches_a_new_object_under_the_same_key() {
     assert_eq!(f.ok().stats().pending_release_objects, 0);
 }
 
+/// A dropped object whose reader never comes back: the lease's TTL ends it, and only then
+/// are its bytes free; a temporary object dropped while leased goes the same way.
+#[test]
+fn an_orphan_is_freed_by_its_lease_ttl() {
+    let f = Fixture::new(4, EvictionPolicy::Lru);
+    let s = scope("");
+    f.store(&s, &hs(0..2));
+    let g = f.idx.lease_read(&s, &hs(0..2), 1, 0).unwrap();
+    f.idx.reserve_write(&s, &hs(5..6), OBJ, 9, false).unwrap();
+    let temp = f.idx.finish_write(&s, &hs(5..6), 9, 1, true, 0).unwrap();
+    assert_eq!(f.idx.clear(true).pending_objects, 3);
+    f.clock.advance_secs(299.0);
+    f.ok().evict_cycle();
+    assert_eq!(f.ok().stats().pending_release_bytes, 3 * OBJ);
+    f.clock.advance_secs(2.0);
+    assert_eq!(f.ok().evict_cycle().expired_read_locks, 2);
+    let st = f.ok().stats();
+    assert_eq!((st.used_bytes, st.pending_release_objects, st.temporary_objects), (0, 0, 0));
+    assert_eq!((f.idx.release_all(g.lease), f.idx.release_all(temp.lease)), (0, 0));
+}
+
 /// Extending a lease across admissions (an L2 load) and releasing it by position.
 #[test]
 fn leases_extend_and_release_by_position() {
