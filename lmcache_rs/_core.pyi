@@ -183,6 +183,30 @@ class WriteDone:
     def lease(self) -> int: ...
 
 @final
+class Whereabouts:
+    """Where one chunk is (`L1Index.explain`)."""
+
+    @property
+    def state(self) -> Literal["resident", "locked", "dropped", "unknown"]: ...
+    @property
+    def reason(
+        self,
+    ) -> (
+        Literal[
+            "evicted_watermark",
+            "evicted_quota",
+            "evicted_demand",
+            "deleted",
+            "cleared",
+            "released_temporary",
+            "write_expired",
+        ]
+        | None
+    ): ...
+    @property
+    def ago_seconds(self) -> float | None: ...
+
+@final
 class L1Index:
     def __init__(
         self,
@@ -195,6 +219,7 @@ class L1Index:
         write_ttl_secs: float = 600.0,
         read_ttl_secs: float = 300.0,
         demand_eviction: bool = True,
+        drop_log_entries: int = 65536,
         clock: ManualClock | None = None,
     ) -> None: ...
     @property
@@ -229,6 +254,7 @@ class L1Index:
     def resolve(
         self, scope: KeyScope, hashes: Sequence[bytes]
     ) -> list[tuple[int, int, int, bool] | None]: ...
+    def explain(self, scope: KeyScope, hashes: Sequence[bytes]) -> list[Whereabouts]: ...
     def touch(self, scope: KeyScope, hashes: Sequence[bytes]) -> int: ...
     def delete(self, scope: KeyScope, hashes: Sequence[bytes], force: bool = False) -> int: ...
     def clear(self, force: bool = False) -> ClearReport: ...

@@ -53,6 +53,7 @@ use parking_lot::Mutex;
 
 use crate::arena::{Allocation, Arena};
 use crate::clock::{secs_to_ns, Clock, MonotonicClock};
+use crate::droplog::{self, DropKey, DropLog, DropReason};
 use crate::error::{CoreError, CoreResult};
 use crate::key::{validate_salt, ChunkHash, KeyScope};
 use crate::list::{Linked, Links, List};
@@ -109,6 +110,8 @@ pub struct L1Config {
     pub read_ttl_secs: f64,
     /// Evict on the allocation path when the arena is full (LMCache only evicts on its timer).
     pub demand_eviction: bool,
+    /// Chunks whose drop the index remembers for `explain` (0: none).
+    pub drop_log_entries: usize,
 }
 
 impl L1Config {
@@ -122,6 +125,7 @@ impl L1Config {
             write_ttl_secs: 600.0,
             read_ttl_secs: 300.0,
             demand_eviction: true,
+            drop_log_entries: 65_536,
         }
     }
 
@@ -198,14 +202,15 @@ pub struct Slot {
     pub temporary: bool,
 }
 
-/// Why an object left L1 (for counters).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Reason {
-    Watermark,
-    Quota,
-    Demand,
-    Deleted,
-    Cleared,
+/// Where one chunk of a scope is, for [`L1Index::explain`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Whereabouts {
+    /// In L1 (held by read leases when `locked`).
+    Resident { locked: bool },
+    /// Left L1 `ago_secs` ago for `reason`.
+    Dropped { reason: DropReason, ago_secs: f64 },
+    /// Never stored in this scope, or dropped so long ago that the drop log forgot it.
+    Unknown,
 }
 
 /// Result of one eviction cycle.
@@ -471,6 +476,9 @@ struct Inner {
     doomed_objects: u64,
     orphan_objects: u64,
     pending_bytes: u64,
+    droplog: DropLog,
+    /// The clock when the current call took the lock (for the drop log's timestamps).
+    now: u64,
     counters: Counters,
 }
 
@@ -514,9 +522,19 @@ impl L1Index {
             doomed_objects: 0,
             orphan_objects: 0,
             pending_bytes: 0,
+            droplog: DropLog::new(config.drop_log_entries),
+            now: 0,
             counters: Counters::default(),
         };
         Ok(Self { inner: Mutex::new(inner), clock, config })
+    }
+
+    /// Takes the index lock, noting the time for what this call records.
+    fn locked(&self) -> parking_lot::MutexGuard<'_, Inner> {
+        let now = self.clock.now_ns();
+        let mut g = self.inner.lock();
+        g.now = now;
+        g
     }
 
     pub fn config(&self) -> &L1Config {
@@ -524,11 +542,11 @@ impl L1Index {
     }
     /// Capacity after rounding down to the alignment.
     pub fn capacity(&self) -> u64 {
-        self.inner.lock().arena.capacity()
+        self.locked().arena.capacity()
     }
     /// `size` rounded up to the arena alignment (what one object of that size occupies).
     pub fn object_footprint(&self, size: u64) -> CoreResult<u64> {
-        self.inner.lock().arena.rounded(size)
+        self.locked().arena.rounded(size)
     }
 
     /// Stages `hashes` (in chunk order) for `writer`, each `size` bytes. Keys already resident
@@ -545,7 +563,7 @@ impl L1Index {
         all_or_nothing: bool,
     ) -> CoreResult<Vec<Reserve>> {
         let now = self.clock.now_ns();
-        self.inner.lock().reserve_write(scope, hashes, size, writer, all_or_nothing, now)
+        self.locked().reserve_write(scope, hashes, size, writer, all_or_nothing, now)
     }
 
     /// Makes this writer's staged keys resident. With `lock_readers > 0` each admitted (or
@@ -567,7 +585,7 @@ impl L1Index {
             ));
         }
         let now = self.clock.now_ns();
-        self.inner.lock().finish_write(
+        self.locked().finish_write(
             scope,
             hashes,
             writer,
@@ -580,12 +598,12 @@ impl L1Index {
 
     /// Drops this writer's staged copies of `hashes`; returns how many were dropped.
     pub fn abort_write(&self, scope: &KeyScope, hashes: &[ChunkHash], writer: u64) -> usize {
-        self.inner.lock().abort_write(scope, hashes, writer)
+        self.locked().abort_write(scope, hashes, writer)
     }
 
     /// Drops every staged copy of `writer` (a dead or unregistered worker). O(staging objects).
     pub fn abort_writer(&self, writer: u64) -> usize {
-        let mut g = self.inner.lock();
+        let mut g = self.locked();
         let ids: Vec<u32> =
             g.staging_list.iter(&g.entries).filter(|&id| g.entries[id as usize].writer == writer).collect();
         for &id in &ids {
@@ -609,12 +627,12 @@ impl L1Index {
             return Err(CoreError::InvalidArgument("num_kv_readers must be at least 1".into()));
         }
         let now = self.clock.now_ns();
-        self.inner.lock().lease_read(scope, hashes, shares.min(MAX_READERS), extend, now)
+        self.locked().lease_read(scope, hashes, shares.min(MAX_READERS), extend, now)
     }
 
     /// Length of the resident prefix, without locking or touching anything.
     pub fn peek(&self, scope: &KeyScope, hashes: &[ChunkHash]) -> usize {
-        let g = self.inner.lock();
+        let g = self.locked();
         let Some((model, salt)) = g.find_scope(scope) else { return 0 };
         hashes.iter().take_while(|&&hash| g.resident.contains_key(&ikey(hash, scope, model, salt))).count()
     }
@@ -624,7 +642,7 @@ impl L1Index {
     /// given back: 0 for a lease that ended already (released, expired), so releasing twice is
     /// harmless.
     pub fn release(&self, lease: LeaseId, start: usize, end: usize, n: Option<u32>) -> u64 {
-        self.inner.lock().release(lease, start, end, n)
+        self.locked().release(lease, start, end, n)
     }
 
     /// Ends the lease, giving back every share it holds.
@@ -634,7 +652,7 @@ impl L1Index {
 
     /// Where each key's bytes are (None when not resident). Changes nothing.
     pub fn resolve(&self, scope: &KeyScope, hashes: &[ChunkHash]) -> Vec<Option<Slot>> {
-        let g = self.inner.lock();
+        let g = self.locked();
         let Some((model, salt)) = g.find_scope(scope) else { return vec![None; hashes.len()] };
         hashes
             .iter()
@@ -647,15 +665,37 @@ impl L1Index {
             .collect()
     }
 
+    /// Where each chunk of `hashes` is in this scope, and why it left when it did (the drop
+    /// log). Changes nothing; says nothing about other scopes.
+    pub fn explain(&self, scope: &KeyScope, hashes: &[ChunkHash]) -> Vec<Whereabouts> {
+        let g = self.locked();
+        let ids = g.find_scope(scope);
+        hashes
+            .iter()
+            .map(|&hash| {
+                let resident = ids.and_then(|(model, salt)| g.resident.get(&ikey(hash, scope, model, salt)));
+                if let Some(&id) = resident {
+                    return Whereabouts::Resident { locked: g.entries[id as usize].state == State::Locked };
+                }
+                match g.droplog.get(&droplog::key_of(scope, hash)) {
+                    Some((reason, at)) => {
+                        Whereabouts::Dropped { reason, ago_secs: g.now.saturating_sub(at) as f64 / 1e9 }
+                    }
+                    None => Whereabouts::Unknown,
+                }
+            })
+            .collect()
+    }
+
     /// Marks unlocked resident keys as recently used (first key most recent); returns count.
     pub fn touch(&self, scope: &KeyScope, hashes: &[ChunkHash]) -> usize {
-        self.inner.lock().touch(scope, hashes)
+        self.locked().touch(scope, hashes)
     }
 
     /// Deletes resident keys; read-locked ones only with `force` (their bytes stay until their
     /// leases end). Returns how many went.
     pub fn delete(&self, scope: &KeyScope, hashes: &[ChunkHash], force: bool) -> usize {
-        self.inner.lock().delete(scope, hashes, force)
+        self.locked().delete(scope, hashes, force)
     }
 
     /// Spec E.8. Not forced: unlocked resident objects and expired leases/staging go; live
@@ -664,20 +704,20 @@ impl L1Index {
     /// writer dropped this way is refused at `finish_write`.
     pub fn clear(&self, force: bool) -> ClearReport {
         let now = self.clock.now_ns();
-        self.inner.lock().clear(force, now)
+        self.locked().clear(force, now)
     }
 
     /// One eviction cycle (the periodic L1 thread calls this every second): reap expired read
     /// locks and staging, trim salts over quota (IsolatedLRU), then apply watermark and ratio.
     pub fn evict_cycle(&self) -> CycleReport {
         let now = self.clock.now_ns();
-        self.inner.lock().evict_cycle(now)
+        self.locked().evict_cycle(now)
     }
 
     /// Sets a salt's byte limit (IsolatedLRU); takes effect on the next cycle.
     pub fn set_quota(&self, cache_salt: &str, limit_bytes: u64) -> CoreResult<()> {
         validate_salt(cache_salt)?;
-        let mut g = self.inner.lock();
+        let mut g = self.locked();
         let id = g.salts.get_or_insert_with(cache_salt, || new_salt(cache_salt));
         g.salts.at(id).quota = Some(limit_bytes);
         Ok(())
@@ -685,7 +725,7 @@ impl L1Index {
 
     /// Removes a salt's quota (its limit becomes 0: allowlist). Returns whether one existed.
     pub fn remove_quota(&self, cache_salt: &str) -> bool {
-        let mut g = self.inner.lock();
+        let mut g = self.locked();
         let Some(id) = g.salts.find(cache_salt) else { return false };
         let had = g.salts.at(id).quota.take().is_some();
         g.gc_salt(id);
@@ -693,13 +733,13 @@ impl L1Index {
     }
 
     pub fn get_quota(&self, cache_salt: &str) -> Option<u64> {
-        let g = self.inner.lock();
+        let g = self.locked();
         g.salts.find(cache_salt).and_then(|id| g.salts.get(id)).and_then(|s| s.quota)
     }
 
     /// Every registered quota, sorted by salt.
     pub fn list_quotas(&self) -> Vec<(String, u64)> {
-        let g = self.inner.lock();
+        let g = self.locked();
         let mut out: Vec<_> =
             g.salts.iter().filter_map(|(_, s)| s.quota.map(|q| (s.name.to_string(), q))).collect();
         out.sort();
@@ -708,17 +748,17 @@ impl L1Index {
 
     /// Bytes a salt holds in L1 (staging included).
     pub fn salt_usage(&self, cache_salt: &str) -> u64 {
-        let g = self.inner.lock();
+        let g = self.locked();
         g.salts.find(cache_salt).and_then(|id| g.salts.get(id)).map_or(0, |s| s.bytes)
     }
 
     pub fn stats(&self) -> L1Stats {
-        self.inner.lock().stats()
+        self.locked().stats()
     }
 
     /// Verifies every structural invariant; panics with a description on violation.
     pub fn check_invariants(&self) {
-        self.inner.lock().check_invariants();
+        self.locked().check_invariants();
     }
 }
 
@@ -844,7 +884,7 @@ impl Inner {
 
     /// Takes `id` out of the index for `reason`. Its bytes are freed now (returned) unless a
     /// lease holds them: a locked object becomes an orphan, a staged one doomed (0 returned).
-    fn drop_object(&mut self, id: u32, reason: Reason) -> u64 {
+    fn drop_object(&mut self, id: u32, reason: DropReason) -> u64 {
         let salt = self.entries[id as usize].key.salt;
         let size = self.entries[id as usize].alloc.size;
         let s = self.salts.at(salt);
@@ -852,21 +892,23 @@ impl Inner {
         s.evicted_bytes += size;
         let c = &mut self.counters;
         match reason {
-            Reason::Watermark => {
+            DropReason::Watermark => {
                 c.evicted_watermark_objects += 1;
                 c.evicted_watermark_bytes += size;
             }
-            Reason::Quota => {
+            DropReason::Quota => {
                 c.evicted_quota_objects += 1;
                 c.evicted_quota_bytes += size;
             }
-            Reason::Demand => {
+            DropReason::Demand => {
                 c.evicted_demand_objects += 1;
                 c.evicted_demand_bytes += size;
             }
-            Reason::Deleted => c.deleted_objects += 1,
-            Reason::Cleared => c.cleared_objects += 1,
+            DropReason::Deleted => c.deleted_objects += 1,
+            DropReason::Cleared => c.cleared_objects += 1,
+            DropReason::Temporary | DropReason::WriteExpired => {}
         }
+        self.record_drop(id, reason);
         match self.entries[id as usize].state {
             State::Locked => {
                 self.locked_list.unlink(&mut self.entries, id);
@@ -883,6 +925,22 @@ impl Inner {
                 0
             }
             _ => self.remove(id),
+        }
+    }
+
+    /// The object's key by names, as the drop log knows it.
+    fn drop_key(&self, id: u32) -> DropKey {
+        let k = self.entries[id as usize].key;
+        let model = self.models.get(k.model).map_or("", |m| &m.name);
+        let salt = self.salts.get(k.salt).map_or("", |s| &s.name);
+        (k.hash, droplog::scope_fingerprint(model, k.kv_rank, k.group, salt))
+    }
+
+    fn record_drop(&mut self, id: u32, reason: DropReason) {
+        if self.droplog.capacity() > 0 {
+            let key = self.drop_key(id);
+            let now = self.now;
+            self.droplog.record(key, reason, now);
         }
     }
 
@@ -957,6 +1015,7 @@ impl Inner {
         self.counters.read_unlocks += 1;
         if self.entries[id as usize].temporary {
             self.counters.temporary_dropped += 1;
+            self.record_drop(id, DropReason::Temporary);
             self.remove(id);
             return false;
         }
@@ -992,7 +1051,7 @@ impl Inner {
         }
         match self.demand_victim(salt, protect) {
             Some(victim) => {
-                self.drop_object(victim, Reason::Demand);
+                self.drop_object(victim, DropReason::Demand);
                 true
             }
             None => false,
@@ -1173,6 +1232,8 @@ impl Inner {
             self.counters.admitted_objects += 1;
             self.counters.admitted_bytes += size;
             self.resident.insert(key, id);
+            let dk = self.drop_key(id);
+            self.droplog.forget(&dk);
             let e = &mut self.entries[id as usize];
             e.state = State::Resident;
             e.temporary = temporary;
@@ -1332,7 +1393,7 @@ impl Inner {
         for &hash in hashes {
             let Some(&id) = self.resident.get(&ikey(hash, scope, model, salt)) else { continue };
             if force || self.entries[id as usize].state == State::Resident {
-                self.drop_object(id, Reason::Deleted);
+                self.drop_object(id, DropReason::Deleted);
                 n += 1;
             }
         }
@@ -1354,6 +1415,9 @@ impl Inner {
                 break;
             }
             staging += 1;
+            if self.entries[id as usize].state == State::Staging {
+                self.record_drop(id, DropReason::WriteExpired);
+            }
             self.remove(id);
         }
         self.counters.expired_read_locks += locks;
@@ -1377,7 +1441,7 @@ impl Inner {
                 let size = self.entries[id as usize].alloc.size;
                 report.objects += 1;
                 report.bytes += size;
-                if self.drop_object(id, Reason::Cleared) == 0 {
+                if self.drop_object(id, DropReason::Cleared) == 0 {
                     report.pending_objects += 1;
                     report.pending_bytes += size;
                 }
@@ -1396,7 +1460,7 @@ impl Inner {
             }
             for &id in &heads {
                 report.objects += 1;
-                report.bytes += self.drop_object(id, Reason::Cleared);
+                report.bytes += self.drop_object(id, DropReason::Cleared);
             }
         }
         report
@@ -1415,7 +1479,7 @@ impl Inner {
                     }
                     let Some(victim) = s.lru.head() else { break };
                     r.quota_evicted_objects += 1;
-                    r.quota_evicted_bytes += self.drop_object(victim, Reason::Quota);
+                    r.quota_evicted_bytes += self.drop_object(victim, DropReason::Quota);
                 }
             }
         }
@@ -1431,7 +1495,7 @@ impl Inner {
                     while self.arena.used() > target {
                         let Some(victim) = self.global_lru.head() else { break };
                         r.watermark_evicted_objects += 1;
-                        r.watermark_evicted_bytes += self.drop_object(victim, Reason::Watermark);
+                        r.watermark_evicted_bytes += self.drop_object(victim, DropReason::Watermark);
                     }
                 }
                 EvictionPolicy::IsolatedLru => {
@@ -1444,7 +1508,7 @@ impl Inner {
                             }
                             let Some(victim) = s.lru.head() else { break };
                             r.watermark_evicted_objects += 1;
-                            r.watermark_evicted_bytes += self.drop_object(victim, Reason::Watermark);
+                            r.watermark_evicted_bytes += self.drop_object(victim, DropReason::Watermark);
                         }
                     }
                 }

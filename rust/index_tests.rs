@@ -722,3 +722,42 @@ proptest! {
         }
     }
 }
+
+/// `explain` says where each chunk is and why it left, per scope, and forgets a drop once the
+/// chunk is back.
+#[test]
+fn explain_names_why_a_chunk_left() {
+    let f = Fixture::new(2, EvictionPolicy::Lru);
+    let s = scope("a");
+    f.store(&s, &hs(0..2));
+    let g = f.idx.lease_read(&s, &hs(0..1), 1, 0).unwrap();
+    f.clock.advance_secs(1.0);
+    f.store(&s, &hs(5..6)); // evicts h(1) on demand (h(0) is leased)
+    let w = f.ok().explain(&s, &[h(0), h(1), h(5), h(9)]);
+    assert_eq!(w[0], Whereabouts::Resident { locked: true });
+    assert!(matches!(w[1], Whereabouts::Dropped { reason: DropReason::Demand, .. }));
+    assert_eq!((w[2], w[3]), (Whereabouts::Resident { locked: false }, Whereabouts::Unknown));
+    assert_eq!(f.idx.explain(&scope("b"), &[h(1)]), [Whereabouts::Unknown], "other salts see nothing");
+    f.idx.delete(&s, &[h(5)], false);
+    f.idx.clear(true);
+    f.clock.advance_secs(2.0);
+    let w = f.idx.explain(&s, &[h(0), h(5)]);
+    assert_eq!(w[0], Whereabouts::Dropped { reason: DropReason::Cleared, ago_secs: 2.0 });
+    assert!(matches!(w[1], Whereabouts::Dropped { reason: DropReason::Deleted, .. }));
+    f.idx.release_all(g.lease);
+    f.store(&s, &hs(0..1));
+    assert_eq!(f.ok().explain(&s, &[h(0)]), [Whereabouts::Resident { locked: false }]);
+    f.idx.delete(&s, &[h(0)], false);
+    assert!(matches!(
+        f.idx.explain(&s, &[h(0)])[0],
+        Whereabouts::Dropped { reason: DropReason::Deleted, .. }
+    ));
+    // A write whose lock expires before its commit is recorded as such.
+    f.idx.reserve_write(&s, &hs(7..8), OBJ, 3, false).unwrap();
+    f.clock.advance_secs(601.0);
+    f.idx.evict_cycle();
+    assert!(matches!(
+        f.idx.explain(&s, &[h(7)])[0],
+        Whereabouts::Dropped { reason: DropReason::WriteExpired, .. }
+    ));
+}

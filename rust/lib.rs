@@ -11,11 +11,13 @@
 //! | [`list`] | intrusive O(1) lists over a slab (LRU, lock and staging queues) |
 //! | [`index`] | the L1 index: states, TTLs, LRU/IsolatedLRU, quotas, demand eviction, stats |
 //! | [`clock`] | monotonic and manual time sources for TTLs |
+//! | [`droplog`] | a bounded record of why chunks left L1 (`explain`) |
 //! | [`wire`] | request keys decoded from their msgpack wire form in one pass |
 //! | [`error`] | the one error enum |
 
 pub mod arena;
 pub mod clock;
+pub mod droplog;
 pub mod error;
 pub mod hash;
 pub mod index;
@@ -28,6 +30,7 @@ pub mod python;
 
 pub use arena::{Allocation, Arena, ArenaStats};
 pub use clock::{Clock, ManualClock, MonotonicClock};
+pub use droplog::DropReason;
 pub use error::{CoreError, CoreResult};
 pub use hash::{
     checksum, hash_chunks, msgpack_tokens, msgpack_tokens_prefix, msgpack_tokens_prefix_serial, none_hash,
@@ -35,7 +38,7 @@ pub use hash::{
 };
 pub use index::{
     ClearReport, Counters, CycleReport, EvictionPolicy, Finish, L1Config, L1Index, L1Stats, LeaseId,
-    ReadGrant, Reserve, SaltStats, Slot, WriteDone,
+    ReadGrant, Reserve, SaltStats, Slot, Whereabouts, WriteDone,
 };
 pub use key::{kv_rank, mp_kv_rank, validate_model, validate_salt, ChunkHash, KeyScope, ObjectKey};
 pub use wire::{decode_key, WireKey};

@@ -114,7 +114,7 @@ class Engine:
             "wait_prefetch_status": self.wait_prefetch_status,
             "free_lookup_locks": self.free_lookup_locks,
             "end_session": self.end_session,
-            "clear": self.clear,
+            "clear": self.clear_op,
             "get_chunk_size": lambda: self.chunk_size,
             "ping": self.ping,
             "report_block_allocation": self.report_block_allocation,
@@ -547,6 +547,8 @@ class Engine:
                     self.index.release(g.lease, hit, g.hit)
             session.locks = LookupLocks.of([g.lease for g in grants], hit)
             self._count_hit(key, hit, "l1")
+            if hit < len(hashes):
+                self._count_miss(key, scopes[[g.hit for g in grants].index(hit)], hashes[hit])
             l2 = self.l2
             if l2 is not None and hit < len(hashes):
                 gen = session.generation
@@ -557,6 +559,12 @@ class Engine:
                 self.stats.add("l2_prefetch_skipped", key.model_name, "busy")
             session.set_result(hit)
         return None
+
+    def _count_miss(self, key: IPCCacheServerKey, scope: KeyScope, first_missing: bytes) -> None:
+        """Counts a lookup that fell short of the prompt by why its first missing chunk is not
+        in L1 (the index's drop log)."""
+        where = self.index.explain(scope, [first_missing])[0]
+        self.stats.add("lookup_misses", key.model_name, where.reason or "never_stored")
 
     def _count_hit(self, key: IPCCacheServerKey, chunks: int, tier: str) -> None:
         tokens = chunks * self.chunk_size
@@ -654,6 +662,10 @@ class Engine:
                 n_stores += len(stores)
                 n_reads += len(reads)
         return n_stores, n_reads
+
+    def clear_op(self, force: bool) -> None:
+        """The ZMQ `clear`: LMCache's client reads only a nil reply as success (spec J.7)."""
+        self.clear(force)
 
     def clear(self, force: bool) -> dict[str, int]:
         """Spec E.8 (L1 only). Forced, objects still held by transfers in flight leave the

@@ -47,6 +47,14 @@ ENGINE_COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         ("op",),
     ),
     "lookups": ("lmcache_mp_lookups_requests", "Lookup requests.", ("model_name", "cache_salt")),
+    "lookup_misses": (
+        "lmcache_rs_lookup_misses",
+        "Lookups that stopped short of the prompt, by why the first missing chunk is not in L1 "
+        "(evicted_watermark, evicted_quota, evicted_demand, deleted, cleared, released_temporary, "
+        "write_expired, or never_stored: never stored or dropped too long ago to be remembered).",
+        ("model_name", "reason"),
+    ),
+    "l1_clears": ("lmcache_rs_l1_clears", "L1 clears (ZMQ or HTTP).", ("mode",)),
     "lookup_requested_tokens": (
         "lmcache_mp_lookup_requested_tokens",
         "Tokens (complete chunks) asked for by lookups.",

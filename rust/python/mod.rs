@@ -431,6 +431,25 @@ impl WriteDone {
     }
 }
 
+/// Where one chunk is (`L1Index.explain`): `state` is `resident`, `locked`, `dropped` (with
+/// `reason` and `ago_seconds`) or `unknown` (never stored here, or forgotten).
+#[pyclass(frozen, get_all, module = "lmcache_rs._core")]
+struct Whereabouts {
+    state: &'static str,
+    reason: Option<&'static str>,
+    ago_seconds: Option<f64>,
+}
+
+#[pymethods]
+impl Whereabouts {
+    fn __repr__(&self) -> String {
+        format!(
+            "Whereabouts(state={:?}, reason={:?}, ago_seconds={:?})",
+            self.state, self.reason, self.ago_seconds
+        )
+    }
+}
+
 /// The L1 index. Every method takes the index lock with the GIL released.
 #[pyclass(frozen, module = "lmcache_rs._core")]
 struct L1Index(index::L1Index);
@@ -441,7 +460,7 @@ impl L1Index {
     #[pyo3(signature = (
         capacity_bytes, *, align_bytes = 4096, policy = "LRU", trigger_watermark = 0.8,
         eviction_ratio = 0.2, write_ttl_secs = 600.0, read_ttl_secs = 300.0,
-        demand_eviction = true, clock = None,
+        demand_eviction = true, drop_log_entries = 65536, clock = None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -453,6 +472,7 @@ impl L1Index {
         write_ttl_secs: f64,
         read_ttl_secs: f64,
         demand_eviction: bool,
+        drop_log_entries: usize,
         clock: Option<&ManualClock>,
     ) -> PyResult<Self> {
         let config = index::L1Config {
@@ -464,6 +484,7 @@ impl L1Index {
             write_ttl_secs,
             read_ttl_secs,
             demand_eviction,
+            drop_log_entries,
         };
         let idx = match clock {
             Some(c) => index::L1Index::with_clock(config, c.0.clone()),
@@ -607,6 +628,30 @@ impl L1Index {
             .collect())
     }
 
+    /// Where each chunk is in this scope and, for one that left, why and how long ago.
+    fn explain(&self, py: Python<'_>, scope: &KeyScope, hashes: Hashes<'_>) -> PyResult<Vec<Whereabouts>> {
+        let hashes = to_hashes(hashes)?;
+        let out = py.detach(|| self.0.explain(&scope.0, &hashes));
+        Ok(out
+            .into_iter()
+            .map(|w| match w {
+                index::Whereabouts::Resident { locked } => Whereabouts {
+                    state: if locked { "locked" } else { "resident" },
+                    reason: None,
+                    ago_seconds: None,
+                },
+                index::Whereabouts::Dropped { reason, ago_secs } => Whereabouts {
+                    state: "dropped",
+                    reason: Some(reason.as_str()),
+                    ago_seconds: Some(ago_secs),
+                },
+                index::Whereabouts::Unknown => {
+                    Whereabouts { state: "unknown", reason: None, ago_seconds: None }
+                }
+            })
+            .collect())
+    }
+
     fn touch(&self, py: Python<'_>, scope: &KeyScope, hashes: Hashes<'_>) -> PyResult<usize> {
         let hashes = to_hashes(hashes)?;
         Ok(py.detach(|| self.0.touch(&scope.0, &hashes)))
@@ -681,5 +726,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<L1Index>()?;
     m.add_class::<ReadGrant>()?;
     m.add_class::<WriteDone>()?;
+    m.add_class::<Whereabouts>()?;
     Ok(())
 }

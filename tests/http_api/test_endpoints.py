@@ -184,11 +184,17 @@ def test_clear_endpoints(api, server) -> None:
             {"status": "ok", "cleared": {**cleared, "pending_bytes": 2 * CHUNK_BYTES}},
         )
         assert lookup(c, t, "after") == 0
+        misses = [
+            m for m in api.get("/metrics").text.splitlines() if m.startswith("lmcache_rs_lookup_misses_total")
+        ]
+        assert [m.split("reason=")[1] for m in misses] == ['"cleared"} 1.0'], misses
         l1 = api.get("/status").json()["storage_manager"]["l1_manager"]
         assert (l1["pending_release_object_count"], l1["pending_release_bytes"]) == (2, 2 * CHUNK_BYTES)
         assert l1["memory_used_bytes"] == 2 * CHUNK_BYTES
         c.end_session("locked")
         c.end_session("after")
+        # The ZMQ clear answers with no payload: LMCache's client reads only that as success.
+        assert len(c.recv_frames(c.send("clear", True))) == 2
         l1 = api.get("/status").json()["storage_manager"]["l1_manager"]
         assert (l1["pending_release_object_count"], l1["memory_used_bytes"], l1["read_lease_count"]) == (
             0,
