@@ -16,7 +16,7 @@ import torch
 from lmcache_rs.client.client import MPClient, ServerError
 from lmcache_rs.protocol.messages import EngineDrivenRegistration, IPCCacheServerKey, ShmSlot
 from lmcache_rs.storage.shm_pool import SHM_DIR
-from lmcache_rs.transfer.gather import GroupLayout, gather, scatter
+from lmcache_rs.transfer.gather import GroupLayout, ObjectCopy, gather, scatter
 
 
 class PoolMapping:
@@ -88,9 +88,11 @@ class EngineDrivenWorker:
     def unregister(self) -> None:
         self.client.unregister_engine_driven(self.instance_id)
 
-    def _blocks(self, block_ids: list[int], chunk: int) -> list[torch.Tensor]:
+    def _copy(self, block_ids: list[int], chunk: int, obj: torch.Tensor, skip: int = 0) -> ObjectCopy:
+        """Chunk `chunk` of the range (its blocks) and its slot's bytes."""
         per = self.chunk_size // self.group.block_size
-        return [torch.tensor(block_ids[chunk * per : (chunk + 1) * per], dtype=torch.int64)]
+        ids = torch.tensor(block_ids[chunk * per : (chunk + 1) * per], dtype=torch.int64)
+        return ObjectCopy([self.group], [ids], obj, [per], skip)
 
     def store(self, key: IPCCacheServerKey, block_ids: list[int]) -> bool:
         """Copies the chunks the server asks for (those not cached yet) into their slots and
@@ -100,13 +102,7 @@ class EngineDrivenWorker:
         if not ctx.slots:
             return True  # everything in the range is cached (or being written) already
         for slot, chunk in zip(ctx.slots, ctx.chunk_indices, strict=True):
-            gather(
-                [self.group],
-                self.layers,
-                self._blocks(block_ids, chunk),
-                self.pool.raw(slot),
-                self.chunk_size,
-            )
+            gather(self._copy(block_ids, chunk, self.pool.raw(slot)), self.layers)
         return self.client.commit_store(key, self.instance_id)
 
     def retrieve(self, key: IPCCacheServerKey, block_ids: list[int], skip_first_n_tokens: int = 0) -> bool:
@@ -117,15 +113,7 @@ class EngineDrivenWorker:
             reply = self.client.prepare_retrieve(key, self.instance_id)
             for i, slot in enumerate(reply.context.slots):
                 skip = min(max(skip_first_n_tokens - i * self.chunk_size, 0), self.chunk_size)
-                scatter(
-                    [self.group],
-                    self.layers,
-                    self._blocks(block_ids, i),
-                    self.pool.raw(slot),
-                    self.chunk_size,
-                    skip,
-                    -1,
-                )
+                scatter(self._copy(block_ids, i, self.pool.raw(slot), skip), self.layers, self.chunk_size, -1)
             return reply.success
         except ServerError:
             return False

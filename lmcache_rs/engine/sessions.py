@@ -19,26 +19,33 @@ from lmcache_rs.protocol.messages import IPCCacheServerKey, ServerKey
 
 @dataclass
 class LookupLocks:
-    """Read locks a lookup holds for a request: `shares[rank][chunk]` locks still owed per key.
+    """Read locks a lookup holds for a request: `shares[row][chunk]` locks still owed per key.
 
-    Retrieve releases one share of its own rank's chunks, free_lookup_locks releases what is
-    left in a range, end_session or expiry release everything; each release is idempotent."""
+    A row is one key scope: one kv rank (`ranks[row]`; without `ranks`, row i is rank i) of one
+    object group (a hybrid model has several, engine/groups.py; a row owes 0 on chunks it does
+    not need). Retrieve releases one share of its own rank's chunks, free_lookup_locks releases
+    what is left in a range, end_session or expiry release everything; each release is
+    idempotent."""
 
     scopes: list[KeyScope]
     hashes: list[bytes]
     shares: list[list[int]]
+    ranks: list[int] | None = None
 
     def release(self, index: L1Index, rank: int | None, start: int, end: int, n: int | None) -> int:
         """Releases up to `n` (None: all) shares of chunks [start, end) for `rank` (None: all).
         One `finish_read` per run of equal shares (usually one per rank)."""
         released = 0
-        ranks = range(len(self.scopes)) if rank is None else [rank]
+        if rank is None:
+            rows = range(len(self.scopes))
+        elif self.ranks is None:
+            rows = range(rank, rank + 1) if 0 <= rank < len(self.scopes) else range(0)
+        else:
+            rows = [i for i, r in enumerate(self.ranks) if r == rank]
         start, end = max(start, 0), min(end, len(self.hashes))
         if start >= end:
             return 0
-        for r in ranks:
-            if not 0 <= r < len(self.scopes):
-                continue
+        for r in rows:
             row = self.shares[r]
             owed = row[start:end]
             takes = owed if n is None else [min(n, v) for v in owed]
