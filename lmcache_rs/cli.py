@@ -48,7 +48,15 @@ def _parser() -> argparse.ArgumentParser:
         "--null-block-id",
         type=int,
         default=mp.null_block_id,
-        help="engine block id meaning 'no data'; chunks of only null blocks are not stored",
+        help="engine block id meaning 'no data' (e.g. freed out of a sliding window): a chunk is "
+        "stored for an object group only where its blocks there are all live",
+    )
+    g.add_argument(
+        "--separate-object-groups",
+        action="store_true",
+        help="accepted for LMCache compatibility and always on (a no-op): a hybrid model's "
+        "full-attention and sliding-window layers are stored as separate object groups, one per "
+        "window size, so KV that fell out of a window is never stored or served",
     )
     g.add_argument("--max-workers", type=int, default=mp.max_workers, help="threads of each request pool")
     g.add_argument(

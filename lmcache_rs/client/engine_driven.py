@@ -16,7 +16,7 @@ import torch
 from lmcache_rs.client.client import MPClient, ServerError
 from lmcache_rs.protocol.messages import EngineDrivenRegistration, IPCCacheServerKey, ShmSlot
 from lmcache_rs.storage.shm_pool import SHM_DIR
-from lmcache_rs.transfer.gather import GroupLayout, gather, scatter
+from lmcache_rs.transfer.gather import GroupLayout, ObjectCopy, gather, scatter
 
 
 class PoolMapping:
@@ -88,9 +88,11 @@ class EngineDrivenWorker:
     def unregister(self) -> None:
         self.client.unregister_engine_driven(self.instance_id)
 
-    def _blocks(self, block_ids: list[int], chunk: int) -> list[torch.Tensor]:
+    def _copy(self, block_ids: list[int], chunk: int, obj: torch.Tensor, skip: int = 0) -> ObjectCopy:
+        """Chunk `chunk` of the range (its blocks) and its slot's bytes."""
         per = self.chunk_size // self.group.block_size
-        return [torch.tensor(block_ids[chunk * per : (chunk + 1) * per], dtype=torch.int64)]
+        ids = torch.tensor(block_ids[chunk * per : (chunk + 1) * per], dtype=torch.int64)
+        return ObjectCopy([self.group], [ids], obj, [per], skip)
 
     def store(self, key: IPCCacheServerKey, block_ids: list[int]) -> bool:
         """Copies the chunks the server asks for (those not cached yet) into their slots and
@@ -107,13 +109,7 @@ class EngineDrivenWorker:
         reply), as `store` does between its prepare and its commit."""
         assert self.pool is not None, "register() first"
         for slot, chunk in zip(slots, chunk_indices, strict=True):
-            gather(
-                [self.group],
-                self.layers,
-                self._blocks(block_ids, chunk),
-                self.pool.raw(slot),
-                self.chunk_size,
-            )
+            gather(self._copy(block_ids, chunk, self.pool.raw(slot)), self.layers)
 
     def retrieve(self, key: IPCCacheServerKey, block_ids: list[int], skip_first_n_tokens: int = 0) -> bool:
         """Copies the range's chunks out of their slots into `block_ids`, leaving the first
@@ -134,12 +130,4 @@ class EngineDrivenWorker:
         assert self.pool is not None, "register() first"
         for i, slot in enumerate(slots):
             skip = min(max(skip_first_n_tokens - i * self.chunk_size, 0), self.chunk_size)
-            scatter(
-                [self.group],
-                self.layers,
-                self._blocks(block_ids, i),
-                self.pool.raw(slot),
-                self.chunk_size,
-                skip,
-                -1,
-            )
+            scatter(self._copy(block_ids, i, self.pool.raw(slot), skip), self.layers, self.chunk_size, -1)

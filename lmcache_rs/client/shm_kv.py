@@ -1,7 +1,9 @@
 """A vLLM-like paged KV cache in POSIX shared memory, for CPU workers, tests and benchmarks.
 
 One segment per layer (`/lmcache_kv_<pid>_<n>`), each holding a `[2, NB, BS, H, D]` (NHD)
-tensor; `handles()` describes them as `cpu_shm` KV handles for register_kv_cache.
+tensor; `handles()` describes them as `cpu_shm` KV handles for register_kv_cache. With
+`storage_of`, several layers view one segment, as vLLM lays out hybrid models (Gemma-3 style:
+the layers of different KV groups share a tensor and use disjoint block ids).
 """
 
 from __future__ import annotations
@@ -57,7 +59,9 @@ class ShmKVCache:
         head_dim: int,
         dtype: torch.dtype = torch.float16,
         layout: str = "NHD",
+        storage_of: list[int] | None = None,
     ) -> None:
+        """`storage_of[layer]`: the segment the layer views (default: one segment per layer)."""
         shape = paged_shape(layout, num_blocks, block_size, num_heads, head_dim)
         self.layout = layout
         self.shape = shape
@@ -71,15 +75,21 @@ class ShmKVCache:
         self.nbytes = nbytes
         self._segments: list[shared_memory.SharedMemory] = []
         self.layers: list[torch.Tensor] = []
-        for _ in range(num_layers):
+        self.storage_of = list(range(num_layers)) if storage_of is None else list(storage_of)
+        if len(self.storage_of) != num_layers:
+            raise ValueError(f"storage_of names {len(self.storage_of)} layers, not {num_layers}")
+        views: list[torch.Tensor] = []
+        for _ in range(max(self.storage_of) + 1):
             name = f"lmcache_kv_{os.getpid()}_{next(_seq)}"
             shm = shared_memory.SharedMemory(name=name, create=True, size=nbytes)
             self._segments.append(shm)
-            self.layers.append(torch.frombuffer(shm.buf, dtype=dtype, count=nbytes // item).view(shape))
+            views.append(torch.frombuffer(shm.buf, dtype=dtype, count=nbytes // item).view(shape))
+        self.layers = [views[i] for i in self.storage_of]
 
     def handles(self) -> list[CpuShmHandle]:
         out = []
-        for shm, t in zip(self._segments, self.layers, strict=True):
+        for layer, t in enumerate(self.layers):
+            shm = self._segments[self.storage_of[layer]]
             out.append(
                 CpuShmHandle(
                     version=1,
@@ -92,7 +102,8 @@ class ShmKVCache:
 
     def fill_random(self, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)
-        for t in self.layers:
+        for i in sorted(set(self.storage_of)):
+            t = self.layers[self.storage_of.index(i)]
             t.copy_(torch.randn(t.shape, generator=g).to(self.dtype))
 
     def blocks_view(self, block_ids: list[int]) -> list[torch.Tensor]:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lmcache_rs import KeyScope
+from lmcache_rs.engine.groups import FULL_ATTENTION, ObjectGroup, ObjectLayout, object_groups
 from lmcache_rs.protocol.messages import (
     CpuShmHandle,
     CudaHandle,
@@ -29,6 +30,17 @@ class RegistrationError(ValueError):
     """A register_kv_cache request that cannot be served; the message says why."""
 
 
+#: Per object group `(id, window, whole object bytes, tail object bytes)`: what every worker
+#: of one (model, world) must agree on.
+Signature = tuple[tuple[int, int, int, int], ...]
+
+
+def _describe(sig: Signature) -> str:
+    if len(sig) == 1 and sig[0][1] == FULL_ATTENTION:
+        return f"{sig[0][2]} bytes per chunk"
+    return ", ".join(f"object group {g} (window {w}: {b} bytes per object)" for g, w, b, _ in sig)
+
+
 @dataclass
 class KVContext:
     """One worker's registered KV cache."""
@@ -38,10 +50,13 @@ class KVContext:
     world_size: int
     engine_type: str
     layer_tensors: list[torch.Tensor]
+    #: One layout per engine group, in registration order (the order of `block_ids`).
     groups: list[GroupLayout]
     num_blocks: int
     chunk_tokens: int
     chunk_bytes: int
+    #: The object groups the engine groups are stored as (engine/groups.py).
+    objects: ObjectLayout = ()
     mappings: list[Any] = field(repr=False, default_factory=list)
     registered_at: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
@@ -53,6 +68,15 @@ class KVContext:
     @property
     def layout_key(self) -> tuple[str, int]:
         return (self.model_name, self.world_size)
+
+    @property
+    def object_layout(self) -> ObjectLayout:
+        return self.objects
+
+    @property
+    def layout_signature(self) -> Signature:
+        """What every worker of one (model, world) must agree on: windows and object sizes."""
+        return tuple(og.signature() for og in self.objects)
 
     def status(self) -> dict[str, Any]:
         g0 = self.groups[0]
@@ -75,6 +99,7 @@ class KVContext:
                 "gpu_kv_concrete_shape": f"{len(self.layer_tensors)} x {list(self.layer_tensors[0].shape)}",
                 "attention_backend": "MLA" if g0.fmt == "MLA" else f"paged attention ({g0.fmt})",
                 "cache_size_per_token": self.chunk_bytes // max(1, self.chunk_tokens),
+                "object_groups": [og.status() for og in self.objects],
             },
         }
 
@@ -151,6 +176,25 @@ class EngineDrivenContext:
     @property
     def layout_key(self) -> tuple[str, int]:
         return (self.model_name, self.world_size)
+
+    @property
+    def object_layout(self) -> ObjectLayout:
+        """One full-attention group of `chunk_bytes` objects (hybrid models are refused)."""
+        return (
+            ObjectGroup(
+                id=0,
+                window=FULL_ATTENTION,
+                tag=0,
+                engine_groups=(),
+                kernels=(),
+                chunk_tokens=self.chunk_tokens,
+                whole_rows=(),
+            ),
+        )
+
+    @property
+    def layout_signature(self) -> Signature:
+        return ((0, FULL_ATTENTION, self.chunk_bytes, 0),)
 
     @property
     def chunk_shape(self) -> list[int]:
@@ -333,6 +377,12 @@ def build_context(
         else:
             raise RegistrationError(f"kv_cache[{i}] is not a KV tensor handle (ext type 1)")
     kv_layout = layout_hints.get("kv_layout")
+    for gi in group_infos:
+        if gi.recurrent_state:
+            raise RegistrationError(
+                f"engine group {gi.engine_group_id} holds recurrent state (a Mamba-style layer); "
+                "only attention KV (full or sliding-window) can be stored"
+            )
     if not group_infos:
         group_infos = [EngineGroupInfo(engine_group_id=0, layer_indices=list(range(len(tensors))))]
     seen: set[int] = set()
@@ -363,12 +413,19 @@ def build_context(
     if len(devices) != 1:
         raise RegistrationError(f"KV tensors on several devices: {sorted(map(str, devices))}")
     num_blocks = int(tensors[0].shape[1] if tensors[0].dim() == 5 else tensors[0].shape[0])
+    objects = object_groups(
+        [gi.sw_size_tokens for gi in group_infos],
+        [gi.extra_object_group_tag for gi in group_infos],
+        groups,
+        chunk_size,
+        [gi.engine_group_id for gi in group_infos],
+    )
     chunk_bytes = sum(g.chunk_bytes(chunk_size) for g in groups)
     mover = None
     if tensors[0].is_cuda:
         from lmcache_rs.transfer.cuda import CudaMover  # noqa: PLC0415
 
-        mover = CudaMover(tensors[0].device, chunk_bytes)
+        mover = CudaMover(tensors[0].device, max(og.whole_bytes for og in objects))
     return KVContext(
         instance_id=instance_id,
         model_name=model_name,
@@ -379,6 +436,7 @@ def build_context(
         num_blocks=num_blocks,
         chunk_tokens=chunk_size,
         chunk_bytes=chunk_bytes,
+        objects=objects,
         mappings=mappings,
         device="cuda" if mover is not None else "cpu",
         mover=mover,
@@ -394,7 +452,8 @@ class ContextRegistry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._contexts: dict[int, AnyContext] = {}
-        self._layouts: dict[tuple[str, int], tuple[int, int]] = {}  # -> (chunk_bytes, refs)
+        #: (model, world) -> (its object groups, their signature, registrations using it)
+        self._layouts: dict[tuple[str, int], tuple[ObjectLayout, Signature, int]] = {}
 
     def add(self, ctx: AnyContext) -> bool:
         """Registers `ctx`; returns False when the instance was already registered (refresh)."""
@@ -404,12 +463,14 @@ class ContextRegistry:
                 old.last_seen = time.monotonic()
                 return False
             layout = self._layouts.get(ctx.layout_key)
-            if layout is not None and layout[0] != ctx.chunk_bytes:
+            sig = ctx.layout_signature
+            if layout is not None and layout[1] != sig:
                 raise RegistrationError(
-                    f"{ctx.model_name!r} world {ctx.world_size} is registered with {layout[0]} bytes per "
-                    f"chunk; this worker's KV cache gives {ctx.chunk_bytes}"
+                    f"{ctx.model_name!r} world {ctx.world_size} is registered with "
+                    f"{_describe(layout[1])}; this worker's KV cache gives {_describe(sig)}"
                 )
-            self._layouts[ctx.layout_key] = (ctx.chunk_bytes, (layout[1] if layout else 0) + 1)
+            objects = layout[0] if layout is not None else ctx.object_layout
+            self._layouts[ctx.layout_key] = (objects, sig, (layout[2] if layout else 0) + 1)
             self._contexts[ctx.instance_id] = ctx
             return True
 
@@ -417,11 +478,11 @@ class ContextRegistry:
         with self._lock:
             ctx = self._contexts.pop(instance_id, None)
             if ctx is not None:
-                chunk_bytes, refs = self._layouts[ctx.layout_key]
+                objects, sig, refs = self._layouts[ctx.layout_key]
                 if refs <= 1:
                     del self._layouts[ctx.layout_key]
                 else:
-                    self._layouts[ctx.layout_key] = (chunk_bytes, refs - 1)
+                    self._layouts[ctx.layout_key] = (objects, sig, refs - 1)
             return ctx
 
     def get(self, instance_id: int) -> AnyContext | None:
@@ -440,8 +501,8 @@ class ContextRegistry:
             ctx.pinged |= pinged
             return True
 
-    def layout(self, model_name: str, world_size: int) -> int | None:
-        """Bytes per chunk object of a registered (model, world), or None."""
+    def layout(self, model_name: str, world_size: int) -> ObjectLayout | None:
+        """The object groups of a registered (model, world), or None."""
         with self._lock:
             layout = self._layouts.get((model_name, world_size))
             return None if layout is None else layout[0]

@@ -16,7 +16,15 @@ from typing import Any, TypeVar
 
 import torch
 
-from lmcache_rs import MAX_READERS, ChainMemo, InvalidKeyError, KeyScope, LmcacheCoreError, mp_kv_rank
+from lmcache_rs import (
+    MAX_READERS,
+    ChainMemo,
+    InvalidKeyError,
+    KeyScope,
+    LmcacheCoreError,
+    ReadGrant,
+    mp_kv_rank,
+)
 from lmcache_rs.config import ServerConfig
 from lmcache_rs.engine.contexts import (
     MAX_PREPARED,
@@ -31,6 +39,8 @@ from lmcache_rs.engine.contexts import (
     build_context,
     build_engine_driven,
 )
+from lmcache_rs.engine.groups import Lock, ObjectLayout, Row, lock_fold, read_plan, store_plan
+from lmcache_rs.engine.groups import chunk_blocks as group_blocks
 from lmcache_rs.engine.sessions import LookupLocks, Session, SessionManager
 from lmcache_rs.protocol.codec import ProtocolError
 from lmcache_rs.protocol.messages import (
@@ -48,7 +58,7 @@ from lmcache_rs.protocol.messages import (
 )
 from lmcache_rs.storage.l1 import L1Store
 from lmcache_rs.storage.l2.tier import L2Tier
-from lmcache_rs.transfer.gather import gather, scatter
+from lmcache_rs.transfer.gather import ObjectCopy, gather, scatter
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +160,9 @@ class Engine:
 
     # ---- helpers ---------------------------------------------------------------------------
 
-    def _scope(self, key: IPCCacheServerKey, rank: int) -> KeyScope:
+    def _scope(self, key: IPCCacheServerKey, rank: int, object_group: int = 0) -> KeyScope:
         try:
-            return KeyScope(key.model_name, mp_kv_rank(key.world_size, rank), 0, key.cache_salt)
+            return KeyScope(key.model_name, mp_kv_rank(key.world_size, rank), object_group, key.cache_salt)
         except InvalidKeyError as e:
             raise ProtocolError("invalid_key", str(e)) from None
 
@@ -223,15 +233,6 @@ class Engine:
                 raise ProtocolError("bad_request", f"block id out of range [0, {ctx.num_blocks})")
             out.append(t)
         return out
-
-    @staticmethod
-    def _chunk_blocks(
-        ctx: KVContext, blocks: list[torch.Tensor], i: int, chunk_size: int
-    ) -> list[torch.Tensor]:
-        return [
-            b[i * (chunk_size // g.block_size) : (i + 1) * (chunk_size // g.block_size)]
-            for g, b in zip(ctx.groups, blocks, strict=True)
-        ]
 
     # ---- registration and liveness -----------------------------------------------------------
 
@@ -333,59 +334,56 @@ class Engine:
             self.stats.add("stores_finished", ctx.device)
             return [self._done_event(ctx, event), True]
         blocks = self._block_tensors(ctx, block_ids, n)
-        scope = self._scope(key, key.worker_id or 0)
-        # Chunks made only of null blocks (in every group) are not stored: one vectorized test.
-        null = torch.ones(n, dtype=torch.bool)
-        for g, b in zip(ctx.groups, blocks, strict=True):
-            null &= (b.view(n, self.chunk_size // g.block_size) == self.null_block_id).all(dim=1)
-        todo = (~null).nonzero().flatten().tolist()
-        want = [hashes[i] for i in todo]
-        res = self.index.reserve_write(scope, want, ctx.chunk_bytes, instance_id)
-        staged = [(i, off) for i, (status, off, _) in zip(todo, res, strict=True) if status == "reserved"]
-        staged_hashes = [hashes[i] for i, _ in staged]
+        rank = key.worker_id or 0
+        # Per object group, the chunks whose blocks are live in it (engine/groups.py: null
+        # blocks, e.g. of a sliding window, are never copied), and as which kind of object.
+        batches = [b for og in ctx.objects for b in store_plan(og, blocks, n, self.null_block_id)]
+        scopes = [self._scope(key, rank, b.object_group) for b in batches]
+        want = sum(len(b.chunks) for b in batches)
+        results = []
+        copies: list[ObjectCopy] = []
+        slots: list[tuple[int, int]] = []  # (offset, size) of each copy, sealed once written
+        staged: list[list[bytes]] = []
         try:
-            if ctx.mover is not None:  # GPU worker: gather on its GPU, one DMA per chunk
-                done_event = ctx.mover.store(
-                    ctx.groups,
-                    ctx.layer_tensors,
-                    [
-                        (
-                            self._chunk_blocks(ctx, blocks, i, self.chunk_size),
-                            self.l1.view(off, ctx.chunk_bytes),
-                        )
-                        for i, off in staged
-                    ],
-                    self.chunk_size,
-                    event,
-                )
+            for b, scope in zip(batches, scopes, strict=True):
+                res = self.index.reserve_write(scope, [hashes[i] for i in b.chunks], b.nbytes, instance_id)
+                results.append(res)
+                ok = [(i, off) for i, (st, off, _) in zip(b.chunks, res, strict=True) if st == "reserved"]
+                staged.append([hashes[i] for i, _ in ok])
+                for i, off in ok:
+                    obj = self.l1.view(off, b.nbytes)
+                    copies.append(
+                        ObjectCopy(b.group.kernels, group_blocks(b.group, blocks, i, b.rows), obj, b.rows)
+                    )
+                    slots.append((off, b.nbytes))
+            if ctx.mover is not None:  # GPU worker: gather on its GPU, one DMA per object
+                done_event = ctx.mover.store(ctx.layer_tensors, copies, event)
             else:
                 done_event = STUB_EVENT
-                for i, off in staged:
-                    gather(
-                        ctx.groups,
-                        ctx.layer_tensors,
-                        self._chunk_blocks(ctx, blocks, i, self.chunk_size),
-                        self.l1.view(off, ctx.chunk_bytes),
-                        self.chunk_size,
-                    )
-            for _, off in staged:
-                self.l1.seal(off, ctx.chunk_bytes)
+                for c in copies:
+                    gather(c, ctx.layer_tensors)
+            for off, size in slots:
+                self.l1.seal(off, size)
         except Exception:
-            self.index.abort_write(scope, staged_hashes, instance_id)
+            for scope, hs in zip(scopes, staged, strict=False):  # the batches reserved so far
+                self.index.abort_write(scope, hs, instance_id)
             raise
-        done = self.index.finish_write(scope, staged_hashes, instance_id).statuses
-        if self.l2 is not None:
-            self.l2.enqueue(scope, [h for h, st in zip(staged_hashes, done, strict=True) if st == "admitted"])
-        oom = sum(s == "oom" for s, _, _ in res)
-        lost = sum(s in ("not_staged", "dropped") for s in done)
-        self.stats.add("l1_write_chunks", key.cache_salt, n=sum(s == "admitted" for s in done))
+        oom = sum(s == "oom" for res in results for s, _, _ in res)
+        admitted = lost = 0
+        for scope, hs in zip(scopes, staged, strict=True):
+            done = self.index.finish_write(scope, hs, instance_id).statuses
+            if self.l2 is not None:
+                self.l2.enqueue(scope, [h for h, st in zip(hs, done, strict=True) if st == "admitted"])
+            lost += sum(s in ("not_staged", "dropped") for s in done)
+            admitted += sum(s == "admitted" for s in done)
+        self.stats.add("l1_write_chunks", key.cache_salt, n=admitted)
         self.stats.add("stores_finished", ctx.device)
         if oom or lost:
             self.stats.add("l1_allocation_failure_chunks", "l1_store", key.model_name, n=oom + lost)
             raise ProtocolError(
                 "not_stored",
-                f"{oom + lost} of {len(want)} chunk(s) not stored: {oom} found L1 full of locked objects, "
-                f"{lost} were dropped by a clear while being copied",
+                f"{oom + lost} of {want} chunk object(s) not stored: {oom} found L1 full of locked "
+                f"objects, {lost} were dropped by a clear while being copied",
                 fallback=[done_event, False],
             )
         return [done_event, True]
@@ -398,52 +396,65 @@ class Engine:
         assert session is not None
         with session.lock:
             hashes = self._prefix(session, key)[c0:]
-            session.scopes = [self._scope(key, r) for r in range(key.world_size)]
+            session.scopes = self._request_scopes(key)
         return hashes
+
+    def _request_scopes(self, key: IPCCacheServerKey, layout: ObjectLayout | None = None) -> list[KeyScope]:
+        """Every scope the request's keys live in (each rank, each object group id of the
+        registered layout), for end_session's LRU touch."""
+        if layout is None:
+            layout = self.contexts.layout(key.model_name, key.world_size) or ()
+        ids = sorted({0} | {i for og in layout for i in (og.id, og.tail_id) if i is not None})
+        return [self._scope(key, r, g) for g in ids for r in range(key.world_size)]
 
     def retrieve(
         self, key: IPCCacheServerKey, instance_id: int, block_ids: list[list[int]], event: bytes, skip: int
     ) -> list[Any]:
         ctx, session, hashes, c0 = self._start_read(key, instance_id, self._worker_context)
         n = len(hashes)
-        scope = self._scope(key, key.worker_id or 0)
+        rank = key.worker_id or 0
         try:
             self.stats.add("retrieves_submitted", ctx.device)
             if n == 0:
                 return [self._done_event(ctx, event), True]
             blocks = self._block_tensors(ctx, block_ids, n)
-            lease, slots = self._lock_for_read(
-                key, scope, hashes, lambda: [self._done_event(ctx, event), False]
-            )
+            leases: list[int] = []
             try:
-                copies = [
-                    (
-                        self._chunk_blocks(ctx, blocks, i, self.chunk_size),
-                        self.l1.view(offset, ctx.chunk_bytes),
-                        min(max(skip - i * self.chunk_size, 0), self.chunk_size),
+                copies: list[ObjectCopy] = []
+                # Per object group only the chunks the prefix's window covers (engine/groups.py).
+                for read in (r for og in ctx.objects for r in read_plan(og, c0, c0 + n)):
+                    og, hs = read.group, [hashes[j - c0] for j in read.chunks]
+                    scope, rows = self._scope(key, rank, og.id), og.whole_rows
+                    if read.first_of_window and og.tail_id is not None and not self.index.peek(scope, hs):
+                        scope, rows = self._scope(key, rank, og.tail_id), read.rows  # its tail object
+                    lease, offsets = self._lock_for_read(
+                        key, scope, hs, lambda: [self._done_event(ctx, event), False]
                     )
-                    for i, offset in enumerate(slots)
-                ]
-                if ctx.mover is not None:  # GPU worker: one DMA per chunk, scatter on its GPU
+                    leases.append(lease)
+                    for j, off in zip(read.chunks, offsets, strict=True):
+                        i = j - c0
+                        copies.append(
+                            ObjectCopy(
+                                og.kernels,
+                                group_blocks(og, blocks, i, read.rows),
+                                self.l1.view(off, og.nbytes(rows)),
+                                rows,
+                                min(max(skip - i * self.chunk_size, 0), self.chunk_size),
+                            )
+                        )
+                if ctx.mover is not None:  # GPU worker: one DMA per object, scatter on its GPU
                     done_event = ctx.mover.retrieve(
-                        ctx.groups, ctx.layer_tensors, copies, self.chunk_size, self.null_block_id, event
+                        ctx.layer_tensors, copies, self.chunk_size, self.null_block_id, event
                     )
                 else:
                     done_event = STUB_EVENT
-                    for chunk_blocks, src, local_skip in copies:
-                        scatter(
-                            ctx.groups,
-                            ctx.layer_tensors,
-                            chunk_blocks,
-                            src,
-                            self.chunk_size,
-                            local_skip,
-                            self.null_block_id,
-                        )
+                    for c in copies:
+                        scatter(c, ctx.layer_tensors, self.chunk_size, self.null_block_id)
             finally:
                 # Every copy out of the leased ranges is done here: the CUDA mover synchronizes
                 # on its stream before it returns (CudaMover._finish).
-                self.index.release(lease)
+                for lease in leases:
+                    self.index.release(lease)
             self.stats.add("l1_read_chunks", key.cache_salt, n=n)
             self.stats.add("num_chunks_loaded", str(key.worker_id), key.model_name, key.cache_salt, n=n)
             return [done_event, True]
@@ -527,12 +538,13 @@ class Engine:
             session.drop_locks(self.index)
             session.generation += 1  # an L2 prefetch of an earlier lookup will not install
             scopes = [self._scope(key, r) for r in range(key.world_size)]
-            session.scopes = scopes
+            layout = self.contexts.layout(key.model_name, key.world_size)
+            session.scopes = self._request_scopes(key, layout)
             hashes = self._prefix(session, key)
             self.stats.add(
                 "lookup_requested_tokens", key.model_name, key.cache_salt, n=len(hashes) * self.chunk_size
             )
-            if self.contexts.layout(key.model_name, key.world_size) is None:
+            if layout is None:
                 self.stats.add("lookup_early_exit", key.model_name, key.cache_salt, "no_gpu_context")
                 session.set_result(0)
                 return None
@@ -540,17 +552,13 @@ class Engine:
                 self.stats.add("lookup_early_exit", key.model_name, key.cache_salt, "empty_chunk_hashes")
                 session.set_result(0)
                 return None
-            grants = [self.index.lease_read(s, hashes, readers) for s in scopes]
-            hit = min(g.hit for g in grants)
-            for g in grants:
-                if g.hit > hit:
-                    self.index.release(g.lease, hit, g.hit)
-            session.locks = LookupLocks.of([g.lease for g in grants], hit)
+            hit, session.locks, short = self._lock_prefix(key, layout, hashes, readers)
             self._count_hit(key, hit, "l1")
             if hit < len(hashes):
-                self._count_miss(key, scopes[[g.hit for g in grants].index(hit)], hashes[hit])
+                self._count_miss(key, short, hashes[hit])
             l2 = self.l2
-            if l2 is not None and hit < len(hashes):
+            # L2 prefetch extends one object group's prefix; a hybrid layout is served from L1.
+            if l2 is not None and hit < len(hashes) and len(layout) == 1 and not layout[0].windowed:
                 gen = session.generation
                 session.pending = True
                 session.result_ready.clear()
@@ -560,11 +568,67 @@ class Engine:
             session.set_result(hit)
         return None
 
-    def _count_miss(self, key: IPCCacheServerKey, scope: KeyScope, first_missing: bytes) -> None:
+    def _lock_prefix(
+        self, key: IPCCacheServerKey, layout: ObjectLayout, hashes: list[bytes], readers: int
+    ) -> tuple[int, LookupLocks, KeyScope | None]:
+        """The longest prefix every object group of every rank can serve (spec C.6), with
+        exactly the chunks it needs held by read leases of `readers` shares: every chunk of the
+        prefix for full attention, the chunks of the prefix's last window for a sliding window.
+        Also returns a full-attention scope whose resident prefix ends there (None when only a
+        window falls short), for the miss's reason."""
+        rows = [(og, r) for og in layout for r in range(key.world_size)]
+        full: list[tuple[int, KeyScope, ReadGrant]] = []  # full-attention rows: their leased prefix
+        for i, (og, r) in enumerate(rows):
+            if not og.windowed:  # lease its resident prefix at once: it bounds the fold
+                scope = self._scope(key, r, og.id)
+                full.append((i, scope, self.index.lease_read(scope, hashes, readers)))
+        bound = min((g.hit for _, _, g in full), default=len(hashes))
+        windowed = [i for i, (og, _) in enumerate(rows) if og.windowed]
+        scopes = {
+            (i, tail): self._scope(key, rows[i][1], g)
+            for i in windowed
+            for tail, g in ((False, rows[i][0].id), (True, rows[i][0].tail_id))
+            if g is not None
+        }
+        present = [
+            Row(
+                rows[i][0].span,
+                *(
+                    [s is not None for s in self.index.resolve(scopes[i, t], hashes[:bound])]
+                    for t in (False, True)
+                    if (i, t) in scopes
+                ),
+            )
+            for i in windowed
+        ]
+        leases: dict[tuple[int, bool, int], int] = {}  # (row, tail, first chunk) -> lease
+
+        def lock(t: Lock) -> int:
+            grant = self.index.lease_read(scopes[windowed[t[0]], t[1]], hashes[t[2] : t[3]], readers)
+            leases[t[0], t[1], t[2]] = grant.lease
+            return grant.hit
+
+        def unlock(t: Lock) -> None:
+            self.index.release(leases.pop((t[0], t[1], t[2])))
+
+        hit, taken = lock_fold(bound, present, lock, unlock) if windowed else (bound, [])
+        held = [(rows[windowed[i]][1], (leases[i, tail, lo], lo, hi - lo)) for i, tail, lo, hi in taken]
+        short = None
+        for i, scope, g in full:
+            if g.hit > hit:
+                self.index.release(g.lease, hit, g.hit)
+            elif short is None:
+                short = scope
+            held.append((rows[i][1], (g.lease, 0, hit)))
+        return hit, LookupLocks.of(held), short
+
+    def _count_miss(self, key: IPCCacheServerKey, scope: KeyScope | None, first_missing: bytes) -> None:
         """Counts a lookup that fell short of the prompt by why its first missing chunk is not
-        in L1 (the index's drop log)."""
-        where = self.index.explain(scope, [first_missing])[0]
-        self.stats.add("lookup_misses", key.model_name, where.reason or "never_stored")
+        in L1 (the index's drop log), or `sliding_window` when a window's chunks fell short."""
+        reason = "sliding_window"
+        if scope is not None:
+            reason = self.index.explain(scope, [first_missing])[0].reason or "never_stored"
+        self.stats.add("lookup_misses", key.model_name, reason)
 
     def _count_hit(self, key: IPCCacheServerKey, chunks: int, tier: str) -> None:
         tokens = chunks * self.chunk_size

@@ -15,43 +15,47 @@ import numpy as np
 from lmcache_rs import ChainMemo, KeyScope, L1Index, chunk_hashes, chunk_hashes_msgpack
 from lmcache_rs.protocol.messages import IPCCacheServerKey, ServerKey
 
+#: A run of one lease: (lease, first chunk, chunks), its items being those chunks in order.
+Run = tuple[int, int, int]
+
 
 @dataclass
 class LookupLocks:
-    """The read leases a lookup holds for a request: per rank, runs of the locked prefix, each
-    `(lease, first chunk, chunks)` in chunk order (the L1 hit, then what an L2 prefetch loaded).
+    """The read leases a lookup holds for a request. A row is one key scope: one kv rank
+    (`ranks[row]`) of one object group (a hybrid model has several, engine/groups.py; a
+    windowed group's row holds only the chunks its window needs). Each row is a list of runs
+    `(lease, first chunk, chunks)` in chunk order: the L1 hit, then what an L2 prefetch loaded.
 
     Retrieve releases one share of its own rank's chunks, free_lookup_locks releases what is
-    left in a range, end_session or expiry release everything. The core counts the shares
-    each lease still owes, so every release is idempotent and can only give back what these
-    leases took, whatever happened to the keys meanwhile."""
+    left in a range, end_session or expiry release everything. The core counts the shares each
+    lease still owes, so every release is idempotent and can only give back what these leases
+    took, whatever happened to the keys meanwhile."""
 
-    runs: list[list[tuple[int, int, int]]]
+    runs: list[list[Run]]
+    ranks: list[int]
 
     @classmethod
-    def of(cls, leases: list[int], chunks: int) -> LookupLocks:
-        """The locks of a lookup that leased `chunks` chunks per rank (lease 0: none)."""
-        return cls([[(lease, 0, chunks)] if lease and chunks else [] for lease in leases])
-
-    @property
-    def chunks(self) -> int:
-        """Length of the locked prefix."""
-        return max((first + n for row in self.runs for _, first, n in row), default=0)
+    def of(cls, rows: list[tuple[int, Run]]) -> LookupLocks:
+        """The locks of `(rank, run)` rows (lease 0 or no chunks: nothing held)."""
+        return cls([[run] if run[0] and run[2] else [] for _, run in rows], [rank for rank, _ in rows])
 
     def extend(self, leases: list[int], first: int, chunks: int) -> None:
-        """Adds one lease per rank covering chunks `[first, first + chunks)` (no leases: nothing
-        was taken)."""
-        if not leases:
-            return
-        for row, lease in zip(self.runs, leases, strict=True):
+        """Adds one row per rank (lease i: rank i) covering chunks `[first, first + chunks)`
+        (no leases: nothing was taken)."""
+        for rank, lease in enumerate(leases):
             if lease and chunks:
-                row.append((lease, first, chunks))
+                self.runs.append([(lease, first, chunks)])
+                self.ranks.append(rank)
+
+    def leases(self) -> list[int]:
+        return [lease for row in self.runs for lease, _, _ in row]
 
     def release(self, index: L1Index, rank: int | None, start: int, end: int, n: int | None) -> int:
         """Releases up to `n` (None: all) shares of chunks [start, end) for `rank` (None: all)."""
         released = 0
-        rows = self.runs if rank is None else self.runs[rank : rank + 1] if 0 <= rank < len(self.runs) else []
-        for row in rows:
+        for row, r in zip(self.runs, self.ranks, strict=True):
+            if rank is not None and r != rank:
+                continue
             for lease, first, count in row:
                 lo, hi = max(start - first, 0), min(end - first, count)
                 if lo < hi:
@@ -102,9 +106,8 @@ class Session:
     def drop_locks(self, index: L1Index) -> None:
         """Releases every lock the last lookup still holds (caller holds `lock`)."""
         if self.locks is not None:
-            for row in self.locks.runs:
-                for lease, _, _ in row:
-                    index.release(lease)
+            for lease in self.locks.leases():
+                index.release(lease)
             self.locks = None
 
     def set_result(self, hit_chunks: int) -> None:

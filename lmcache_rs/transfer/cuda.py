@@ -26,7 +26,7 @@ import torch
 
 from lmcache_rs.protocol.messages import CudaHandle
 from lmcache_rs.transfer.cpu_shm import HandleError, parse_dtype, view_extent
-from lmcache_rs.transfer.gather import GroupLayout, gather, scatter
+from lmcache_rs.transfer.gather import ObjectCopy, gather, scatter
 
 #: Chunks per staging buffer (device memory held per registered worker: this times chunk bytes).
 STAGING_CHUNKS = 2
@@ -90,6 +90,7 @@ class CudaMover:
     """Copies between one worker's paged GPU KV and L1, on its own stream."""
 
     device: torch.device
+    #: The largest object this worker's layout stores (a staging slot's size).
     chunk_bytes: int
     stream: torch.cuda.Stream = field(init=False)
     staging: torch.Tensor = field(init=False)
@@ -119,48 +120,35 @@ class CudaMover:
                 self.stream.wait_event(ev)
             return self._finish()
 
-    def store(
-        self,
-        groups: list[GroupLayout],
-        layers: list[torch.Tensor],
-        chunks: list[tuple[list[torch.Tensor], torch.Tensor]],
-        chunk_tokens: int,
-        wait: bytes,
-    ) -> bytes:
-        """`chunks`: (block ids per group, L1 destination) per chunk. Returns the event handle
-        the worker waits on; the copies are complete when this returns."""
+    def store(self, layers: list[torch.Tensor], copies: list[ObjectCopy], wait: bytes) -> bytes:
+        """Gathers each object's blocks into staging and DMAs it to its L1 bytes (`c.obj`).
+        Returns the event handle the worker waits on; the copies are complete when this returns."""
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             ev = open_event(wait, self.device)
             if ev is not None:
                 self.stream.wait_event(ev)
-            for i, (blocks, dest) in enumerate(chunks):
-                staging = self._slot(i)
-                gather(
-                    groups,
-                    layers,
-                    [b.to(self.device, non_blocking=True) for b in blocks],
-                    staging,
-                    chunk_tokens,
-                )
-                dest.copy_(staging, non_blocking=True)
+            for i, c in enumerate(copies):
+                staging = self._slot(i)[: c.nbytes]
+                blocks = [b.to(self.device, non_blocking=True) for b in c.blocks]
+                gather(ObjectCopy(c.groups, blocks, c.obj, c.rows), layers, staging)
+                c.obj.copy_(staging, non_blocking=True)
             return self._finish()
 
     def retrieve(
         self,
-        groups: list[GroupLayout],
         layers: list[torch.Tensor],
-        chunks: list[tuple[list[torch.Tensor], torch.Tensor, int]],
+        copies: list[ObjectCopy],
         chunk_tokens: int,
         null_block_id: int,
         wait: bytes,
     ) -> bytes:
-        """`chunks`: (block ids per group, L1 source, tokens to skip) per chunk."""
+        """DMAs each object (`c.obj`) into staging and scatters it into its blocks."""
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             ev = open_event(wait, self.device)
             if ev is not None:
                 self.stream.wait_event(ev)
-            for i, (blocks, src, skip) in enumerate(chunks):
-                staging = self._slot(i)
-                staging.copy_(src, non_blocking=True)
-                scatter(groups, layers, blocks, staging, chunk_tokens, skip, null_block_id)
+            for i, c in enumerate(copies):
+                staging = self._slot(i)[: c.nbytes]
+                staging.copy_(c.obj, non_blocking=True)
+                scatter(c, layers, chunk_tokens, null_block_id, staging)
             return self._finish()

@@ -1,14 +1,18 @@
 """Paged KV blocks <-> one contiguous chunk object (spec C.4).
 
-A chunk object is, for each KV group in order, a dense row-major tensor
-`[kv_size, layers_in_group, chunk_tokens, hidden]` (K plane then V plane; MLA has one plane).
-Engine layouts per layer: NHD `[2, NB, BS, H, D]` (vLLM flash-attn), HND `[2, NB, H, BS, D]`,
-MLA `[NB, BS, D]`. Copies are torch ops: one `index_select` per layer and plane to gather, one
-slice copy per run of consecutive block ids to scatter; no Python loops over tokens.
+An object holds, for each kernel group of its object group in order, a dense row-major tensor
+`[kv_size, layers_in_group, rows, block_size, hidden]` (K plane then V plane; MLA has one plane):
+`rows` blocks of the chunk, its last ones. A plain object holds every block of the chunk
+(`rows * block_size = chunk_tokens`); a sliding-window group's object may hold only the chunk's
+last blocks (engine/groups.py says which). Engine layouts per layer: NHD `[2, NB, BS, H, D]`
+(vLLM flash-attn), HND `[2, NB, H, BS, D]`, MLA `[NB, BS, D]`. Copies are torch ops: one
+`index_select` per layer and plane to gather, one slice copy per run of consecutive block ids
+to scatter; no Python loops over tokens.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +35,11 @@ class GroupLayout:
         return self.heads * self.head_dim
 
     def chunk_bytes(self, chunk_tokens: int) -> int:
-        return self.kv_size * len(self.layers) * chunk_tokens * self.hidden * self.dtype.itemsize
+        return self.rows_bytes(chunk_tokens // self.block_size)
+
+    def rows_bytes(self, rows: int) -> int:
+        """Bytes of `rows` blocks of every layer of the group."""
+        return self.kv_size * len(self.layers) * rows * self.block_size * self.hidden * self.dtype.itemsize
 
     def plane(self, tensor: torch.Tensor, kv: int) -> torch.Tensor:
         """One K or V plane of a layer tensor, as `[NB, BS, H, D]` token-major (a view for NHD)."""
@@ -41,30 +49,43 @@ class GroupLayout:
             return tensor[kv].transpose(1, 2)
         return tensor.unsqueeze(2)  # MLA [NB, BS, D] -> [NB, BS, 1, D]
 
-    def dest(self, chunk: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
-        """The group's bytes of a chunk object as `[kv, L, blocks, BS, H, D]`."""
+    def dest(self, chunk: torch.Tensor, rows: int) -> torch.Tensor:
+        """The group's bytes of an object holding `rows` blocks, as `[kv, L, rows, BS, H, D]`."""
         return chunk.view(self.dtype).view(
-            self.kv_size,
-            len(self.layers),
-            chunk_tokens // self.block_size,
-            self.block_size,
-            self.heads,
-            self.head_dim,
+            self.kv_size, len(self.layers), rows, self.block_size, self.heads, self.head_dim
         )
 
 
-def gather(
-    groups: list[GroupLayout],
-    layer_tensors: list[torch.Tensor],
-    blocks: list[torch.Tensor],
-    chunk: torch.Tensor,
-    chunk_tokens: int,
-) -> None:
-    """Copies the paged blocks `blocks[g]` (one id tensor per group) into the uint8 `chunk`."""
+@dataclass(frozen=True)
+class ObjectCopy:
+    """One object's copy between its L1 bytes `obj` and paged blocks.
+
+    `blocks[k]` are the engine block ids of the chunk's last `len(blocks[k])` blocks in kernel
+    group `groups[k]`; the object holds the chunk's last `rows[k]` blocks (>= that many), so
+    the blocks map onto the object's last rows. `skip_tokens` (retrieve): token positions of
+    the chunk, counted from its start, that are left untouched."""
+
+    groups: Sequence[GroupLayout]
+    blocks: Sequence[torch.Tensor]
+    obj: torch.Tensor
+    rows: Sequence[int]
+    skip_tokens: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(g.rows_bytes(r) for g, r in zip(self.groups, self.rows, strict=True))
+
+
+def gather(c: ObjectCopy, layer_tensors: list[torch.Tensor], chunk: torch.Tensor | None = None) -> None:
+    """Copies the paged blocks of `c` into the uint8 `chunk` (default: the object itself).
+    Every row of the object is written: `len(c.blocks[k]) == c.rows[k]`."""
+    chunk = c.obj if chunk is None else chunk
     pos = 0
-    for g, block_ids in zip(groups, blocks, strict=True):
-        size = g.chunk_bytes(chunk_tokens)
-        dest = g.dest(chunk[pos : pos + size], chunk_tokens)
+    for g, block_ids, rows in zip(c.groups, c.blocks, c.rows, strict=True):
+        if len(block_ids) != rows:
+            raise ValueError(f"gather: {len(block_ids)} blocks for an object of {rows} rows")
+        size = g.rows_bytes(rows)
+        dest = g.dest(chunk[pos : pos + size], rows)
         for li, layer in enumerate(g.layers):
             for kv in range(g.kv_size):
                 src = g.plane(layer_tensors[layer], kv)
@@ -89,28 +110,33 @@ def block_runs(ids: list[int], rows: list[int]) -> list[tuple[int, int, int]]:
 
 
 def scatter(
-    groups: list[GroupLayout],
+    c: ObjectCopy,
     layer_tensors: list[torch.Tensor],
-    blocks: list[torch.Tensor],
-    chunk: torch.Tensor,
     chunk_tokens: int,
-    skip_tokens: int,
     null_block_id: int,
+    chunk: torch.Tensor | None = None,
 ) -> None:
-    """Copies a chunk object back into paged blocks, leaving the first `skip_tokens` token
-    positions of the chunk (and null blocks) untouched."""
+    """Copies the object (or `chunk`, a copy of it) back into the paged blocks of `c`, leaving
+    null blocks and the chunk's first `c.skip_tokens` token positions untouched."""
+    chunk = c.obj if chunk is None else chunk
     pos = 0
-    for g, block_ids in zip(groups, blocks, strict=True):
-        size = g.chunk_bytes(chunk_tokens)
-        src_all = g.dest(chunk[pos : pos + size], chunk_tokens)
+    for g, block_ids, obj_rows in zip(c.groups, c.blocks, c.rows, strict=True):
+        size = g.rows_bytes(obj_rows)
+        src_all = g.dest(chunk[pos : pos + size], obj_rows)
         pos += size
-        full, partial = divmod(skip_tokens, g.block_size)
         ids = block_ids.tolist()
+        if len(ids) > obj_rows:
+            raise ValueError(f"scatter: {len(ids)} blocks from an object of {obj_rows} rows")
+        first_row = obj_rows - len(ids)  # the object row of ids[0]
+        # Block index (in the chunk) of ids[0], to place the skipped token positions.
+        first_block = chunk_tokens // g.block_size - len(ids)
+        full, partial = divmod(c.skip_tokens, g.block_size)
+        full -= first_block
         partial_row = None
-        if partial and full < len(ids) and ids[full] != null_block_id:
-            partial_row = (ids[full], full)
-        first = full + (1 if partial else 0)
-        kept = [(b, r) for r, b in enumerate(ids) if r >= first and b != null_block_id]
+        if partial and 0 <= full < len(ids) and ids[full] != null_block_id:
+            partial_row = (ids[full], first_row + full)
+        first = max(full + (1 if partial else 0), 0)
+        kept = [(b, first_row + r) for r, b in enumerate(ids) if r >= first and b != null_block_id]
         runs = block_runs([b for b, _ in kept], [r for _, r in kept])
         for li, layer in enumerate(g.layers):
             for kv in range(g.kv_size):
