@@ -51,7 +51,8 @@ ENGINE_COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "lmcache_rs_lookup_misses",
         "Lookups that stopped short of the prompt, by why the first missing chunk is not in L1 "
         "(evicted_watermark, evicted_quota, evicted_demand, deleted, cleared, released_temporary, "
-        "write_expired, or never_stored: never stored or dropped too long ago to be remembered).",
+        "write_expired, never_stored: never stored or dropped too long ago to be remembered, or "
+        "sliding_window: only a hybrid model's window fell short).",
         ("model_name", "reason"),
     ),
     "l1_clears": ("lmcache_rs_l1_clears", "L1 clears (ZMQ or HTTP).", ("mode",)),
