@@ -286,7 +286,9 @@ def run_workers(
     total["MISSING_WORKER_REPORTS"] = n - got
     codes = []
     for p in procs:
-        p.join(10)
+        # A worker that has reported only tears down (torch, shared memory): give it time on a
+        # loaded 2-core machine before calling it hung (seen: > 10 s with other jobs running).
+        p.join(60)
         if p.is_alive():
             p.kill()
             p.join(10)
