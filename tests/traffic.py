@@ -70,3 +70,18 @@ def traffic(url: str, workers: int = 2, max_rounds: int = 100_000) -> Iterator[l
         stop.set()
         for t in threads:
             t.join(60)
+
+
+def run_traffic(url: str, workers: int = 2, rounds: int = 100) -> list[str]:
+    """`rounds` rounds of every worker, to the end; returns their failures."""
+    stop = threading.Event()
+    errors: list[str] = []
+    threads = [
+        threading.Thread(target=_loop, args=(url, f"demo-model-{k}", k, stop, rounds, errors), daemon=True)
+        for k in range(workers)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return errors

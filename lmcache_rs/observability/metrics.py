@@ -174,6 +174,11 @@ CORE_COUNTERS: dict[str, tuple[str, str, dict[str, str]]] = {
         "Staged writes refused at their commit because a forced clear dropped them meanwhile.",
         {},
     ),
+    "allocation_failures": (
+        "lmcache_rs_l1_allocation_failures",
+        "Chunk allocations L1 refused for lack of space (stores and L2 loads; /status L1 health).",
+        {},
+    ),
     "admitted_bytes": (
         "lmcache_rs_l1_admitted_bytes",
         "Bytes admitted into L1 (stores and L2 prefetch loads).",
