@@ -117,7 +117,8 @@ class Runtime:
         self.history = StatsHistory(
             self, cfg.http.stats_history_interval_seconds, cfg.http.stats_history_seconds
         )
-        self.periodic.register(self.history.thread())
+        if cfg.http.enabled:  # only /stats/history reads it
+            self.periodic.register(self.history.thread())
         self.http_state = HttpState(config=cfg)
         self.http: HttpServer | None = None
         if cfg.http.enabled:

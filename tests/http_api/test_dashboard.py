@@ -15,7 +15,7 @@ from kvsim import Worker, lookup, tokens
 from prometheus_client.parser import text_string_to_metric_families
 
 from lmcache_rs.client import MPClient
-from lmcache_rs.config import StorageConfig
+from lmcache_rs.config import ConfigError, HttpConfig, StorageConfig
 from lmcache_rs.observability import timing
 from lmcache_rs.observability.history import History, StatsHistory
 from lmcache_rs.observability.timing import BUCKETS, OpTiming, RequestTimings
@@ -63,6 +63,19 @@ def test_timing_differences_survive_a_reset() -> None:
 
 
 # ---- the history ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kw", "flag"),
+    [
+        ({"stats_history_interval_seconds": 0.0}, "--stats-history-interval-seconds"),
+        ({"stats_history_seconds": 1.0}, "--stats-history-seconds"),  # shorter than the interval
+        ({"stats_history_seconds": 1e9}, "--stats-history-seconds"),  # too many samples
+    ],
+)
+def test_history_configuration_is_checked(kw: dict[str, float], flag: str) -> None:
+    with pytest.raises(ConfigError, match=flag):
+        HttpConfig(**kw)
 
 
 def test_history_is_bounded_and_filters_by_time(runtime_factory) -> None:

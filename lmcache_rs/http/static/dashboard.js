@@ -49,9 +49,10 @@
     pct: (r) => (r === null || r === undefined ? "–" : (100 * r).toFixed(1) + " %"),
     secs: (s) => {
       if (s === null || s === undefined) return "–";
-      if (s < 1e-3) return (s * 1e6).toFixed(0) + " µs";
-      if (s < 1) return (s * 1e3).toFixed(s < 0.01 ? 2 : 1) + " ms";
-      return s.toFixed(2) + " s";
+      const sig = (n) => String(parseFloat(n.toPrecision(3)));
+      if (s < 1e-3) return sig(s * 1e6) + " µs";
+      if (s < 1) return sig(s * 1e3) + " ms";
+      return sig(s) + " s";
     },
     ago: (s) => {
       if (s === null || s === undefined) return "never";
@@ -77,19 +78,33 @@
   // ---- charts ---------------------------------------------------------------------------------
 
   // series: [{name, points: [[t, v|null], ...], color?, dashed?}]; x spans [t0, t1].
+  // opts: fixedMax (linear axis from 0), log (decades; for request times), empty (text).
   function chart(fig, title, series, format, t0, t1, opts) {
     opts = opts || {};
     const W = 480, H = 150, L = 58, R = 8, T = 8, B = 18;
-    let max = opts.max || 0, points = 0;
+    let max = 0, minPos = Infinity, points = 0;
     for (const s of series) for (const [, v] of s.points) {
-      if (v !== null) { points++; if (v > max) max = v; }
+      if (v === null) continue;
+      points++;
+      if (v > max) max = v;
+      if (v > 0 && v < minPos) minPos = v;
     }
-    max = opts.fixedMax || niceCeil(max * 1.05);
-    const x = (t) => L + ((t - t0) / Math.max(1e-9, t1 - t0)) * (W - L - R);
-    const y = (v) => T + (1 - v / max) * (H - T - B);
     const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": title });
-    for (let i = 0; i <= 4; i++) {
-      const v = (max * i) / 4, yy = y(v);
+    let y, ticks;
+    if (opts.log && points && minPos < Infinity) {
+      const lo = Math.floor(Math.log10(minPos)), hi = Math.max(lo + 1, Math.ceil(Math.log10(max)));
+      y = (v) => T + (1 - (Math.log10(Math.max(v, Math.pow(10, lo))) - lo) / (hi - lo)) * (H - T - B);
+      ticks = [];
+      for (let e = lo; e <= hi; e++) ticks.push(Math.pow(10, e));
+      max = Math.pow(10, hi);
+    } else {
+      max = opts.fixedMax || niceCeil(max * 1.05);
+      y = (v) => T + (1 - v / max) * (H - T - B);
+      ticks = [0, 1, 2, 3, 4].map((i) => (max * i) / 4);
+    }
+    const x = (t) => L + ((t - t0) / Math.max(1e-9, t1 - t0)) * (W - L - R);
+    for (const v of ticks) {
+      const yy = y(v);
       root.append(svg("line", { x1: L, x2: W - R, y1: yy, y2: yy, class: "grid-line" }));
       const lab = svg("text", { x: L - 4, y: yy + 3, "text-anchor": "end", class: "axis-label" });
       lab.textContent = format(v);
@@ -245,7 +260,7 @@
       chart(fig, op, [
         { name: "p50", points: S.map((s) => [s.t, s.latency[op] ? s.latency[op].p50 : null]) },
         { name: "p99", points: S.map((s) => [s.t, s.latency[op] ? s.latency[op].p99 : null]) },
-      ], fmt.secs, t0, t1);
+      ], fmt.secs, t0, t1, { log: true });
       return fig;
     });
     lat.replaceChildren(...(figs.length ? figs : [el("p", { class: "muted" }, "No requests in the window yet.")]));
