@@ -131,6 +131,25 @@ def test_history_rates_come_from_the_same_counters_as_metrics(runtime_factory) -
         w.close()
 
 
+def test_history_names_what_is_unhealthy(runtime_factory) -> None:
+    rt = runtime_factory(StorageConfig(l1_size_gb=0.01))
+    h = StatsHistory(rt, 1.0, 60.0)
+    rt.periodic.get("l1-eviction-cycle").stop()
+    now = h.current()
+    assert not now.health.is_healthy
+    assert now.health.reason == rt.health_problem()
+    assert "periodic thread l1-eviction-cycle (critical, every 1 s) not running" in now.health.reason
+    (row,) = [t for t in now.health.threads if t.name == "l1-eviction-cycle"]
+    assert (row.is_healthy, row.is_running) == (False, False)
+    assert row.reason is not None
+    assert "not running" in row.reason
+    assert now.health.threads[0] is row  # unhealthy threads first
+    assert now.health.io_thread.is_healthy
+    (l1,) = now.tiers
+    assert not l1.is_healthy
+    assert "l1-eviction-cycle" in l1.problems[0]
+
+
 # ---- over HTTP --------------------------------------------------------------------------------------
 
 

@@ -17,16 +17,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+from selenium import webdriver
+from selenium.webdriver.support.ui import WebDriverWait
 from traffic import traffic
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (./dev.sh setup)")
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None or CHROMEDRIVER is None,
     reason="headless Chromium is not installed (./dev.sh setup installs chromium and chromium-driver)",
 )
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 TOKEN = "dashboard-test-token-0123456789"
 #: Every number the page shows with data-metric, as [metric, value, attributes].
