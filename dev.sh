@@ -39,11 +39,15 @@ need_python() {
         die "the Python venv module is required"
 }
 
-# Tools the test suite uses beyond Python packages: promtool checks the /metrics output,
-# redis-server backs the L2 tests (each test starts its own on a free loopback port).
+# Tools the test suite uses beyond Python packages: promtool checks the /metrics output and the
+# alert rules, redis-server backs the L2 tests (each test starts its own on a free loopback
+# port), headless Chromium with its chromedriver loads the /dashboard page.
 need_test_tools() {
     command -v promtool >/dev/null || apt_install --no-install-recommends prometheus ||
-        say "warning: promtool unavailable; the Prometheus format test will be skipped"
+        say "warning: promtool unavailable; the Prometheus format and alert rule tests will be skipped"
+    { command -v chromium >/dev/null && command -v chromedriver >/dev/null; } ||
+        apt_install --no-install-recommends chromium chromium-driver ||
+        say "warning: chromium unavailable; the dashboard's browser test will be skipped"
     command -v redis-server >/dev/null || apt_install --no-install-recommends redis-server ||
         die "redis-server is required by the L2 tests (apt-get install redis-server)"
 }

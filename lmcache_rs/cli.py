@@ -245,7 +245,20 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="require 'Authorization: Bearer <token>' (the file's first line) on mutating and "
         "sensitive endpoints (/clear-cache, /cache/clear, quota writes, /loglevel changes, /env, "
-        "/threads, /metrics/reset); the environment variable LMCACHE_RS_HTTP_TOKEN does the same",
+        "/threads, /metrics/reset, /stats/history); the environment variable "
+        "LMCACHE_RS_HTTP_TOKEN does the same",
+    )
+    g.add_argument(
+        "--stats-history-interval-seconds",
+        type=float,
+        default=http.stats_history_interval_seconds,
+        help="the dashboard's history (/dashboard, /stats/history) takes a sample this often",
+    )
+    g.add_argument(
+        "--stats-history-seconds",
+        type=float,
+        default=http.stats_history_seconds,
+        help="how long the dashboard's history reaches back (memory: about 1 KiB per sample)",
     )
     g = s.add_argument_group("logging")
     g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -322,7 +335,12 @@ def build_config(ns: argparse.Namespace) -> ServerConfig:
         mp=MPConfig(**mp_kw),
         storage_manager=StorageConfig(**st_kw),
         http=HttpConfig(
-            http_host=ns.http_host, http_port=ns.http_port, enabled=ns.http_enabled, auth_token=auth_token(ns)
+            http_host=ns.http_host,
+            http_port=ns.http_port,
+            enabled=ns.http_enabled,
+            auth_token=auth_token(ns),
+            stats_history_interval_seconds=ns.stats_history_interval_seconds,
+            stats_history_seconds=ns.stats_history_seconds,
         ),
     )
 

@@ -280,9 +280,19 @@ class HttpConfig(msgspec.Struct, kw_only=True):
     enabled: bool = True
     #: Bearer token required by mutating and sensitive endpoints (None: open). Never shown.
     auth_token: str | None = None
+    #: The dashboard's history (GET /stats/history): one sample this often, kept this long.
+    stats_history_interval_seconds: float = 2.0
+    stats_history_seconds: float = 600.0
 
     def __post_init__(self) -> None:
         _check(0 <= self.http_port < 65536, "--http-port", f"must be in 0..65535, got {self.http_port}")
+        every, keep = self.stats_history_interval_seconds, self.stats_history_seconds
+        _check(0.1 <= every <= 3600, "--stats-history-interval-seconds", f"must be in 0.1..3600, got {every}")
+        _check(
+            every <= keep <= 100_000 * every,
+            "--stats-history-seconds",
+            f"must be at least the interval ({every} s) and hold at most 100000 samples, got {keep}",
+        )
         t = self.auth_token
         _check(
             t is None or (len(t) >= 16 and t.isprintable() and " " not in t),

@@ -21,7 +21,14 @@ from lmcache_rs.engine.engine import Engine
 from lmcache_rs.http.app import create_app
 from lmcache_rs.http.server import HttpServer
 from lmcache_rs.http.state import HttpState
-from lmcache_rs.observability.health import IoLoopStatus, L1Health, io_problem, l1_problems
+from lmcache_rs.observability.health import (
+    IoLoopStatus,
+    L1Health,
+    describe_thread,
+    io_problem,
+    l1_problems,
+)
+from lmcache_rs.observability.history import StatsHistory
 from lmcache_rs.observability.metrics import Metrics
 from lmcache_rs.observability.periodic import Level, PeriodicRegistry, PeriodicThread
 from lmcache_rs.storage.l1 import L1Store
@@ -107,6 +114,11 @@ class Runtime:
             )
         self.server = ZmqServer(cfg.mp, self.engine, self._clock)
         self.metrics = Metrics(self)
+        self.history = StatsHistory(
+            self, cfg.http.stats_history_interval_seconds, cfg.http.stats_history_seconds
+        )
+        if cfg.http.enabled:  # only /stats/history reads it
+            self.periodic.register(self.history.thread())
         self.http_state = HttpState(config=cfg)
         self.http: HttpServer | None = None
         if cfg.http.enabled:
@@ -130,6 +142,17 @@ class Runtime:
         the caller already has."""
         io = self.io_status() if io is None else io
         return io_problem(io, self.cfg.mp.io_stall_timeout_seconds)
+
+    def health_problem(self, io: IoLoopStatus | None = None) -> str | None:
+        """Why the server is unhealthy (/healthcheck's 503 reason), or None: the request I/O
+        loop died or has not ticked within --io-stall-timeout-seconds, or a critical/high
+        periodic thread is not running, has not ticked within 3 intervals or keeps failing
+        (e.g. the L1 eviction cycle). `io`: the I/O loop's status when the caller has it."""
+        parts = [describe_thread(t) for t in self.periodic.unhealthy()]
+        io_reason = self.io_problem(io)
+        if io_reason is not None:
+            parts.insert(0, io_reason)
+        return "; ".join(parts) or None
 
     def l1_problems(self, stats: L1Stats | None = None) -> list[str]:
         """Why L1 is unhealthy (empty: healthy), from `stats` (index.stats()) or fresh ones."""

@@ -3,7 +3,8 @@
 When the server has a token (`--http-auth-token-file`, or `LMCACHE_RS_HTTP_TOKEN`), handlers
 marked `opt={SENSITIVE: ALWAYS}` (or `WHEN_SETTING` and called with a `level` query parameter)
 answer 401 unless the request carries `Authorization: Bearer <token>`. Probes, status, quota
-reads and metrics stay open, so Kubernetes and Prometheus need no secret. Without a token
+reads and metrics stay open, so Kubernetes and Prometheus need no secret; so does the
+/dashboard page, which holds no data and sends the token on its /stats/history fetches. Without a token
 nothing is protected (the API binds where configured; keep it on a private interface).
 """
 

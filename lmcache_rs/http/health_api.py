@@ -16,7 +16,6 @@ from litestar.di import NamedDependency
 
 from lmcache_rs.http.errors import ApiError
 from lmcache_rs.http.state import HttpState
-from lmcache_rs.observability.health import IoLoopStatus, describe_thread
 
 if TYPE_CHECKING:
     from lmcache_rs.runtime import Runtime
@@ -38,18 +37,6 @@ def root() -> Root:
     return Root(status="ok", service="LMCache HTTP API")
 
 
-def health_problem(runtime: Runtime, io: IoLoopStatus | None = None) -> str | None:
-    """Why the server is unhealthy, or None: the request I/O loop died or has not ticked within
-    --io-stall-timeout-seconds, or a critical/high periodic thread is not running, has not
-    ticked within 3 intervals or keeps failing (e.g. the L1 eviction cycle). `io`: the I/O
-    loop's status when the caller already has it."""
-    parts = [describe_thread(t) for t in runtime.periodic.unhealthy()]
-    io_reason = runtime.io_problem(io)
-    if io_reason is not None:
-        parts.insert(0, io_reason)
-    return "; ".join(parts) or None
-
-
 @get("/healthcheck", sync_to_thread=False)
 def healthcheck(http_state: NamedDependency[HttpState]) -> Response[Health]:
     """200 when the engine is initialized, its request I/O loop ticks and its critical periodic
@@ -57,7 +44,7 @@ def healthcheck(http_state: NamedDependency[HttpState]) -> Response[Health]:
     runtime = http_state.runtime
     if runtime is None:
         return Response(Health(status="unhealthy", reason="engine not initialized"), status_code=503)
-    problem = health_problem(runtime)
+    problem = runtime.health_problem()
     if problem is not None:
         return Response(Health(status="unhealthy", reason=problem), status_code=503)
     return Response(Health(status="healthy"), status_code=200)
@@ -113,7 +100,7 @@ def status(runtime: NamedDependency[Runtime]) -> dict[str, Any]:
     }
     io = runtime.io_status()
     io_reason = runtime.io_problem(io)
-    problem = health_problem(runtime, io)
+    problem = runtime.health_problem(io)
     healthy = problem is None
     l2 = runtime.l2.status() if runtime.l2 is not None else None
     storage = {

@@ -9,13 +9,24 @@ counter reset).
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from lmcache_rs.observability import history, timing
+from lmcache_rs.observability.timing import OpTiming
 
 if TYPE_CHECKING:
     from lmcache_rs.runtime import Runtime
@@ -172,6 +183,16 @@ CORE_COUNTERS: dict[str, tuple[str, str, dict[str, str]]] = {
         "Staged writes refused at their commit because a forced clear dropped them meanwhile.",
         {},
     ),
+    "allocation_failures": (
+        "lmcache_rs_l1_allocation_failures",
+        "Chunk allocations L1 refused for lack of space (stores and L2 loads; /status L1 health).",
+        {},
+    ),
+    "admitted_bytes": (
+        "lmcache_rs_l1_admitted_bytes",
+        "Bytes admitted into L1 (stores and L2 prefetch loads).",
+        {},
+    ),
     "pending_released_objects": (
         "lmcache_rs_l1_pending_released_objects",
         "Objects dropped while leased whose bytes returned to L1 when their last lease ended.",
@@ -187,7 +208,7 @@ class ServerCollector(Collector):
         self._lock = threading.Lock()
         self._core_base: dict[str, int] = {}
         self._error_base: dict[str, int] = {}
-        self._timing_base: dict[str, tuple[int, float, float]] = {}
+        self._timing_base: dict[str, OpTiming] = {}
         self._memo_base = (0, 0)
 
     def reset(self) -> None:
@@ -269,12 +290,22 @@ class ServerCollector(Collector):
             "Time a request waited for a pool thread, by op.",
             labels=["op"],
         )
-        for op, (n, busy, wait) in sorted(rt.server.timing_snapshot().items()):
-            n0, busy0, wait0 = timing_base.get(op, (0, 0.0, 0.0))
-            handler.add_metric([op], count_value=n - n0, sum_value=busy - busy0)
-            queued.add_metric([op], count_value=n - n0, sum_value=wait - wait0)
+        duration = HistogramMetricFamily(
+            "lmcache_rs_request_duration_seconds",
+            "Time from a request's arrival to its reply (pool queue + handler), by op.",
+            labels=["op"],
+        )
+        for op, t in sorted(timing.diff(rt.server.timing_snapshot(), timing_base).items()):
+            handler.add_metric([op], count_value=t.count, sum_value=t.handler_seconds)
+            queued.add_metric([op], count_value=t.count, sum_value=t.queue_seconds)
+            cumulative, acc = [], 0
+            for bound, n in zip((*timing.BUCKETS, math.inf), t.buckets, strict=True):
+                acc += n
+                cumulative.append((floatToGoString(bound), acc))
+            duration.add_metric([op], cumulative, sum_value=t.handler_seconds + t.queue_seconds)
         yield handler
         yield queued
+        yield duration
         # Gauges.
         backend = "pinned" if rt.l1.pinned else "dram"
         for name, doc, value in (
@@ -314,16 +345,30 @@ class ServerCollector(Collector):
                 "1 while an L2 adapter answers, 0 after an error.",
                 labels=["l2_name"],
             )
+            capacity = GaugeMetricFamily(
+                "lmcache_rs_l2_capacity_bytes",
+                "Bytes an L2 adapter may hold (0: unlimited).",
+                labels=["l2_name"],
+            )
+            l2_objects = GaugeMetricFamily(
+                "lmcache_rs_l2_objects", "Objects stored in an L2 adapter.", labels=["l2_name"]
+            )
             for a in l2.adapters:
                 used.add_metric([a.name], a.total_bytes_used)
                 up.add_metric([a.name], int(a.is_healthy))
+                capacity.add_metric([a.name], a.total_capacity_bytes)
+                l2_objects.add_metric([a.name], a.total_objects)
             yield used
             yield up
+            yield capacity
+            yield l2_objects
             depth = GaugeMetricFamily(
                 "lmcache_rs_l2_write_queue_depth", "Chunks waiting for L2 write-through."
             )
             depth.add_metric([], l2.write_queue_depth)
             yield depth
+        yield from self._health()
+        yield from self._workers()
         sessions = GaugeMetricFamily("lmcache_rs_active_sessions", "Request sessions held.")
         sessions.add_metric([], len(rt.engine.sessions))
         yield sessions
@@ -339,6 +384,53 @@ class ServerCollector(Collector):
             usage.add_metric([s["cache_salt"]], s["bytes"])
         yield limit
         yield usage
+
+    def _health(self) -> Iterator[Metric]:
+        rt = self.runtime
+        io = rt.io_status()
+        yield GaugeMetricFamily(
+            "lmcache_rs_healthy",
+            "1 while /healthcheck answers 200 (I/O loop and critical/high periodic threads tick).",
+            value=int(rt.health_problem(io) is None),
+        )
+        yield GaugeMetricFamily(
+            "lmcache_rs_io_thread_up",
+            "1 while the request I/O loop is alive and ticks within --io-stall-timeout-seconds.",
+            value=int(rt.io_problem(io) is None),
+        )
+        yield GaugeMetricFamily(
+            "lmcache_rs_l1_healthy",
+            "1 unless L1 is full while refusing allocations or its eviction thread is unhealthy "
+            "(/status l1_manager.is_healthy).",
+            value=int(not rt.l1_problems()),
+        )
+        up = GaugeMetricFamily(
+            "lmcache_rs_periodic_thread_up",
+            "1 while a periodic thread runs, ticked within 3 intervals and is not failing.",
+            labels=["thread", "level"],
+        )
+        for t in rt.periodic.threads():
+            up.add_metric([t.name, t.level.value], int(t.is_running and t.is_active and not t.is_failing))
+        yield up
+
+    def _workers(self) -> Iterator[Metric]:
+        seen = GaugeMetricFamily(
+            "lmcache_rs_worker_last_seen_seconds",
+            "Seconds since a registered worker's last request, by instance.",
+            labels=["instance_id", "model_name", "world_size", "transfer_mode", "device"],
+        )
+        for w in history.workers(self.runtime):
+            labels = [str(w.instance_id), w.model_name, str(w.world_size), w.transfer_mode, w.device]
+            seen.add_metric(labels, w.last_seen_ago)
+        yield seen
+        chunk = GaugeMetricFamily(
+            "lmcache_rs_kv_chunk_bytes",
+            "Bytes of one chunk object of a registered model's layout (per rank).",
+            labels=["model_name"],
+        )
+        for model, n in sorted(history.chunk_bytes_by_model(self.runtime).items()):
+            chunk.add_metric([model], n)
+        yield chunk
 
 
 class Metrics:

@@ -34,6 +34,7 @@ import zmq
 from lmcache_rs.config import MPConfig
 from lmcache_rs.engine.engine import Engine
 from lmcache_rs.observability.health import IoLoopStatus
+from lmcache_rs.observability.timing import OpTiming, RequestTimings
 from lmcache_rs.protocol import codec, ops
 from lmcache_rs.protocol.codec import ProtocolError
 
@@ -90,9 +91,8 @@ class ZmqServer:
         self._thread = threading.Thread(target=self._run_loop, name="mq-server-thread", daemon=True)
         self.requests_total = 0
         self.errors: dict[str, int] = {}
-        #: Per operation: [requests, seconds in the handler, seconds queued for a pool thread].
-        self.timing: dict[str, list[float]] = {}
-        self._timing_lock = threading.Lock()
+        #: Per operation: requests, seconds in the handler and queued, latency histogram.
+        self.timings = RequestTimings()
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -279,19 +279,11 @@ class ZmqServer:
         try:
             return self._handle(identity, uid, op, spec, arg_frames)
         finally:
-            t1 = time.perf_counter()
-            with self._timing_lock:
-                row = self.timing.get(spec.name)
-                if row is None:
-                    row = self.timing[spec.name] = [0, 0.0, 0.0]
-                row[0] += 1
-                row[1] += t1 - t0
-                if queued_at is not None:
-                    row[2] += t0 - queued_at
+            queued = 0.0 if queued_at is None else t0 - queued_at
+            self.timings.record(spec.name, time.perf_counter() - t0, queued)
 
-    def timing_snapshot(self) -> dict[str, tuple[int, float, float]]:
-        with self._timing_lock:
-            return {k: (int(v[0]), v[1], v[2]) for k, v in self.timing.items()}
+    def timing_snapshot(self) -> dict[str, OpTiming]:
+        return self.timings.snapshot()
 
     def _handle(
         self, identity: bytes, uid: bytes, op: bytes, spec: ops.OpSpec, arg_frames: list[bytes]

@@ -24,6 +24,7 @@ PROTECTED = [
     ("GET", "/env"),
     ("GET", "/threads"),
     ("POST", "/metrics/reset"),
+    ("GET", "/stats/history"),
 ]
 OPEN = [
     "/",
@@ -35,6 +36,7 @@ OPEN = [
     "/loglevel",
     "/version",
     "/conf",
+    "/dashboard",
 ]
 
 
