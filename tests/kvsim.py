@@ -16,7 +16,33 @@ MODEL = "test-model"
 _ids = itertools.count(1000)
 
 
-class Worker:
+class _SimWorker:
+    """What every simulated worker shares: its request keys and its shm KV cache."""
+
+    model: str
+    world_size: int
+    worker_id: int
+    kv: ShmKVCache
+
+    def key(
+        self, tokens: list[int], request_id: str, start: int = 0, end: int | None = None, salt: str = ""
+    ) -> IPCCacheServerKey:
+        return make_key(
+            tokens,
+            request_id,
+            model_name=self.model,
+            world_size=self.world_size,
+            worker_id=self.worker_id,
+            start=start,
+            end=end,
+            cache_salt=salt,
+        )
+
+    def close(self) -> None:
+        self.kv.close()
+
+
+class Worker(_SimWorker):
     """One simulated vLLM worker: a paged KV cache in shm, registered with the server."""
 
     def __init__(
@@ -45,20 +71,6 @@ class Worker:
         hints = {"kv_layout": layout} if layout != "MLA" else {}
         client.register_kv_cache(self.instance_id, self.kv.handles(), model, world_size, hints)
 
-    def key(
-        self, tokens: list[int], request_id: str, start: int = 0, end: int | None = None, salt: str = ""
-    ) -> IPCCacheServerKey:
-        return make_key(
-            tokens,
-            request_id,
-            model_name=self.model,
-            world_size=self.world_size,
-            worker_id=self.worker_id,
-            start=start,
-            end=end,
-            cache_salt=salt,
-        )
-
     def store(
         self,
         tokens: list[int],
@@ -85,9 +97,6 @@ class Worker:
         _, ok = self.client.retrieve(key, self.instance_id, [blocks], skip)
         return ok
 
-    def close(self) -> None:
-        self.kv.close()
-
 
 def lookup(
     client: MPClient,
@@ -110,7 +119,7 @@ def tokens(n: int, seed: int = 0) -> list[int]:
     return [rng.randrange(50_000) for _ in range(n)]
 
 
-class HybridWorker:
+class HybridWorker(_SimWorker):
     """A simulated vLLM worker of a hybrid model: engine KV groups (each its own block table,
     full attention or a sliding window), possibly several layers viewing one shm segment."""
 
@@ -154,18 +163,6 @@ class HybridWorker:
             self.instance_id, self.kv.handles(), model, world_size, {"kv_layout": "NHD"}, infos
         )
 
-    def key(self, tokens: list[int], request_id: str, start: int = 0, end: int | None = None, salt: str = ""):
-        return make_key(
-            tokens,
-            request_id,
-            model_name=self.model,
-            world_size=self.world_size,
-            worker_id=self.worker_id,
-            start=start,
-            end=end,
-            cache_salt=salt,
-        )
-
     def store(self, tokens: list[int], blocks: list[list[int]], request_id: str = "s", **kw: object) -> bool:
         return self.client.store(self.key(tokens, request_id, **kw), self.instance_id, blocks)[1]
 
@@ -182,9 +179,6 @@ class HybridWorker:
         """A copy of every shm segment (each once)."""
         first = {s: i for i, s in reversed(list(enumerate(self.kv.storage_of)))}
         return [self.kv.layers[first[s]].clone() for s in sorted(first)]
-
-    def close(self) -> None:
-        self.kv.close()
 
 
 def vllm_blocks(first: int, n_tokens: int, window: int, block_size: int = 16) -> list[int]:
