@@ -18,6 +18,7 @@ TOKEN = "s3cret-token-0123456789"
 PROTECTED = [
     ("POST", "/clear-cache"),
     ("POST", "/cache/clear"),
+    ("POST", "/cache/explain"),
     ("PUT", "/quota/alice"),
     ("DELETE", "/quota/alice"),
     ("GET", "/loglevel?logger_name=lmcache_rs&level=DEBUG"),
