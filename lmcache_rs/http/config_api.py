@@ -1,7 +1,10 @@
-"""`GET /conf` (seed) and `GET /config` (LMCache 0.5.6 name): the loaded configuration."""
+"""`GET /conf` (seed) and `GET /config` (LMCache 0.5.6 name): the loaded configuration, in the
+seed's shape: `mp` (with the HTTP listener's `http_host` and `http_port`, as LMCache's MP
+config carries them), `storage_manager`, `observability`, and our `http` section."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -19,10 +22,25 @@ def redacted(cfg: ServerConfig) -> dict[str, Any]:
     out: dict[str, Any] = msgspec.to_builtins(cfg)
     if out["http"].get("auth_token"):
         out["http"]["auth_token"] = "***"
+    out["mp"]["http_host"] = cfg.http.http_host
+    out["mp"]["http_port"] = cfg.http.http_port
+    out["observability"] = observability(cfg)
     for a in out["storage_manager"]["l2_adapters"]:
         if "url" in a:
             a["url"] = _strip_password(a["url"])
     return out
+
+
+def observability(cfg: ServerConfig) -> dict[str, Any]:
+    """What the server exposes to watch it: its live log level (`GET /loglevel` changes it),
+    the Prometheus and OpenAPI paths, and whether the sensitive endpoints need a token."""
+    return {
+        "log_level": logging.getLevelName(logging.getLogger("lmcache_rs").getEffectiveLevel()),
+        "metrics_enabled": cfg.http.enabled,
+        "metrics_path": "/metrics",
+        "openapi_path": "/schema/openapi.json",
+        "http_auth_enabled": cfg.http.auth_token is not None,
+    }
 
 
 def _strip_password(url: str) -> str:
@@ -42,7 +60,7 @@ def _config(http_state: NamedDependency[HttpState]) -> Response[Any]:
 
 @get("/conf", sync_to_thread=False)
 def conf(http_state: NamedDependency[HttpState]) -> Response[dict[str, Any]]:
-    """Every configuration section (mp, storage_manager, http) as indented JSON."""
+    """Every configuration section (mp, storage_manager, observability, http) as indented JSON."""
     return _config(http_state)
 
 

@@ -207,8 +207,13 @@ def test_clear_endpoints(api, server) -> None:
 def test_config_version_env_loglevel(api, server) -> None:
     conf = api.get("/conf")
     assert conf.status_code == 200
-    assert set(conf.json()) == {"mp", "storage_manager", "http"}
+    assert set(conf.json()) == {"mp", "storage_manager", "observability", "http"}
     assert conf.json()["mp"]["port"] == int(server.url.rsplit(":", 1)[1])
+    # The seed's shape: the HTTP listener inside `mp`, an `observability` section.
+    assert conf.json()["mp"]["http_host"] == "127.0.0.1"
+    assert conf.json()["mp"]["http_port"] == int(server.http.rsplit(":", 1)[1])
+    assert conf.json()["observability"]["log_level"] == "INFO"
+    assert conf.json()["observability"]["metrics_path"] == "/metrics"
     assert "\n  " in conf.text  # indented
     assert api.get("/config").json() == conf.json()
     version = api.get("/version")
