@@ -64,10 +64,52 @@ def conf(http_state: NamedDependency[HttpState]) -> Response[dict[str, Any]]:
     return _config(http_state)
 
 
+class AdapterInfo(msgspec.Struct):
+    """One L2 adapter (LMCache 0.5.6's fields plus ours: `name`, `type`)."""
+
+    index: int
+    name: str
+    type: str
+    #: LMCache's field name for `type`.
+    type_name: str
+    tier: str
+    #: The first adapter: with several, each store is written to every adapter and a lookup
+    #: loads from the one holding the longest prefix, ties going to the primary.
+    primary: bool
+    #: Whether it can be reconfigured at run time (LMCache's /reconfigure): never here.
+    reconfigurable: bool
+
+
+class AdapterList(msgspec.Struct):
+    adapters: list[AdapterInfo]
+
+
+@get("/config/adapters", sync_to_thread=False)
+def config_adapters(http_state: NamedDependency[HttpState]) -> AdapterList:
+    """The configured L2 adapters in order (empty without L2)."""
+    if http_state.config is None:
+        raise ApiError(503, {"error": "configs not initialized"})
+    out = []
+    for i, a in enumerate(http_state.config.storage_manager.l2_adapters):
+        kind = str(type(a).__struct_config__.tag)
+        out.append(
+            AdapterInfo(
+                index=i,
+                name=a.name or f"{kind}-{i}",
+                type=kind,
+                type_name=kind,
+                tier="l2",
+                primary=i == 0,
+                reconfigurable=False,
+            )
+        )
+    return AdapterList(adapters=out)
+
+
 @get("/config", sync_to_thread=False)
 def config(http_state: NamedDependency[HttpState]) -> Response[dict[str, Any]]:
     """Alias of /conf."""
     return _config(http_state)
 
 
-router = Router(path="/", route_handlers=[conf, config], tags=["config"])
+router = Router(path="/", route_handlers=[conf, config, config_adapters], tags=["config"])
