@@ -170,7 +170,9 @@ def test_clear_endpoints(api, server) -> None:
         }
         assert r.json() == {"status": "ok", "cleared": cleared}
         r = api.post("/cache/clear", json={"tier": "l2"})
-        assert (r.status_code, r.json()) == (400, {"detail": "tier 'l2' not supported; only 'l1'"})
+        assert (r.status_code, r.json()) == (400, {"detail": "tier 'l2': no L2 adapters configured"})
+        r = api.post("/cache/clear", json={"tier": "l3"})
+        assert (r.status_code, r.json()) == (400, {"detail": "tier 'l3' not supported; l1, l2 or all"})
         assert api.post("/cache/clear").json()["cleared"]["objects"] == 0
         assert w.store(t, list(range(1, 33)))
         assert lookup(c, t, "locked") == 2  # read-locked: only a force clear removes it

@@ -70,6 +70,17 @@ def test_roundtrip_lengths_and_delete(adapter: L2Adapter) -> None:
     assert adapter.usage() == {}
 
 
+def test_clear_deletes_every_object_of_every_salt(adapter: L2Adapter) -> None:
+    n = 1500  # more than one batch of the clear
+    for i in range(n):
+        assert adapter.put(key(i, salt=("a", "b", "")[i % 3]), memoryview(payload(i % 7)))
+    used = sum(u.bytes for u in adapter.usage().values())
+    assert adapter.clear() == (n, used)
+    assert adapter.usage() == {}
+    assert adapter.lengths([key(0, salt="a"), key(1, salt="b"), key(2)]) == [None, None, None]
+    assert adapter.clear() == (0, 0)
+
+
 def test_wrong_size_request_is_an_integrity_error(adapter: L2Adapter) -> None:
     adapter.put(key(3), memoryview(payload(3)))
     with pytest.raises(IntegrityError):

@@ -220,6 +220,21 @@ class L2Adapter(ABC):
     def close(self) -> None:  # noqa: B027 - optional
         pass
 
+    def clear(self) -> tuple[int, int]:
+        """Deletes every object (of a shared backend: every server's under this prefix), oldest
+        first; returns (objects, bytes) deleted. Objects written meanwhile may stay."""
+        objects = freed = 0
+        while True:
+            batch = self.oldest(None, 1024)
+            by_salt: dict[str, list[str]] = {}
+            for salt, oid, _, _ in batch:
+                by_salt.setdefault(salt, []).append(oid)
+            got = sum(self.remove_ids(salt, ids) for salt, ids in by_salt.items())
+            if got == 0:
+                return objects, freed  # nothing left (or nothing removable): never spin
+            objects += len(batch)
+            freed += got
+
     # ---- eviction policy -------------------------------------------------------------------------
 
     def evict_cycle(self, quota_of: Callable[[str], int | None]) -> EvictReport:
