@@ -7,7 +7,7 @@ import json
 import time
 
 import httpx
-from kvsim import Worker, lookup, tokens
+from kvsim import MODEL, Worker, lookup, tokens
 
 C = 256
 CHUNK_BYTES = 2 * 2 * C * 2 * 32 * 2
@@ -95,4 +95,89 @@ def test_cache_clear_l2_per_adapter(server_factory, tmp_path) -> None:
         assert api.post("/cache/clear", json={"tier": "l1", "adapter": "disk"}).status_code == 400
         metrics = api.get("/metrics").text
         assert 'lmcache_rs_l2_clears_total{l2_name="disk"} 2.0' in metrics
+        w.close()
+
+
+def test_list_and_delete_objects(server_factory, tmp_path) -> None:
+    fs = json.dumps({"type": "fs", "base_path": str(tmp_path / "a")})
+    server = server_factory("--l2-adapter", fs)
+    with httpx.Client(base_url=server.http, timeout=30) as api, server.client() as c:
+        w = Worker(c)
+        t = tokens(5 * C, seed=31)
+        assert w.store(t, list(range(1, 81)))
+        deadline = time.monotonic() + 30
+        while l2_objects(api) != {"fs-0": 5}:
+            assert time.monotonic() < deadline, l2_objects(api)
+            time.sleep(0.1)
+        hashes = [
+            ch["chunk_hash"]
+            for ch in api.post("/cache/explain", json={"model_name": MODEL, "token_ids": t}).json()["chunks"]
+        ]
+
+        # Pages of 2: 2 + 2 + 1, each key once, in id order; the last page has no token.
+        keys, token, pages = [], None, 0
+        while True:
+            params = {"page_size": 2, **({"page_token": token} if token else {})}
+            r = api.get("/cache/objects", params=params)
+            assert r.status_code == 200, r.text
+            page = r.json()
+            assert (page["adapter"], page["shared"]) == ("fs-0", False)
+            keys += page["entries"]
+            pages += 1
+            token = page["next_page_token"]
+            if token is None:
+                break
+        assert pages == 3
+        assert sorted(e["key"]["chunk_hash_hex"] for e in keys) == sorted(hashes)
+        assert {e["size_bytes"] for e in keys} == {CHUNK_BYTES}
+        assert all(e["key"]["model_name"] == MODEL and e["key"]["cache_salt"] == "" for e in keys)
+        alias = api.get("/l2/keys", params={"page_size": 5000}).json()
+        assert sorted(e["key"]["chunk_hash_hex"] for e in alias["entries"]) == sorted(hashes)
+        assert alias["next_page_token"] is None
+        assert api.get("/cache/objects", params={"model_name": "other"}).json()["entries"] == []
+        assert api.get("/cache/objects", params={"page_size": 0}).status_code == 400
+        assert api.get("/cache/objects", params={"page_token": "zz"}).status_code == 400
+        assert api.get("/cache/objects", params={"adapter": "nope"}).status_code == 404
+
+        # Deleting keys as listed removes exactly those objects (the encoding round-trips).
+        first = [e["key"] for e in keys if e["key"]["chunk_hash_hex"] == hashes[4]]
+        r = api.request("DELETE", "/cache/objects", json={"keys": first})
+        assert r.json() == {"deleted": 1, "skipped": 0, "ok": True, "by_tier": {"fs-0": 1}}
+        assert l2_objects(api) == {"fs-0": 4}
+        r = api.request("DELETE", "/cache/objects", json={"keys": first})
+        assert r.json() == {"deleted": 0, "skipped": 1, "ok": True, "by_tier": {"fs-0": 0}}
+        # tier all: L1 and L2 at once.
+        second = [e["key"] for e in keys if e["key"]["chunk_hash_hex"] == hashes[3]]
+        r = api.request("DELETE", "/cache/objects", json={"keys": second, "tier": "all"})
+        assert r.json() == {"deleted": 1, "skipped": 0, "ok": True, "by_tier": {"l1": 1, "fs-0": 1}}
+        ans = api.post("/cache/explain", json={"model_name": MODEL, "token_ids": t}).json()
+        assert ans["chunks"][3]["where"][0] == {
+            "l1": "dropped",
+            "reason": "deleted",
+            "ago_seconds": ans["chunks"][3]["where"][0]["ago_seconds"],
+            "l2": [],
+        }
+        # tier l1, read-locked: only with force.
+        third = [e["key"] for e in keys if e["key"]["chunk_hash_hex"] == hashes[0]]
+        assert lookup(c, t, "held") == 3
+        body = {"keys": third, "tier": "l1"}
+        assert api.request("DELETE", "/cache/objects", json=body).json()["skipped"] == 1
+        assert api.request("DELETE", "/cache/objects", json={**body, "force": True}).json()["deleted"] == 1
+        c.end_session("held")
+        # The alias.
+        r = api.request("DELETE", "/l2", json={"keys": third})
+        assert r.json() == {"requested": 1, "adapter": None, "ok": True, "deleted": 1}
+        assert l2_objects(api) == {"fs-0": 2}
+        # Limits and bad keys.
+        too_many = {"keys": [third[0]] * 10_001}
+        r = api.request("DELETE", "/cache/objects", json=too_many)
+        assert r.status_code == 400
+        assert "10000" in r.text
+        as_many = {"keys": [third[0]] * 10_000}
+        assert api.request("DELETE", "/cache/objects", json=as_many).json()["skipped"] == 10_000
+        bad = {**third[0], "chunk_hash_hex": "xyz"}
+        assert api.request("DELETE", "/cache/objects", json={"keys": [bad]}).status_code == 400
+        bad = {**third[0], "cache_salt": "a@b"}
+        assert api.request("DELETE", "/cache/objects", json={"keys": [bad]}).status_code == 400
+        assert api.get("/cache/objects", params={"tier": "l1"}).status_code == 400
         w.close()

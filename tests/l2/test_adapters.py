@@ -81,6 +81,25 @@ def test_clear_deletes_every_object_of_every_salt(adapter: L2Adapter) -> None:
     assert adapter.clear() == (0, 0)
 
 
+def test_object_ids_page_in_id_order_and_read_keys_round_trip(adapter: L2Adapter) -> None:
+    stored = {key(i, salt=("a", "")[i % 2]) for i in range(7)}
+    for k in stored:
+        assert adapter.put(k, memoryview(payload(1)))
+    seen, after = [], ""
+    while page := adapter.object_ids(after, 3):
+        assert len(page) <= 3
+        seen += page
+        after = page[-1][1]
+    ids = [oid for _, oid, _ in seen]
+    assert ids == sorted(ids)
+    assert len(ids) == 7
+    assert {size for _, _, size in seen} == {SIZE}
+    got = adapter.read_keys([*ids, "0" * 64])
+    assert got[-1] is None  # gone: no key
+    assert set(got[:-1]) == stored
+    assert all(k is not None and k.object_id == oid for k, oid in zip(got, ids, strict=False))
+
+
 def test_wrong_size_request_is_an_integrity_error(adapter: L2Adapter) -> None:
     adapter.put(key(3), memoryview(payload(3)))
     with pytest.raises(IntegrityError):

@@ -99,6 +99,14 @@ def parse_header(head: bytes | memoryview, expect: L2Key | None) -> tuple[L2Key,
     return key, payload_len, digest, end
 
 
+def key_of_header(head: bytes | memoryview) -> L2Key | None:
+    """The key in an object's first bytes (its header), None if they are not one."""
+    try:
+        return parse_header(head, None)[0]
+    except IntegrityError:
+        return None
+
+
 def verify(payload: memoryview, digest: bytes) -> None:
     if checksum(payload) != digest:
         raise IntegrityError("checksum mismatch")
@@ -216,6 +224,15 @@ class L2Adapter(ABC):
     @abstractmethod
     def remove_ids(self, salt: str, object_ids: list[str]) -> int:
         """Deletes objects by id (eviction); returns the bytes freed."""
+
+    @abstractmethod
+    def object_ids(self, after: str, limit: int) -> list[tuple[str, str, int]]:
+        """Up to `limit` objects whose id sorts after `after` ("" : from the first), in id
+        order, as (salt, object_id, payload bytes): the pages of a listing."""
+
+    @abstractmethod
+    def read_keys(self, object_ids: list[str]) -> list[L2Key | None]:
+        """The key each object's header holds (None: gone, or not a readable object)."""
 
     def close(self) -> None:  # noqa: B027 - optional
         pass
