@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 MAX_KEYS = 10_000
 MAX_PAGE = 5000
 _TOKEN = re.compile(r"[0-9a-f]{1,64}")
+BAD_TOKEN = {"error": "invalid page_token (pass the last page's next_page_token)"}
 U32 = 1 << 32
 #: Body limit of the deletes: 10,000 keys with long names fit (the server's default is 1 MiB).
 DELETE_BODY_BYTES = 32 << 20
@@ -129,10 +130,12 @@ def _list(
     page_size: int,
     page_token: str | None,
 ) -> ObjectPage:
-    if tier != "l2":
-        raise ApiError(400, {"error": "tier 'l1' cannot be listed yet; only 'l2' (see POST /cache/explain)"})
+    if tier == "l1":
+        if adapter is not None:
+            raise ApiError(400, {"error": "adapter names an L2 adapter: use tier l2"})
+        return _list_l1(runtime, model_name, page_size, page_token)
     if page_token is not None and not _TOKEN.fullmatch(page_token):
-        raise ApiError(400, {"error": "invalid page_token (pass the last page's next_page_token)"})
+        raise ApiError(400, BAD_TOKEN)
     if runtime.l2 is None or not runtime.l2.adapters:
         raise ApiError(400, {"error": "no L2 adapters configured"})
     a = _adapters(runtime, adapter)[0]
@@ -150,6 +153,33 @@ def _list(
     ]
     last = ids[-1][1] if len(ids) == page_size else None
     return ObjectPage(adapter=a.name, shared=a.type_name != "fs", entries=entries, next_page_token=last)
+
+
+#: An L1 page token: the last key of the previous page, msgpack, hex.
+_Cursor = tuple[bytes, str, int, int, str]
+_cursor_decoder = msgspec.msgpack.Decoder(_Cursor)
+
+
+def _list_l1(runtime: Runtime, model_name: str | None, page_size: int, page_token: str | None) -> ObjectPage:
+    after = None
+    if page_token is not None:
+        try:
+            after = _cursor_decoder.decode(bytes.fromhex(page_token))
+            if not all(0 <= n < U32 for n in after[2:4]):
+                raise ValueError("kv_rank or object group out of range")
+        except (ValueError, msgspec.DecodeError):
+            raise ApiError(
+                400, {"error": "invalid page_token (pass the last page's next_page_token)"}
+            ) from None
+    rows = runtime.engine.index.list_objects(after, page_size, model_name)
+    entries = [
+        ObjectEntry(EncodedKey(h.hex(), model, rank, group, salt), size)
+        for h, model, rank, group, salt, size, _ in rows
+    ]
+    token = None
+    if len(rows) == page_size:
+        token = msgspec.msgpack.encode(rows[-1][:5]).hex()
+    return ObjectPage(adapter="l1", shared=False, entries=entries, next_page_token=token)
 
 
 PageSize = Annotated[int, QueryParameter(ge=1, le=MAX_PAGE, description="entries per page (1..5000)")]
