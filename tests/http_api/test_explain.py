@@ -8,7 +8,7 @@ import time
 
 import httpx
 import pytest
-from kvsim import MODEL, Worker, lookup, tokens
+from kvsim import MODEL, HybridWorker, Worker, lookup, tokens
 
 C = 256
 
@@ -132,4 +132,23 @@ def test_drop_log_entries_flag(server_factory) -> None:
         assert w.store(t, list(range(1, 17)))
         assert api.post("/clear-cache").status_code == 200
         assert states(explain(api, token_ids=t)) == [("unknown", None)]  # nothing remembered
+        w.close()
+
+
+def test_explain_hybrid_layout_has_a_row_per_object_group(api, server) -> None:
+    with server.client() as c:
+        w = HybridWorker(c, [[0], [1]], [-1, 512], model="hy-explain")
+        t = tokens(4 * C, seed=15)
+        n = 4 * C // 16
+        assert w.store(t, [list(range(1, 1 + n)), list(range(1 + n, 1 + 2 * n))])
+        ans = api.post("/cache/explain", json={"model_name": "hy-explain", "token_ids": t}).json()
+        assert ans["layout_registered"] is True
+        rows = [(s["object_group"], s["window"], s["tail"]) for s in ans["scopes"]]
+        assert rows[0] == (0, None, False)
+        assert (1, 512, False) in rows
+        assert all(s["window"] == 512 for s in ans["scopes"][1:])
+        full = [ch["where"][0]["l1"] for ch in ans["chunks"]]
+        assert full == ["resident"] * 4
+        window = rows.index((1, 512, False))
+        assert ans["chunks"][-1]["where"][window]["l1"] == "resident"  # the last window's chunk
         w.close()
