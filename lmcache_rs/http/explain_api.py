@@ -40,7 +40,11 @@ if TYPE_CHECKING:
 
 #: Most tokens one explain may hash (the body limit of 1 MiB bounds it first in practice).
 MAX_TOKENS = 1_000_000
-MAX_WORLD_SIZE = 1024
+#: The key's kv rank field holds the world size in 8 bits.
+MAX_WORLD_SIZE = 255
+
+
+TokenId = Annotated[int, msgspec.Meta(ge=0, lt=1 << 32)]
 
 
 class ExplainRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -50,7 +54,7 @@ class ExplainRequest(msgspec.Struct, forbid_unknown_fields=True):
     model_name: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
     world_size: Annotated[int, msgspec.Meta(ge=1, le=MAX_WORLD_SIZE)] = 1
     cache_salt: Annotated[str, msgspec.Meta(max_length=1024)] = ""
-    token_ids: Annotated[list[int], msgspec.Meta(max_length=MAX_TOKENS)] | None = None
+    token_ids: Annotated[list[TokenId], msgspec.Meta(max_length=MAX_TOKENS)] | None = None
     request_id: Annotated[str, msgspec.Meta(max_length=1024)] | None = None
 
 

@@ -95,7 +95,11 @@ def test_explain_bad_bodies_and_no_layout(api) -> None:
     assert post({"model_name": MODEL, "token_ids": [1], "request_id": "r"}).status_code == 400
     assert post({"model_name": MODEL, "token_ids": [1], "cache_salt": "a@b"}).status_code == 400
     assert post({"model_name": MODEL, "token_ids": [1], "world_size": 0}).status_code == 400
+    assert post({"model_name": MODEL, "token_ids": [1], "world_size": 256}).status_code == 400
+    assert post({"model_name": MODEL, "token_ids": [1], "world_size": 255}).status_code == 200
     assert post({"model_name": MODEL, "token_ids": "x"}).status_code == 400
+    assert post({"model_name": MODEL, "token_ids": [-1]}).status_code == 400
+    assert post({"model_name": MODEL, "token_ids": [1 << 32]}).status_code == 400
     assert post({"model_name": MODEL, "token_ids": [1], "extra": 1}).status_code == 400
     ans = explain(api, token_ids=tokens(C, seed=1), world_size=2)
     assert ans["layout_registered"] is False
