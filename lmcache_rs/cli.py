@@ -183,6 +183,15 @@ def _parser() -> argparse.ArgumentParser:
         help="do not evict on the store path when L1 is full (LMCache's behaviour)",
     )
     g.add_argument(
+        "--drop-log-entries",
+        type=int,
+        default=st.drop_log_entries,
+        metavar="N",
+        help="chunks whose drop from L1 (eviction, delete, clear...) the server remembers to answer "
+        "why a request missed (POST /cache/explain; about 100 bytes each; 0: none). "
+        "Default: %(default)s",
+    )
+    g.add_argument(
         "--no-l1-prefault",
         dest="l1_prefault",
         action="store_false",
@@ -310,6 +319,7 @@ def build_config(ns: argparse.Namespace) -> ServerConfig:
             "l1_write_ttl_seconds",
             "l1_read_ttl_seconds",
             "demand_eviction",
+            "drop_log_entries",
             "l1_prefault",
             "verify_checksums",
             "l2_store_policy",

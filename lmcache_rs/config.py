@@ -209,6 +209,8 @@ class StorageConfig(msgspec.Struct, kw_only=True):
     l1_write_ttl_seconds: float = 600.0
     l1_read_ttl_seconds: float = 300.0
     demand_eviction: bool = True
+    #: Chunks whose drop from L1 the index remembers, to explain misses (0: none).
+    drop_log_entries: int = 65536
     #: Commit L1's pages at start (in the background), so stores never pay first-touch faults.
     l1_prefault: bool = True
     #: Checksum every chunk written into L1 and verify it before each retrieve copies it out.
@@ -249,6 +251,7 @@ class StorageConfig(msgspec.Struct, kw_only=True):
         _check(0 <= self.eviction_ratio <= 1, "--eviction-ratio", "must be in [0, 1]")
         _check(self.l1_write_ttl_seconds > 0, "--l1-write-ttl-seconds", "must be > 0")
         _check(self.l1_read_ttl_seconds > 0, "--l1-read-ttl-seconds", "must be > 0")
+        _check(0 <= self.drop_log_entries <= 1 << 30, "--drop-log-entries", "must be in [0, 2^30]")
         names = set()
         for i, a in enumerate(self.l2_adapters):
             a.check("--l2-adapter")

@@ -315,6 +315,22 @@ pub struct L1Stats {
     pub salts: Vec<SaltStats>,
 }
 
+/// One resident object of a listing ([`L1Index::list`]); `size`: its allocated bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub hash: ChunkHash,
+    pub model_name: String,
+    pub kv_rank: u32,
+    pub object_group: u32,
+    pub cache_salt: String,
+    pub size: u64,
+    pub locked: bool,
+}
+
+/// Where a listing resumes: the previous page's last key (hash bytes, model, kv rank, object
+/// group, salt).
+pub type ListCursor = (Vec<u8>, String, u32, u32, String);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct IKey {
     hash: ChunkHash,
@@ -682,6 +698,50 @@ impl L1Index {
                         Whereabouts::Dropped { reason, ago_secs: g.now.saturating_sub(at) as f64 / 1e9 }
                     }
                     None => Whereabouts::Unknown,
+                }
+            })
+            .collect()
+    }
+
+    /// Up to `limit` resident objects (read-locked ones included) whose key sorts after
+    /// `after`, in key order (hash bytes, model, kv rank, object group, salt); with `model`,
+    /// only that model's. For operator listings: O(resident objects) under the lock per call.
+    pub fn list(&self, after: Option<&ListCursor>, limit: usize, model: Option<&str>) -> Vec<Listed> {
+        if limit == 0 {
+            return Vec::new();
+        }
+        let g = self.locked();
+        let after = after.map(|a| (a.0.as_slice(), a.1.as_str(), a.2, a.3, a.4.as_str()));
+        // (hash, model, kv rank, group, salt, entry id): sorts in key order.
+        type Row<'a> = (&'a [u8], &'a str, u32, u32, &'a str, u32);
+        let mut rows: Vec<Row<'_>> = g
+            .resident
+            .iter()
+            .filter_map(|(k, &id)| {
+                let m = &*g.models.get(k.model)?.name;
+                if model.is_some_and(|want| want != m) {
+                    return None;
+                }
+                let row = (k.hash.as_bytes(), m, k.kv_rank, k.group, &*g.salts.get(k.salt)?.name, id);
+                after.is_none_or(|a| (row.0, row.1, row.2, row.3, row.4) > a).then_some(row)
+            })
+            .collect();
+        if rows.len() > limit {
+            rows.select_nth_unstable(limit);
+            rows.truncate(limit);
+        }
+        rows.sort_unstable();
+        rows.into_iter()
+            .map(|(_, m, kv_rank, object_group, salt, id)| {
+                let e = &g.entries[id as usize];
+                Listed {
+                    hash: e.key.hash,
+                    model_name: m.to_owned(),
+                    kv_rank,
+                    object_group,
+                    cache_salt: salt.to_owned(),
+                    size: e.alloc.size,
+                    locked: e.state == State::Locked,
                 }
             })
             .collect()

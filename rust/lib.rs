@@ -38,7 +38,7 @@ pub use hash::{
 };
 pub use index::{
     ClearReport, Counters, CycleReport, EvictionPolicy, Finish, L1Config, L1Index, L1Stats, LeaseId,
-    ReadGrant, Reserve, SaltStats, Slot, Whereabouts, WriteDone,
+    ListCursor, Listed, ReadGrant, Reserve, SaltStats, Slot, Whereabouts, WriteDone,
 };
 pub use key::{kv_rank, mp_kv_rank, validate_model, validate_salt, ChunkHash, KeyScope, ObjectKey};
 pub use wire::{decode_key, WireKey};

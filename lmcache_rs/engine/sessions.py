@@ -139,6 +139,11 @@ class SessionManager:
                 s.last_used = time.monotonic()
             return s
 
+    def peek(self, request_id: str) -> Session | None:
+        """The session, if any, without counting this as a use (its TTL runs on)."""
+        with self._lock:
+            return self._sessions.get(request_id)
+
     def pop(self, request_id: str) -> Session | None:
         with self._lock:
             return self._sessions.pop(request_id, None)

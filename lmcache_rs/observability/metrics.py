@@ -116,6 +116,7 @@ ENGINE_COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Failed L2 operations, by adapter and operation.",
         ("l2_name", "op"),
     ),
+    "l2_clears": ("lmcache_rs_l2_clears", "L2 adapter clears (POST /cache/clear).", ("l2_name",)),
     "l2_corrupt_objects": (
         "lmcache_rs_l2_corrupt_objects",
         "L2 objects that failed verification (deleted, served as a miss).",

@@ -68,6 +68,7 @@ class L1Store:
             write_ttl_secs=cfg.l1_write_ttl_seconds,
             read_ttl_secs=cfg.l1_read_ttl_seconds,
             demand_eviction=cfg.demand_eviction,
+            drop_log_entries=cfg.drop_log_entries,
         )
         for salt, gb in cfg.quotas_gb.items():
             self.index.set_quota(_salt(salt), int(gb * (1 << 30)))

@@ -400,6 +400,7 @@ fn to_hashes(hashes: Hashes<'_>) -> PyResult<Vec<ChunkHash>> {
 
 /// `(offset, size, read_locks, temporary)` of a resident object.
 type SlotTuple = (u64, u64, u32, bool);
+type ListedTuple<'py> = (Bound<'py, PyBytes>, String, u32, u32, String, u64, bool);
 
 /// What `L1Index.lease_read` took: the lease (0: nothing) and the `hit` objects' ranges.
 #[pyclass(frozen, get_all, module = "lmcache_rs._core")]
@@ -650,6 +651,26 @@ impl L1Index {
                 }
             })
             .collect())
+    }
+
+    /// Up to `limit` resident objects whose key sorts after `after` (the previous page's last
+    /// `(hash, model, kv_rank, object_group, salt)`), in key order, as
+    /// `(hash, model, kv_rank, object_group, salt, size, locked)`; only `model_name`'s if given.
+    #[pyo3(signature = (after = None, limit = 500, model_name = None))]
+    fn list_objects<'py>(
+        &self,
+        py: Python<'py>,
+        after: Option<(Vec<u8>, String, u32, u32, String)>,
+        limit: usize,
+        model_name: Option<String>,
+    ) -> Vec<ListedTuple<'py>> {
+        let rows = py.detach(|| self.0.list(after.as_ref(), limit, model_name.as_deref()));
+        rows.into_iter()
+            .map(|l| {
+                let h = PyBytes::new(py, l.hash.as_bytes());
+                (h, l.model_name, l.kv_rank, l.object_group, l.cache_salt, l.size, l.locked)
+            })
+            .collect()
     }
 
     fn touch(&self, py: Python<'_>, scope: &KeyScope, hashes: Hashes<'_>) -> PyResult<usize> {

@@ -170,7 +170,9 @@ def test_clear_endpoints(api, server) -> None:
         }
         assert r.json() == {"status": "ok", "cleared": cleared}
         r = api.post("/cache/clear", json={"tier": "l2"})
-        assert (r.status_code, r.json()) == (400, {"detail": "tier 'l2' not supported; only 'l1'"})
+        assert (r.status_code, r.json()) == (400, {"detail": "tier 'l2': no L2 adapters configured"})
+        r = api.post("/cache/clear", json={"tier": "l3"})
+        assert (r.status_code, r.json()) == (400, {"detail": "tier 'l3' not supported; l1, l2 or all"})
         assert api.post("/cache/clear").json()["cleared"]["objects"] == 0
         assert w.store(t, list(range(1, 33)))
         assert lookup(c, t, "locked") == 2  # read-locked: only a force clear removes it
@@ -207,8 +209,13 @@ def test_clear_endpoints(api, server) -> None:
 def test_config_version_env_loglevel(api, server) -> None:
     conf = api.get("/conf")
     assert conf.status_code == 200
-    assert set(conf.json()) == {"mp", "storage_manager", "http"}
+    assert set(conf.json()) == {"mp", "storage_manager", "observability", "http"}
     assert conf.json()["mp"]["port"] == int(server.url.rsplit(":", 1)[1])
+    # The seed's shape: the HTTP listener inside `mp`, an `observability` section.
+    assert conf.json()["mp"]["http_host"] == "127.0.0.1"
+    assert conf.json()["mp"]["http_port"] == int(server.http.rsplit(":", 1)[1])
+    assert conf.json()["observability"]["log_level"] == "INFO"
+    assert conf.json()["observability"]["metrics_path"] == "/metrics"
     assert "\n  " in conf.text  # indented
     assert api.get("/config").json() == conf.json()
     version = api.get("/version")

@@ -70,6 +70,36 @@ def test_roundtrip_lengths_and_delete(adapter: L2Adapter) -> None:
     assert adapter.usage() == {}
 
 
+def test_clear_deletes_every_object_of_every_salt(adapter: L2Adapter) -> None:
+    n = 1500  # more than one batch of the clear
+    for i in range(n):
+        assert adapter.put(key(i, salt=("a", "b", "")[i % 3]), memoryview(payload(i % 7)))
+    used = sum(u.bytes for u in adapter.usage().values())
+    assert adapter.clear() == (n, used)
+    assert adapter.usage() == {}
+    assert adapter.lengths([key(0, salt="a"), key(1, salt="b"), key(2)]) == [None, None, None]
+    assert adapter.clear() == (0, 0)
+
+
+def test_object_ids_page_in_id_order_and_read_keys_round_trip(adapter: L2Adapter) -> None:
+    stored = {key(i, salt=("a", "")[i % 2]) for i in range(7)}
+    for k in stored:
+        assert adapter.put(k, memoryview(payload(1)))
+    seen, after = [], ""
+    while page := adapter.object_ids(after, 3):
+        assert len(page) <= 3
+        seen += page
+        after = page[-1][1]
+    ids = [oid for _, oid, _ in seen]
+    assert ids == sorted(ids)
+    assert len(ids) == 7
+    assert {size for _, _, size in seen} == {SIZE}
+    got = adapter.read_keys([*ids, "0" * 64])
+    assert got[-1] is None  # gone: no key
+    assert set(got[:-1]) == stored
+    assert all(k is not None and k.object_id == oid for k, oid in zip(got, ids, strict=False))
+
+
 def test_wrong_size_request_is_an_integrity_error(adapter: L2Adapter) -> None:
     adapter.put(key(3), memoryview(payload(3)))
     with pytest.raises(IntegrityError):

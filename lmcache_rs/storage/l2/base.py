@@ -99,6 +99,14 @@ def parse_header(head: bytes | memoryview, expect: L2Key | None) -> tuple[L2Key,
     return key, payload_len, digest, end
 
 
+def key_of_header(head: bytes | memoryview) -> L2Key | None:
+    """The key in an object's first bytes (its header), None if they are not one."""
+    try:
+        return parse_header(head, None)[0]
+    except IntegrityError:
+        return None
+
+
 def verify(payload: memoryview, digest: bytes) -> None:
     if checksum(payload) != digest:
         raise IntegrityError("checksum mismatch")
@@ -217,8 +225,32 @@ class L2Adapter(ABC):
     def remove_ids(self, salt: str, object_ids: list[str]) -> int:
         """Deletes objects by id (eviction); returns the bytes freed."""
 
+    @abstractmethod
+    def object_ids(self, after: str, limit: int) -> list[tuple[str, str, int]]:
+        """Up to `limit` objects whose id sorts after `after` ("" : from the first), in id
+        order, as (salt, object_id, payload bytes): the pages of a listing."""
+
+    @abstractmethod
+    def read_keys(self, object_ids: list[str]) -> list[L2Key | None]:
+        """The key each object's header holds (None: gone, or not a readable object)."""
+
     def close(self) -> None:  # noqa: B027 - optional
         pass
+
+    def clear(self) -> tuple[int, int]:
+        """Deletes every object (of a shared backend: every server's under this prefix), oldest
+        first; returns (objects, bytes) deleted. Objects written meanwhile may stay."""
+        objects = freed = 0
+        while True:
+            batch = self.oldest(None, 1024)
+            by_salt: dict[str, list[str]] = {}
+            for salt, oid, _, _ in batch:
+                by_salt.setdefault(salt, []).append(oid)
+            got = sum(self.remove_ids(salt, ids) for salt, ids in by_salt.items())
+            if got == 0:
+                return objects, freed  # nothing left (or nothing removable): never spin
+            objects += len(batch)
+            freed += got
 
     # ---- eviction policy -------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from lmcache_rs.storage.l2.base import (
     L2Adapter,
     L2Key,
     SaltUsage,
+    key_of_header,
     pack_header,
     parse_header,
     verify,
@@ -237,6 +238,29 @@ class FsAdapter(L2Adapter):
                 for oid, e in itertools.islice(self._salts.get(s, {}).items(), limit)
             )
             return heapq.nsmallest(limit, heads, key=lambda t: t[3])
+
+    def object_ids(self, after: str, limit: int) -> list[tuple[str, str, int]]:
+        with self._lock:
+            found = (
+                (oid, salt, e.payload)
+                for salt, bucket in self._salts.items()
+                for oid, e in bucket.items()
+                if oid > after
+            )
+            return [(salt, oid, n) for oid, salt, n in heapq.nsmallest(limit, found)]
+
+    def read_keys(self, object_ids: list[str]) -> list[L2Key | None]:
+        out: list[L2Key | None] = []
+        for oid in object_ids:
+            try:
+                with open(self._path(oid), "rb", buffering=0) as f:
+                    head = f.read(HEADER.size)
+                    if len(head) == HEADER.size:
+                        head += f.read(HEADER.unpack(head)[1])
+                out.append(key_of_header(head))
+            except OSError:
+                out.append(None)
+        return out
 
     def remove_ids(self, salt: str, object_ids: list[str]) -> int:
         freed = 0

@@ -19,6 +19,7 @@ so the scripts also run on a Redis Cluster while the objects themselves spread o
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Callable, Iterable
 from functools import wraps
@@ -30,15 +31,20 @@ import redis.cluster
 from lmcache_rs import checksum
 from lmcache_rs.config import L2Eviction
 from lmcache_rs.storage.l2.base import (
+    HEADER,
     IntegrityError,
     L2Adapter,
     L2Key,
     L2Unavailable,
     SaltUsage,
+    key_of_header,
     pack_header,
     parse_header,
     verify,
 )
+
+#: Key bytes read with each header when listing (a longer key costs one more read).
+HEAD_GUESS = 512
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -230,6 +236,31 @@ class RedisAdapter(L2Adapter):
                 found.append((s, m.decode(), size, float(score)))
         found.sort(key=lambda t: t[3])
         return found[:limit]
+
+    @_unavailable
+    def object_ids(self, after: str, limit: int) -> list[tuple[str, str, int]]:
+        salts = [s.decode() for s in self.r.hvals(self._k_salts)]
+        found: list[tuple[str, str, int]] = []
+        for s in salts:
+            for oid, v in self.r.hgetall(self._rkeys(s)[1]).items():
+                o = oid.decode()
+                if o > after:
+                    found.append((o, s, int(v.split(b":")[1])))
+        return [(salt, oid, n) for oid, salt, n in heapq.nsmallest(limit, found)]
+
+    @_unavailable
+    def read_keys(self, object_ids: list[str]) -> list[L2Key | None]:
+        pipe = self.r.pipeline(transaction=False)
+        for oid in object_ids:
+            pipe.getrange(self._okey(oid), 0, HEADER.size + HEAD_GUESS - 1)
+        heads: list[bytes] = pipe.execute()
+        out: list[L2Key | None] = []
+        for oid, first in zip(object_ids, heads, strict=True):
+            head = first
+            if len(first) >= HEADER.size and len(first) < HEADER.size + HEADER.unpack_from(first)[1]:
+                head = self.r.getrange(self._okey(oid), 0, HEADER.size + HEADER.unpack_from(first)[1] - 1)
+            out.append(key_of_header(head) if head else None)
+        return out
 
     @_unavailable
     def remove_ids(self, salt: str, object_ids: list[str]) -> int:

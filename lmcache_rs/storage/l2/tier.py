@@ -341,6 +341,30 @@ class L2Tier:
             extra[a.name] = {"quota": r.quota_objects, "watermark": r.watermark_objects, "expired": expired}
         return f"evicted {evicted} objects", extra
 
+    def clear(self, name: str | None = None) -> list[tuple[str, int, int, str | None]]:
+        """Deletes every object of each adapter (or of the one named): per adapter (name,
+        objects, bytes, error or None). Chunks still queued for write-through are written
+        afterwards if L1 still holds them."""
+        out: list[tuple[str, int, int, str | None]] = []
+        with self._flush_lock:  # no write-through in the middle of a clear
+            for a in self.adapters:
+                if name is not None and a.name != name:
+                    continue
+                if not a.available():
+                    out.append((a.name, 0, 0, f"unavailable ({a.last_error}); retried in a second"))
+                    continue
+                try:
+                    objects, freed = a.clear()
+                    a.succeeded()
+                except (L2Unavailable, OSError) as e:
+                    a.failed("clear", e)
+                    out.append((a.name, 0, 0, f"{type(e).__name__}: {e}"))
+                    continue
+                self.count("l2_clears", a.name)
+                log.info("L2 %s cleared: %d objects (%d bytes)", a.name, objects, freed)
+                out.append((a.name, objects, freed, None))
+        return out
+
     def usage_by_salt(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for st in self.status().adapters:
