@@ -733,6 +733,9 @@ class Engine:
             )
 
     def prepare_store(self, key: IPCCacheServerKey, instance_id: int) -> PrepareStoreReply:
+        """Slots for the chunks of the range to write; `slots: []` only when there is nothing
+        to write. Every failure (raised) is answered `PrepareStoreFailed`, which an LMCache
+        client follows with an empty commit_store, answered false (spec J.7)."""
         ctx = self._engine_context(key, instance_id)
         hashes = self._write_range(key)
         if not hashes:
@@ -745,22 +748,21 @@ class Engine:
         oom = sum(status == "oom" for status, _, _ in res)
         if oom:
             self.stats.add("l1_allocation_failure_chunks", "l1_store", key.model_name, n=oom)
-        if todo:
-            offsets = [res[i][1] for i in todo]
-            ctx.push(
-                ctx.stores,
-                self._prepare_key(key),
-                PreparedStore(scope, [hashes[i] for i in todo], offsets, oom),
-            )
-        else:
+        if not todo:
             self.stats.add("stores_finished", ctx.device)
             if oom:
                 raise ProtocolError(
                     "not_stored", f"none of {len(hashes)} chunk(s) stored: L1 is full of locked objects"
                 )
-        return PrepareStoreReply(
+            return PrepareStoreReply(context=StoreSlots(slots=[], chunk_indices=[]))
+        reply = PrepareStoreReply(
             context=StoreSlots(slots=[self._slot(ctx, res[i][1]) for i in todo], chunk_indices=todo)
         )
+        offsets = [res[i][1] for i in todo]
+        ctx.push(
+            ctx.stores, self._prepare_key(key), PreparedStore(scope, [hashes[i] for i in todo], offsets, oom)
+        )
+        return reply
 
     def commit_store(self, key: IPCCacheServerKey, instance_id: int, data: bytes) -> bool:
         ctx = self._engine_context(key, instance_id)
