@@ -301,9 +301,14 @@ class Engine:
         return True
 
     def ping(self, instance_id: int | None) -> bool:
-        if instance_id is not None:
-            self.contexts.touch(instance_id, pinged=True)
-        return True
+        """True for the scheduler (nil) and registered workers; an unknown worker gets False
+        once, then True, so LMCache's heartbeat re-registers it (`ContextRegistry.ping`)."""
+        if instance_id is None:
+            return True
+        known = self.contexts.ping(instance_id)
+        if not known:
+            log.info("ping from unknown instance %d: answered false so that it registers again", instance_id)
+        return known
 
     def reap_workers(self) -> tuple[str, dict[str, Any]]:
         mp = self.cfg.mp
