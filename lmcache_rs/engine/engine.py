@@ -114,7 +114,7 @@ class Engine:
             "wait_prefetch_status": self.wait_prefetch_status,
             "free_lookup_locks": self.free_lookup_locks,
             "end_session": self.end_session,
-            "clear": self.clear,
+            "clear": self.clear_op,
             "get_chunk_size": lambda: self.chunk_size,
             "ping": self.ping,
             "report_block_allocation": self.report_block_allocation,
@@ -474,6 +474,14 @@ class Engine:
             assert session is not None
         with session.lock:
             hashes = self._prefix(session, key)[c0:]
+        want = -(-(key.end - key.start) // self.chunk_size)
+        if len(hashes) < want:  # LMCache's client would report the missing chunks loaded (J.7)
+            self._release_share(session, key.worker_id, c0, c0 + len(hashes))
+            raise ProtocolError(
+                "not_found",
+                f"[{key.start}, {key.end}) spans {want} chunk(s); the request's tokens give "
+                f"{len(hashes)} complete one(s)",
+            )
         return ctx, session, hashes, c0
 
     def _lock_for_read(
@@ -531,6 +539,7 @@ class Engine:
         with session.lock:
             session.drop_locks(self.index)
             session.generation += 1  # an L2 prefetch of an earlier lookup will not install
+            session.set_result(0)  # what a lookup that fails from here answers (never nil)
             scopes = [self._scope(key, r) for r in range(key.world_size)]
             session.scopes = scopes
             hashes = self._prefix(session, key)
@@ -578,21 +587,28 @@ class Engine:
         hit: int,
         readers: int,
     ) -> None:
-        """Loads what L1 missed from L2 (prefetch pool) and completes the lookup's result."""
+        """Loads what L1 missed from L2 (prefetch pool) and completes the lookup's result. Its
+        result is set whatever fails: a query must never answer nil forever (spec J.7)."""
         assert self.l2 is not None
         try:
-            loaded, leases = self.l2.load(scopes, hashes[hit:], readers, key.model_name)
-        except Exception:
-            log.exception("L2 prefetch for %s failed", key.request_id)
-            loaded, leases = 0, []
-        with session.lock:
-            if session.generation != gen or session.closed or session.locks is None:
-                for lease in leases:  # superseded by a newer lookup, or the session ended
-                    self.index.release(lease)
-                return
-            session.locks.extend(leases, hit, loaded)
-            session.set_result(hit + loaded)
-        self._count_hit(key, loaded, "l2")
+            try:
+                loaded, leases = self.l2.load(scopes, hashes[hit:], readers, key.model_name)
+            except Exception:
+                log.exception("L2 prefetch for %s failed", key.request_id)
+                loaded, leases = 0, []
+            loaded = min(loaded, len(hashes) - hit)  # never a hit beyond the lookup's range
+            with session.lock:
+                if session.generation != gen or session.closed or session.locks is None:
+                    for lease in leases:  # superseded by a newer lookup, or the session ended
+                        self.index.release(lease)
+                    return
+                session.locks.extend(leases, hit, loaded)
+                session.set_result(hit + loaded)
+            self._count_hit(key, loaded, "l2")
+        finally:
+            with session.lock:
+                if session.pending and session.generation == gen:
+                    session.set_result(hit)
 
     def query_prefetch_status(self, request_id: str) -> int | None:
         session = self.sessions.get(request_id, create=False)
@@ -659,6 +675,11 @@ class Engine:
                 n_stores += len(stores)
                 n_reads += len(reads)
         return n_stores, n_reads
+
+    def clear_op(self, force: bool) -> None:
+        """The `clear` operation: no payload (LMCache's client reads any non-nil reply to
+        clear as undecodable and waits out its timeout; spec J.7)."""
+        self.clear(force)
 
     def clear(self, force: bool) -> dict[str, int]:
         """Spec E.8 (L1 only). Forced, objects still held by transfers in flight leave the
