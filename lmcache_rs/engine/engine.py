@@ -474,13 +474,13 @@ class Engine:
             assert session is not None
         with session.lock:
             hashes = self._prefix(session, key)[c0:]
-        want = -(-(key.end - key.start) // self.chunk_size)
+        want = (key.end - key.start) // self.chunk_size  # complete chunks of the range
         if len(hashes) < want:  # LMCache's client would report the missing chunks loaded (J.7)
             self._release_share(session, key.worker_id, c0, c0 + len(hashes))
             raise ProtocolError(
                 "not_found",
-                f"[{key.start}, {key.end}) spans {want} chunk(s); the request's tokens give "
-                f"{len(hashes)} complete one(s)",
+                f"[{key.start}, {key.end}) holds {want} complete chunk(s); the request's tokens "
+                f"give {len(hashes)}",
             )
         return ctx, session, hashes, c0
 
