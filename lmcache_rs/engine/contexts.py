@@ -445,6 +445,18 @@ def build_context(
 
 AnyContext = KVContext | EngineDrivenContext
 
+#: Unknown instances remembered as "told" by a false ping (a bound: random ids cost nothing).
+MAX_TOLD = 4096
+#: After its false ping, an unknown instance's pings answer True for this long (at least once),
+#: so that pings queued while the server was down cannot make it miss its edge.
+RETELL_SECONDS = 60.0
+
+
+@dataclass
+class _Told:
+    at: float
+    answered_true: bool = False
+
 
 class ContextRegistry:
     """Contexts by instance id and a ref-counted layout per (model_name, world_size)."""
@@ -454,6 +466,8 @@ class ContextRegistry:
         self._contexts: dict[int, AnyContext] = {}
         #: (model, world) -> (its object groups, their signature, registrations using it)
         self._layouts: dict[tuple[str, int], tuple[ObjectLayout, Signature, int]] = {}
+        #: Unknown instances that were answered false, oldest first (see `ping`).
+        self._told: dict[int, _Told] = {}
 
     def add(self, ctx: AnyContext) -> bool:
         """Registers `ctx`; returns False when the instance was already registered (refresh)."""
@@ -472,6 +486,7 @@ class ContextRegistry:
             objects = layout[0] if layout is not None else ctx.object_layout
             self._layouts[ctx.layout_key] = (objects, sig, (layout[2] if layout else 0) + 1)
             self._contexts[ctx.instance_id] = ctx
+            self._told.pop(ctx.instance_id, None)
             return True
 
     def remove(self, instance_id: int) -> AnyContext | None:
@@ -500,6 +515,31 @@ class ContextRegistry:
             ctx.last_seen = time.monotonic()
             ctx.pinged |= pinged
             return True
+
+    def ping(self, instance_id: int, now: float | None = None) -> bool:
+        """A worker's heartbeat (spec J.7). A registered instance answers True and its liveness
+        is refreshed. An instance that is not registered (this server never saw it, it
+        unregistered or was reaped) answers False, then True: LMCache's worker re-runs its
+        whole registration (same instance id) on that unhealthy -> healthy edge, so it is back
+        within two heartbeats. Pings keep answering True for RETELL_SECONDS (a worker whose
+        re-registration failed retries it at each of them, J.7), then, if the instance is
+        still unknown (its registration was refused), False again: it retries now and then."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            ctx = self._contexts.get(instance_id)
+            if ctx is not None:
+                ctx.last_seen = now
+                ctx.pinged = True
+                return True
+            told = self._told.get(instance_id)
+            if told is not None and (not told.answered_true or now - told.at < RETELL_SECONDS):
+                told.answered_true = True
+                return True
+            self._told.pop(instance_id, None)
+            self._told[instance_id] = _Told(now)
+            if len(self._told) > MAX_TOLD:
+                del self._told[next(iter(self._told))]
+            return False
 
     def layout(self, model_name: str, world_size: int) -> ObjectLayout | None:
         """The object groups of a registered (model, world), or None."""

@@ -302,9 +302,14 @@ class Engine:
         return True
 
     def ping(self, instance_id: int | None) -> bool:
-        if instance_id is not None:
-            self.contexts.touch(instance_id, pinged=True)
-        return True
+        """True for the scheduler (nil) and registered workers; an unknown worker gets False
+        once, then True, so LMCache's heartbeat re-registers it (`ContextRegistry.ping`)."""
+        if instance_id is None:
+            return True
+        known = self.contexts.ping(instance_id)
+        if not known:
+            log.info("ping from unknown instance %d: answered false so that it registers again", instance_id)
+        return known
 
     def reap_workers(self) -> tuple[str, dict[str, Any]]:
         mp = self.cfg.mp
@@ -480,6 +485,14 @@ class Engine:
             assert session is not None
         with session.lock:
             hashes = self._prefix(session, key)[c0:]
+        want = (key.end - key.start) // self.chunk_size  # complete chunks of the range
+        if len(hashes) < want:  # LMCache's client would report the missing chunks loaded (J.7)
+            self._release_share(session, key.worker_id, c0, c0 + len(hashes))
+            raise ProtocolError(
+                "not_found",
+                f"[{key.start}, {key.end}) holds {want} complete chunk(s); the request's tokens "
+                f"give {len(hashes)}",
+            )
         return ctx, session, hashes, c0
 
     def _lock_for_read(
@@ -537,6 +550,7 @@ class Engine:
         with session.lock:
             session.drop_locks(self.index)
             session.generation += 1  # an L2 prefetch of an earlier lookup will not install
+            session.set_result(0)  # what a lookup that fails from here answers (never nil)
             scopes = [self._scope(key, r) for r in range(key.world_size)]
             layout = self.contexts.layout(key.model_name, key.world_size)
             session.scopes = self._request_scopes(key, layout)
@@ -645,21 +659,28 @@ class Engine:
         hit: int,
         readers: int,
     ) -> None:
-        """Loads what L1 missed from L2 (prefetch pool) and completes the lookup's result."""
+        """Loads what L1 missed from L2 (prefetch pool) and completes the lookup's result. Its
+        result is set whatever fails: a query must never answer nil forever (spec J.7)."""
         assert self.l2 is not None
         try:
-            loaded, leases = self.l2.load(scopes, hashes[hit:], readers, key.model_name)
-        except Exception:
-            log.exception("L2 prefetch for %s failed", key.request_id)
-            loaded, leases = 0, []
-        with session.lock:
-            if session.generation != gen or session.closed or session.locks is None:
-                for lease in leases:  # superseded by a newer lookup, or the session ended
-                    self.index.release(lease)
-                return
-            session.locks.extend(leases, hit, loaded)
-            session.set_result(hit + loaded)
-        self._count_hit(key, loaded, "l2")
+            try:
+                loaded, leases = self.l2.load(scopes, hashes[hit:], readers, key.model_name)
+            except Exception:
+                log.exception("L2 prefetch for %s failed", key.request_id)
+                loaded, leases = 0, []
+            loaded = min(loaded, len(hashes) - hit)  # never a hit beyond the lookup's range
+            with session.lock:
+                if session.generation != gen or session.closed or session.locks is None:
+                    for lease in leases:  # superseded by a newer lookup, or the session ended
+                        self.index.release(lease)
+                    return
+                session.locks.extend(leases, hit, loaded)
+                session.set_result(hit + loaded)
+            self._count_hit(key, loaded, "l2")
+        finally:
+            with session.lock:
+                if session.pending and session.generation == gen:
+                    session.set_result(hit)
 
     def query_prefetch_status(self, request_id: str) -> int | None:
         session = self.sessions.get(request_id, create=False)
@@ -728,7 +749,8 @@ class Engine:
         return n_stores, n_reads
 
     def clear_op(self, force: bool) -> None:
-        """The ZMQ `clear`: LMCache's client reads only a nil reply as success (spec J.7)."""
+        """The `clear` operation: no payload (LMCache's client reads any non-nil reply to
+        clear as undecodable and waits out its timeout; spec J.7)."""
         self.clear(force)
 
     def clear(self, force: bool) -> dict[str, int]:
@@ -809,6 +831,9 @@ class Engine:
             )
 
     def prepare_store(self, key: IPCCacheServerKey, instance_id: int) -> PrepareStoreReply:
+        """Slots for the chunks of the range to write; `slots: []` only when there is nothing
+        to write. Every failure (raised) is answered `PrepareStoreFailed`, which an LMCache
+        client follows with an empty commit_store, answered false (spec J.7)."""
         ctx = self._engine_context(key, instance_id)
         hashes = self._write_range(key)
         if not hashes:
@@ -821,22 +846,21 @@ class Engine:
         oom = sum(status == "oom" for status, _, _ in res)
         if oom:
             self.stats.add("l1_allocation_failure_chunks", "l1_store", key.model_name, n=oom)
-        if todo:
-            offsets = [res[i][1] for i in todo]
-            ctx.push(
-                ctx.stores,
-                self._prepare_key(key),
-                PreparedStore(scope, [hashes[i] for i in todo], offsets, oom),
-            )
-        else:
+        if not todo:
             self.stats.add("stores_finished", ctx.device)
             if oom:
                 raise ProtocolError(
                     "not_stored", f"none of {len(hashes)} chunk(s) stored: L1 is full of locked objects"
                 )
-        return PrepareStoreReply(
+            return PrepareStoreReply(context=StoreSlots(slots=[], chunk_indices=[]))
+        reply = PrepareStoreReply(
             context=StoreSlots(slots=[self._slot(ctx, res[i][1]) for i in todo], chunk_indices=todo)
         )
+        offsets = [res[i][1] for i in todo]
+        ctx.push(
+            ctx.stores, self._prepare_key(key), PreparedStore(scope, [hashes[i] for i in todo], offsets, oom)
+        )
+        return reply
 
     def commit_store(self, key: IPCCacheServerKey, instance_id: int, data: bytes) -> bool:
         ctx = self._engine_context(key, instance_id)

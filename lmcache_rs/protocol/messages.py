@@ -100,6 +100,19 @@ class PrepareStoreReply(msgspec.Struct, kw_only=True):
     context: StoreSlots
 
 
+class PrivateGather(msgspec.Struct, kw_only=True):
+    """A store context without a `slots` list (encodes as `{}`)."""
+
+
+class PrepareStoreFailed(msgspec.Struct, kw_only=True):
+    """Reply to a prepare_store that cannot be served: `{"context": {}}`. With no `slots` list,
+    LMCache's SHM client gathers the chunks into private buffers and sends `commit_store` with
+    empty data, which is answered false: it concludes "not stored". (An empty `slots` list would
+    read as "every chunk is cached already": store ok, no commit; spec J.7.)"""
+
+    context: PrivateGather = msgspec.field(default_factory=PrivateGather)
+
+
 class RetrieveSlots(msgspec.Struct, kw_only=True):
     slots: list[ShmSlot]
 

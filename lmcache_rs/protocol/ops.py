@@ -21,9 +21,8 @@ from lmcache_rs.protocol.messages import (
     EngineGroupInfo,
     IPCCacheServerKey,
     PrepareRetrieveReply,
-    PrepareStoreReply,
+    PrepareStoreFailed,
     ServerKey,
-    StoreSlots,
     ext_hook,
 )
 
@@ -59,8 +58,12 @@ class OpSpec:
     args: tuple[Any, ...] = ()
     pool: Pool = Pool.NORMAL
     #: Payload frame of an error reply: the op's natural failure value (what an LMCache
-    #: client decodes when it ignores the error frame).
+    #: client decodes when it ignores the error frame; spec J.7 says what it concludes).
     fallback: Any = None
+    #: Refused `overloaded` when too many requests are pending. False for ops that free
+    #: resources (commits, unregistrations, free_lookup_locks) or whose failure an LMCache
+    #: client cannot see (its register_kv_cache and clear read any nil reply as success).
+    sheddable: bool = True
     decoders: tuple[ArgDecoder, ...] = field(default=(), compare=False)
 
 
@@ -104,8 +107,20 @@ A = Pool.AFFINITY
 S = Pool.SYNC
 
 OPS: tuple[OpSpec, ...] = (
-    _op("register_kv_cache", 1, int, list[Any], str, int, str, dict[str, Any], list[EngineGroupInfo], pool=A),
-    _op("unregister_kv_cache", 2, int, pool=A),
+    _op(
+        "register_kv_cache",
+        1,
+        int,
+        list[Any],
+        str,
+        int,
+        str,
+        dict[str, Any],
+        list[EngineGroupInfo],
+        pool=A,
+        sheddable=False,
+    ),
+    _op("unregister_kv_cache", 2, int, pool=A, sheddable=False),
     _op("register_q_cache", 3),
     _op("unregister_q_cache", 4),
     _op("store_q", 5),
@@ -114,30 +129,26 @@ OPS: tuple[OpSpec, ...] = (
     _op("lookup", 8, Key, int, pool=S),
     _op("query_prefetch_status", 9, str, fallback=0, pool=S),
     _op("wait_prefetch_status", 10, str, float),
-    _op("free_lookup_locks", 12, Key, int),
+    _op("free_lookup_locks", 12, Key, int, sheddable=False),
     _op("end_session", 13, str, pool=S),
-    # Engine-driven (spec D.3). Failure values keep LMCache clients off their pickle path:
-    # no pool -> ("", 0) with an error frame; a failed prepare_store -> no slots to write.
+    # Engine-driven (spec D.3, J.7). A failed registration answers ("", 0), which an LMCache
+    # client reads as "pickle mode": its pickled commits are refused, so nothing it stores or
+    # retrieves reads as success. A failed prepare_store answers a context without slots: the
+    # client gathers privately and commits empty data, answered false ("not stored").
     _op(
         "register_kv_cache_engine_driven_context",
         14,
         EngineDrivenRegistration,
         pool=A,
         fallback=EngineDrivenRegistered(),
+        sheddable=False,
     ),
-    _op("unregister_kv_cache_engine_driven_context", 15, int, pool=A),
-    _op(
-        "prepare_store",
-        16,
-        Key,
-        int,
-        pool=A,
-        fallback=PrepareStoreReply(context=StoreSlots(slots=[], chunk_indices=[])),
-    ),
-    _op("commit_store", 17, Key, int, bytes, pool=A, fallback=False),
+    _op("unregister_kv_cache_engine_driven_context", 15, int, pool=A, sheddable=False),
+    _op("prepare_store", 16, Key, int, pool=A, fallback=PrepareStoreFailed()),
+    _op("commit_store", 17, Key, int, bytes, pool=A, fallback=False, sheddable=False),
     _op("prepare_retrieve", 18, Key, int, pool=A, fallback=PrepareRetrieveReply(success=False)),
-    _op("commit_retrieve", 19, Key, int, pool=A, fallback=False),
-    _op("clear", 20, bool),
+    _op("commit_retrieve", 19, Key, int, pool=A, fallback=False, sheddable=False),
+    _op("clear", 20, bool, sheddable=False),
     _op("get_chunk_size", 21, pool=S),
     _op("ping", 22, int | None, pool=S),
     _op("report_block_allocation", 23, int, str, list[BlockAllocationRecord]),
@@ -149,7 +160,7 @@ OPS: tuple[OpSpec, ...] = (
     _op("p2p_lookup_and_lock", 29),
     _op("p2p_query_lookup_results", 30),
     _op("p2p_unlock_objects", 31),
-    _op("get_experimental", 32, pool=S),
+    _op("get_experimental", 32, pool=S, fallback=[]),
     _op("cb_protocol_handshake", 33),
     _op("cb_reorder_plan", None),
     _op("subscribe_kv_events", None),

@@ -240,7 +240,7 @@ class ZmqServer:
             self._send(self._run(identity, uid, op_frame, spec, args))
             return
         with self._pending_lock:
-            if self._pending >= self.cfg.max_pending_requests:
+            if self._pending >= self.cfg.max_pending_requests and spec.sheddable:
                 overloaded = True
             else:
                 overloaded = False

@@ -198,7 +198,8 @@ def test_bad_engine_driven_requests_get_clear_errors(server) -> None:
         with pytest.raises(ServerError) as e:
             c.prepare_store(key(t, "x"), 424242)
         assert e.value.code == "unknown_instance"
-        assert e.value.fallback == {"context": {"slots": [], "chunk_indices": []}}
+        # No slots list: LMCache's client gathers privately and commits, answered false (J.7).
+        assert e.value.fallback == {"context": {}}
         w = ed_worker(c, seed=7)
         with pytest.raises(ServerError) as e:
             c.commit_store(key(t, "x"), w.instance_id)

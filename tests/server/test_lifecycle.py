@@ -127,10 +127,11 @@ def test_worker_reregisters_after_a_server_restart(server_factory) -> None:
         assert w.store(t, list(range(1, 33)))
         assert first.stop() == 0
         second = server_factory(port=port)
-        assert c.ping(w.instance_id)
         with pytest.raises(ServerError) as e:  # the new server has never seen this worker
             w.store(t, list(range(1, 33)))
         assert e.value.code == "unknown_instance"
+        assert c.ping(w.instance_id) is False  # told once that it is unknown...
+        assert c.ping(w.instance_id) is True  # ...and this edge is where vLLM re-registers
         c.register_kv_cache(w.instance_id, w.kv.handles(), w.model, 1)
         assert w.store(t, list(range(1, 33)))
         w.close()

@@ -34,6 +34,13 @@ def test_appendix_2_frames(server) -> None:
         err = msgspec.msgpack.decode(frames[3])["error"]
         assert err["code"] == "unknown_instance"
         assert "12345" in err["message"]
+        # prepare_store for an unregistered instance -> {"context": {}}: no slots list, so
+        # LMCache's client commits empty data (answered false) instead of reading "all cached"
+        c.send_frames([b"\x06", b"\x10", encode(wkey), encode(12345)])
+        assert c.recv_frames()[:3] == [b"\x06", b"\x10", bytes.fromhex("81a7636f6e7465787480")]
+        # clear -> [uid, op] (None): LMCache decodes nothing else for clear
+        c.send_frames([b"\x08", b"\x14", b"\xc2"])
+        assert c.recv_frames() == [b"\x08", b"\x14"]
 
 
 def test_key_map_is_struct_as_map(server) -> None:
