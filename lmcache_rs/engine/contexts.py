@@ -232,6 +232,11 @@ class EngineDrivenContext:
                 del table[key]
             return item
 
+    def take_key(self, table: dict[PrepareKey, list[Any]], key: PrepareKey) -> list[Any]:
+        """Every prepared operation under `key`, removed."""
+        with self.lock:
+            return table.pop(key, [])
+
     def take_all(self) -> list[PreparedRetrieve]:
         """Forgets every prepared operation; returns the retrieves, whose leases the caller
         releases (staged writes go with the writer's `abort_writer`)."""

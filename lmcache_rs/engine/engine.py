@@ -835,6 +835,13 @@ class Engine:
         to write. Every failure (raised) is answered `PrepareStoreFailed`, which an LMCache
         client follows with an empty commit_store, answered false (spec J.7)."""
         ctx = self._engine_context(key, instance_id)
+        # An earlier prepare of this very range that was never committed was abandoned (LMCache's
+        # worker commits each prepare before its next one): drop its slots. Left waiting, the
+        # commit that follows this prepare, or the empty commit after this prepare fails, would
+        # admit those never-written slots.
+        for p in ctx.take_key(ctx.stores, self._prepare_key(key)):
+            self.index.abort_write(p.scope, p.hashes, instance_id)
+            self.stats.add("stores_finished", ctx.device)
         hashes = self._write_range(key)
         if not hashes:
             return PrepareStoreReply(context=StoreSlots(slots=[], chunk_indices=[]))

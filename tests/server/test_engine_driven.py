@@ -135,6 +135,31 @@ def test_partial_prepare_and_skip(server) -> None:
             assert torch.equal(flat_dst[:, skip:], flat_src[:, skip:])
 
 
+def test_an_abandoned_prepare_is_never_admitted_by_a_later_commit(server) -> None:
+    """A prepare_store whose worker never wrote or committed it (it failed between the two) is
+    dropped by the next prepare of the same range: the commit that follows admits what the
+    worker wrote for that next prepare, never the abandoned slots."""
+    with server.client() as c:
+        w = ed_worker(c, seed=5)
+        t = tokens(2 * C, seed=21)
+        first = c.prepare_store(key(t, "a"), w.instance_id)
+        assert len(first.slots) == 2  # abandoned: nothing written, no commit
+        second = c.prepare_store(key(t, "a"), w.instance_id)
+        assert second.chunk_indices == [0, 1], "the range is written afresh, not 'in flight'"
+        w.write_slots(second.slots, second.chunk_indices, blocks(1, 2))
+        assert c.commit_store(key(t, "a"), w.instance_id)
+        with pytest.raises(ServerError, match="not_prepared"):
+            c.commit_store(key(t, "a"), w.instance_id)
+        dst = blocks(200, 2)
+        assert w.retrieve(key(t, "r"), dst)
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(
+                select_blocks(w.layers, "NHD", blocks(1, 2)), select_blocks(w.layers, "NHD", dst), strict=True
+            )
+        )
+
+
 def test_both_transfer_modes_share_objects(server) -> None:
     """An engine-driven worker's chunks serve an lmcache-driven worker and back: same bytes."""
     with server.client() as c:
