@@ -13,6 +13,23 @@ C = 256
 CHUNK_BYTES = 2 * 2 * C * 2 * 32 * 2
 
 
+def list_pages(api, adapter: str, **params: object) -> tuple[list[dict], int]:
+    """Every entry of `GET /cache/objects` page by page (each page from `adapter`), and how
+    many pages it took; the last page has no token."""
+    keys: list[dict] = []
+    token, pages = None, 0
+    while True:
+        r = api.get("/cache/objects", params={**params, **({"page_token": token} if token else {})})
+        assert r.status_code == 200, r.text
+        page = r.json()
+        assert (page["adapter"], page["shared"]) == (adapter, False)
+        keys += page["entries"]
+        pages += 1
+        token = page["next_page_token"]
+        if token is None:
+            return keys, pages
+
+
 def test_run_script_never_runs_code(server, tmp_path) -> None:
     marker = tmp_path / "ran"
     script = f"open({str(marker)!r}, 'w').write('x')\n"
@@ -115,18 +132,7 @@ def test_list_and_delete_objects(server_factory, tmp_path) -> None:
         ]
 
         # Pages of 2: 2 + 2 + 1, each key once, in id order; the last page has no token.
-        keys, token, pages = [], None, 0
-        while True:
-            params = {"page_size": 2, **({"page_token": token} if token else {})}
-            r = api.get("/cache/objects", params=params)
-            assert r.status_code == 200, r.text
-            page = r.json()
-            assert (page["adapter"], page["shared"]) == ("fs-0", False)
-            keys += page["entries"]
-            pages += 1
-            token = page["next_page_token"]
-            if token is None:
-                break
+        keys, pages = list_pages(api, "fs-0", page_size=2)
         assert pages == 3
         assert sorted(e["key"]["chunk_hash_hex"] for e in keys) == sorted(hashes)
         assert {e["size_bytes"] for e in keys} == {CHUNK_BYTES}
@@ -189,18 +195,7 @@ def test_list_l1_objects_and_delete_them_as_listed(server) -> None:
         assert w.store(t, list(range(1, 81)))
         ans = api.post("/cache/explain", json={"model_name": MODEL, "token_ids": t}).json()
         hashes = [ch["chunk_hash"] for ch in ans["chunks"]]
-        keys, token, pages = [], None, 0
-        while True:
-            params = {"tier": "l1", "page_size": 2, **({"page_token": token} if token else {})}
-            r = api.get("/cache/objects", params=params)
-            assert r.status_code == 200, r.text
-            page = r.json()
-            assert (page["adapter"], page["shared"]) == ("l1", False)
-            keys += page["entries"]
-            pages += 1
-            token = page["next_page_token"]
-            if token is None:
-                break
+        keys, pages = list_pages(api, "l1", tier="l1", page_size=2)
         assert pages == 3
         listed = [e["key"]["chunk_hash_hex"] for e in keys]
         assert listed == sorted(hashes)  # key order
