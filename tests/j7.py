@@ -36,7 +36,7 @@ from lmcache_rs.protocol import ops
 from lmcache_rs.protocol.codec import encode
 from lmcache_rs.protocol.messages import EngineDrivenRegistration, IPCCacheServerKey, ShmSlot, to_ext
 from lmcache_rs.storage.shm_pool import SHM_DIR
-from lmcache_rs.transfer.gather import GroupLayout, gather, scatter
+from lmcache_rs.transfer.gather import GroupLayout, ObjectCopy, gather, scatter
 
 C = 256
 BS = 16
@@ -362,8 +362,10 @@ class J7Worker:
 
     # ---- store / retrieve ----------------------------------------------------------------------
 
-    def _chunk_blocks(self, block_ids: list[int], i: int) -> list[torch.Tensor]:
-        return [torch.tensor(block_ids[i * BPC : (i + 1) * BPC], dtype=torch.int64)]
+    def _copy(self, block_ids: list[int], i: int, obj: torch.Tensor, skip: int = 0) -> ObjectCopy:
+        """Chunk `i` of the range (its blocks) and the bytes of its object."""
+        ids = torch.tensor(block_ids[i * BPC : (i + 1) * BPC], dtype=torch.int64)
+        return ObjectCopy([self.group], [ids], obj, [BPC], skip)
 
     def store(self, key: IPCCacheServerKey, block_ids: list[int], garbled: bool = False) -> Outcome:
         """One store as J.4 does it. `garbled`: the request's key frame arrives undecodable
@@ -393,7 +395,7 @@ class J7Worker:
             assert self.pool is not None
             for s, i in zip(slots, ctx["chunk_indices"], strict=True):
                 slot = msgspec.convert(s, ShmSlot)
-                gather([self.group], self.layers, self._chunk_blocks(block_ids, i), self.pool.raw(slot), C)
+                gather(self._copy(block_ids, i, self.pool.raw(slot)), self.layers)
             return self._commit_store(key, b"")
         for i in range(n_chunks):  # no slots list: private buffers, discarded
             self._gather_private(block_ids, i)
@@ -413,7 +415,7 @@ class J7Worker:
 
     def _gather_private(self, block_ids: list[int], i: int) -> bytes:
         buf = torch.empty(self.chunk_bytes, dtype=torch.uint8)
-        gather([self.group], self.layers, self._chunk_blocks(block_ids, i), buf, C)
+        gather(self._copy(block_ids, i, buf), self.layers)
         return buf.numpy().tobytes()
 
     def _commit_store(self, key: IPCCacheServerKey, data: bytes) -> Outcome:
@@ -447,15 +449,7 @@ class J7Worker:
             for i, s in enumerate(slots):
                 local = min(max(skip - i * C, 0), C)
                 slot = msgspec.convert(s, ShmSlot)
-                scatter(
-                    [self.group],
-                    self.layers,
-                    self._chunk_blocks(block_ids, i),
-                    self.pool.raw(slot),
-                    C,
-                    local,
-                    -1,
-                )
+                scatter(self._copy(block_ids, i, self.pool.raw(slot), local), self.layers, C, -1)
             if len(slots) < n_chunks:
                 return Outcome(Conclusion.PARTLY_RETRIEVED_REPORTED_OK, value=len(slots))
             return Outcome(Conclusion.RETRIEVED)
