@@ -13,10 +13,12 @@
 //! | [`clock`] | monotonic and manual time sources for TTLs |
 //! | [`droplog`] | a bounded record of why chunks left L1 (`explain`) |
 //! | [`wire`] | request keys decoded from their msgpack wire form in one pass |
+//! | [`control`] | the control plane: ZMQ I/O thread, sessions, control ops, stats registry |
 //! | [`error`] | the one error enum |
 
 pub mod arena;
 pub mod clock;
+pub mod control;
 pub mod droplog;
 pub mod error;
 pub mod hash;

@@ -17,6 +17,8 @@ use crate::index::{self, Finish, Reserve};
 use crate::key::{self, ChunkHash};
 use crate::{clock, wire, CoreError};
 
+mod control;
+
 create_exception!(_core, LmcacheCoreError, PyValueError, "Base class of every lmcache-rs core error.");
 create_exception!(_core, InvalidKeyError, LmcacheCoreError, "A key field breaks the key rules.");
 create_exception!(_core, OutOfMemoryError, LmcacheCoreError, "L1 cannot hold the allocation.");
@@ -114,6 +116,11 @@ fn hashes_to_list<'py>(py: Python<'py>, hashes: &[Blake3Hash]) -> PyResult<Bound
     PyList::new(py, hashes.iter().map(|h| PyBytes::new(py, h)))
 }
 
+/// Chunk hashes as a list of bytes.
+fn hashes_of<'py>(py: Python<'py>, hashes: &[ChunkHash]) -> PyResult<Bound<'py, PyList>> {
+    PyList::new(py, hashes.iter().map(|h| PyBytes::new(py, h.as_bytes())))
+}
+
 /// blake3 of a contiguous byte buffer (bytes, memoryview, a numpy array's `.data`), computed
 /// without the GIL and without copying: the integrity checksum of stored objects.
 #[pyfunction]
@@ -155,7 +162,7 @@ fn chunk_hashes<'py>(
     end: Option<usize>,
     memo: Option<&ChainMemo>,
 ) -> PyResult<Bound<'py, PyList>> {
-    let job = PrefixHashes { chunk_size, start, end, memo: memo.map(|m| &m.0) };
+    let job = PrefixHashes { chunk_size, start, end, memo: memo.map(|m| &*m.0) };
     let hashes = with_tokens(py, tokens, &job)?.map_err(to_py_err)?;
     hashes_to_list(py, &hashes)
 }
@@ -345,13 +352,13 @@ impl ObjectKey {
 /// A bounded memo of chunk hashes shared by every request of a server (see the core's
 /// `ChainMemo`); pass it to `chunk_hashes`, whose answers it never changes.
 #[pyclass(frozen, module = "lmcache_rs._core")]
-struct ChainMemo(hash::ChainMemo);
+struct ChainMemo(Arc<hash::ChainMemo>);
 
 #[pymethods]
 impl ChainMemo {
     #[new]
     fn new(capacity: usize) -> Self {
-        Self(hash::ChainMemo::new(capacity))
+        Self(Arc::new(hash::ChainMemo::new(capacity)))
     }
 
     /// `(entries, key_bytes, capacity, hits, misses)`; hits and misses count chunks.
@@ -453,7 +460,7 @@ impl Whereabouts {
 
 /// The L1 index. Every method takes the index lock with the GIL released.
 #[pyclass(frozen, module = "lmcache_rs._core")]
-struct L1Index(index::L1Index);
+struct L1Index(Arc<index::L1Index>);
 
 #[pymethods]
 impl L1Index {
@@ -491,7 +498,7 @@ impl L1Index {
             Some(c) => index::L1Index::with_clock(config, c.0.clone()),
             None => index::L1Index::new(config),
         };
-        idx.map(Self).map_err(to_py_err)
+        idx.map(|i| Self(Arc::new(i))).map_err(to_py_err)
     }
 
     #[getter]
@@ -748,5 +755,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ReadGrant>()?;
     m.add_class::<WriteDone>()?;
     m.add_class::<Whereabouts>()?;
+    control::register(m)?;
     Ok(())
 }

@@ -1,0 +1,583 @@
+//! Bindings of the control plane (`crate::control`): the native request server, the state
+//! its control operations share with the Python data path, and the typed values crossing the
+//! boundary. Same rule as the rest of the bindings: every core call runs with the GIL
+//! released, and nothing under a core lock calls Python.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
+
+use super::{hashes_of, to_hashes, ChainMemo, Hashes, L1Index, ManualClock};
+use crate::clock::{Clock, MonotonicClock};
+use crate::control::server::{self, Fault, Native, OpRow, Route, ServerConfig};
+use crate::control::sessions::Run;
+use crate::control::{self, ControlConfig, KeyView, OpError};
+use crate::hash;
+
+fn op_err(e: OpError) -> PyErr {
+    ControlError::new_err((e.code, e.message))
+}
+
+pyo3::create_exception!(
+    _core,
+    ControlError,
+    pyo3::exceptions::PyException,
+    "A control operation refused its arguments: `args` is (code, message), the code of its error reply."
+);
+
+/// A request key's fields, read from a key object (`protocol.messages.ServerKey` or
+/// `IPCCacheServerKey`).
+struct OwnedKey {
+    model_name: String,
+    world_size: i128,
+    worker_id: Option<i128>,
+    tokens: Vec<u32>,
+    start: i128,
+    end: i128,
+    request_id: String,
+    cache_salt: String,
+    num_kv_readers: i128,
+}
+
+impl OwnedKey {
+    fn read(key: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let py = key.py();
+        let u32s = key.getattr("token_u32").ok().and_then(|b| b.cast_into::<PyBytes>().ok());
+        let tokens = match u32s.filter(|b| !b.as_bytes().is_empty()) {
+            Some(b) => {
+                let raw = b.as_bytes();
+                raw.chunks_exact(4).map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect()
+            }
+            None => {
+                // A key not decoded by the server: its ids as msgpack (msgspec.Raw).
+                let raw: Vec<u8> = py
+                    .import("builtins")?
+                    .getattr("bytes")?
+                    .call1((key.getattr("token_ids")?,))?
+                    .extract()?;
+                py.detach(|| hash::msgpack_tokens(&raw)).map_err(|e| PyValueError::new_err(e.to_string()))?
+            }
+        };
+        Ok(Self {
+            model_name: key.getattr("model_name")?.extract()?,
+            world_size: key.getattr("world_size")?.extract()?,
+            worker_id: key.getattr("worker_id")?.extract()?,
+            tokens,
+            start: key.getattr("start")?.extract()?,
+            end: key.getattr("end")?.extract()?,
+            request_id: key.getattr("request_id")?.extract()?,
+            cache_salt: key.getattr("cache_salt")?.extract()?,
+            num_kv_readers: key.getattr("num_kv_readers")?.extract()?,
+        })
+    }
+
+    fn view<R>(&self, f: impl FnOnce(&KeyView<'_>) -> control::OpResult<R>) -> control::OpResult<R> {
+        let wire = crate::wire::WireKey {
+            model_name: &self.model_name,
+            world_size: self.world_size,
+            worker_id: self.worker_id,
+            token_span: &[],
+            token_ids: Vec::new(),
+            start: self.start,
+            end: self.end,
+            request_id: &self.request_id,
+            cache_salt: &self.cache_salt,
+            request_configs: None,
+            num_kv_readers: self.num_kv_readers,
+        };
+        let mut v = KeyView::of(&wire)?;
+        v.tokens = &self.tokens;
+        f(&v)
+    }
+}
+
+/// A lookup's L2 prefetch job, for the Python L2 tier.
+#[pyclass(frozen, module = "lmcache_rs._core")]
+struct PrefetchJob(control::PrefetchJob);
+
+#[pymethods]
+impl PrefetchJob {
+    #[getter]
+    fn request_id(&self) -> &str {
+        &self.0.request_id
+    }
+    #[getter]
+    fn generation(&self) -> u64 {
+        self.0.generation
+    }
+    #[getter]
+    fn model_name(&self) -> &str {
+        &self.0.model_name
+    }
+    #[getter]
+    fn world_size(&self) -> u32 {
+        self.0.world_size
+    }
+    #[getter]
+    fn cache_salt(&self) -> &str {
+        &self.0.cache_salt
+    }
+    /// The chunks L1 missed, in order (the first is chunk `hit`).
+    #[getter]
+    fn hashes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        hashes_of(py, &self.0.hashes)
+    }
+    #[getter]
+    fn hit(&self) -> usize {
+        self.0.hit
+    }
+    #[getter]
+    fn readers(&self) -> u32 {
+        self.0.readers
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "PrefetchJob(request_id={:?}, generation={}, hit={}, missing={})",
+            self.0.request_id,
+            self.0.generation,
+            self.0.hit,
+            self.0.hashes.len()
+        )
+    }
+}
+
+/// The state the control operations share with the Python data path: sessions, worker
+/// liveness and layouts, and the one stats registry.
+#[pyclass(frozen, module = "lmcache_rs._core")]
+pub(super) struct ControlPlane(Arc<control::ControlPlane>);
+
+#[pymethods]
+impl ControlPlane {
+    #[new]
+    #[pyo3(signature = (index, memo, chunk_size, *, l2_prefetch = false, prefetch_queue = 64, clock = None))]
+    fn new(
+        index: &L1Index,
+        memo: &ChainMemo,
+        chunk_size: usize,
+        l2_prefetch: bool,
+        prefetch_queue: usize,
+        clock: Option<&ManualClock>,
+    ) -> PyResult<Self> {
+        if chunk_size == 0 {
+            return Err(PyValueError::new_err("chunk_size must be positive"));
+        }
+        let clock: Arc<dyn Clock> = match clock {
+            Some(c) => c.0.clone(),
+            None => Arc::new(MonotonicClock::new()),
+        };
+        let cfg = ControlConfig { chunk_size, l2_prefetch, prefetch_queue };
+        Ok(Self(Arc::new(control::ControlPlane::new(cfg, index.0.clone(), memo.0.clone(), clock))))
+    }
+
+    // ---- sessions --------------------------------------------------------------------------
+
+    /// Hashes of the key's complete chunks up to `end` (the request's cached chain); with
+    /// `record_scopes` the request's scopes are kept for end_session's LRU touch. Raises
+    /// ControlError(code, message) for a bad key.
+    #[pyo3(signature = (key, record_scopes = false))]
+    fn prefix_hashes<'py>(
+        &self,
+        py: Python<'py>,
+        key: &Bound<'py, PyAny>,
+        record_scopes: bool,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let k = OwnedKey::read(key)?;
+        let hashes = py.detach(|| k.view(|v| self.0.prefix_hashes(v, record_scopes))).map_err(op_err)?;
+        hashes_of(py, &hashes)
+    }
+
+    /// Gives back one share of `rank`'s lookup leases on chunks `[c0, c1)`.
+    fn release_share(&self, py: Python<'_>, request_id: &str, rank: u32, c0: usize, c1: usize) -> u64 {
+        py.detach(|| self.0.release_share(request_id, rank, c0, c1))
+    }
+
+    /// Starts a lookup whose fold runs in Python: `(generation, hashes)`.
+    fn lookup_begin<'py>(
+        &self,
+        py: Python<'py>,
+        key: &Bound<'py, PyAny>,
+        object_groups: Vec<u32>,
+    ) -> PyResult<(u64, Bound<'py, PyList>)> {
+        let k = OwnedKey::read(key)?;
+        let (generation, hashes) =
+            py.detach(|| k.view(|v| self.0.lookup_begin(v, &object_groups))).map_err(op_err)?;
+        Ok((generation, hashes_of(py, &hashes)?))
+    }
+
+    /// Installs a Python fold's result; `rows` are `(rank, lease, first chunk, chunks)`.
+    fn lookup_finish(
+        &self,
+        py: Python<'_>,
+        request_id: &str,
+        generation: u64,
+        hit: usize,
+        rows: Vec<(u32, u64, usize, usize)>,
+    ) -> bool {
+        let rows: Vec<(u32, Run)> =
+            rows.into_iter().map(|(rank, lease, first, count)| (rank, Run { lease, first, count })).collect();
+        py.detach(|| self.0.lookup_finish(request_id, generation, hit, &rows))
+    }
+
+    /// The next L2 prefetch job (None after `timeout` seconds).
+    fn next_prefetch(&self, py: Python<'_>, timeout: f64) -> Option<PrefetchJob> {
+        let t = Duration::from_secs_f64(timeout.max(0.0));
+        py.detach(|| self.0.prefetch_jobs().recv_timeout(t).ok()).map(PrefetchJob)
+    }
+
+    /// A prefetch job's end: `loaded` chunks held by `leases` (one per rank).
+    fn prefetch_done(&self, py: Python<'_>, job: &PrefetchJob, loaded: usize, leases: Vec<u64>) -> bool {
+        py.detach(|| self.0.prefetch_done(&job.0, loaded, &leases))
+    }
+
+    fn end_session(&self, py: Python<'_>, request_id: &str) {
+        py.detach(|| self.0.end_session(request_id));
+    }
+
+    /// Closes sessions idle for more than `ttl` seconds; returns how many.
+    fn expire_sessions(&self, py: Python<'_>, ttl: f64) -> usize {
+        py.detach(|| self.0.expire_sessions(ttl))
+    }
+
+    #[getter]
+    fn session_count(&self, py: Python<'_>) -> usize {
+        py.detach(|| self.0.sessions.len())
+    }
+
+    /// A request's session: `(hashes, scopes)` of its last tokens' chain and the scopes it
+    /// touched (for /cache/explain), or None.
+    #[allow(clippy::type_complexity)]
+    fn session_view<'py>(
+        &self,
+        py: Python<'py>,
+        request_id: &str,
+    ) -> PyResult<Option<(Bound<'py, PyList>, Vec<super::KeyScope>)>> {
+        let view = py.detach(|| {
+            self.0.sessions.peek(request_id).map(|s| {
+                let g = s.lock();
+                (g.hashes.clone(), g.scopes.clone())
+            })
+        });
+        let Some((hashes, scopes)) = view else { return Ok(None) };
+        Ok(Some((hashes_of(py, &hashes)?, scopes.into_iter().map(super::KeyScope).collect())))
+    }
+
+    // ---- workers ---------------------------------------------------------------------------
+
+    fn worker_add(&self, py: Python<'_>, instance: u64) {
+        py.detach(|| self.0.workers.add(instance));
+    }
+
+    fn worker_remove(&self, py: Python<'_>, instance: u64) -> bool {
+        py.detach(|| self.0.workers.remove(instance))
+    }
+
+    fn worker_touch(&self, py: Python<'_>, instance: u64, pinged: bool) -> bool {
+        py.detach(|| self.0.workers.touch(instance, pinged))
+    }
+
+    /// `ping`: see `control::workers::Workers::ping`.
+    #[pyo3(signature = (instance))]
+    fn ping(&self, py: Python<'_>, instance: Option<i128>) -> bool {
+        py.detach(|| self.0.ping(instance))
+    }
+
+    /// Seconds since the worker was last heard from (None: not registered).
+    fn last_seen_ago(&self, py: Python<'_>, instance: u64) -> Option<f64> {
+        py.detach(|| self.0.workers.last_seen_ago(instance))
+    }
+
+    /// Registered instances silent past their budget.
+    fn silent(&self, py: Python<'_>, reap_timeout: f64, grace: f64) -> Vec<u64> {
+        py.detach(|| self.0.workers.silent(reap_timeout, grace))
+    }
+
+    /// A registered (model, world size)'s object groups; `plain`: one full-attention group.
+    fn set_layout(&self, py: Python<'_>, model: &str, world_size: u32, object_groups: Vec<u32>, plain: bool) {
+        py.detach(|| {
+            self.0.workers.set_layout(model, world_size, control::workers::Layout { object_groups, plain })
+        });
+    }
+
+    fn drop_layout(&self, py: Python<'_>, model: &str, world_size: u32) {
+        py.detach(|| self.0.workers.drop_layout(model, world_size));
+    }
+
+    // ---- stats -----------------------------------------------------------------------------
+
+    /// Adds `n` to the counter named by `labels` (`("lookups", model, salt)`).
+    #[pyo3(signature = (labels, n = 1))]
+    fn count(&self, labels: &Bound<'_, PyTuple>, n: u64) -> PyResult<()> {
+        let strs: Vec<Bound<'_, PyString>> =
+            labels.iter().map(|l| l.cast_into::<PyString>().map_err(PyErr::from)).collect::<PyResult<_>>()?;
+        let parts: Vec<&str> = strs.iter().map(|s| s.to_str()).collect::<PyResult<_>>()?;
+        self.0.counters.add(&parts, n);
+        Ok(())
+    }
+
+    /// Every counter: label tuple -> value.
+    fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+        let snap = py.detach(|| self.0.counters.snapshot());
+        let out = pyo3::types::PyDict::new(py);
+        for (labels, v) in snap {
+            out.set_item(PyTuple::new(py, labels)?, v)?;
+        }
+        Ok(out)
+    }
+
+    fn reset_counters(&self, py: Python<'_>) {
+        py.detach(|| self.0.counters.reset());
+    }
+
+    /// For tests: the resident prefix of `hashes` in a scope (index `peek`).
+    fn peek(&self, py: Python<'_>, scope: &super::KeyScope, hashes: Hashes<'_>) -> PyResult<usize> {
+        let hs = to_hashes(hashes)?;
+        Ok(py.detach(|| self.0.index.peek(&scope.0, &hs)))
+    }
+}
+
+/// A data request handed to a Python worker.
+#[pyclass(frozen, module = "lmcache_rs._core")]
+struct Request {
+    inner: Arc<server::Request>,
+    #[pyo3(get)]
+    op: String,
+}
+
+#[pymethods]
+impl Request {
+    #[getter]
+    fn uid<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.inner.uid)
+    }
+    #[getter]
+    fn op_frame<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.inner.op_frame)
+    }
+    #[getter]
+    fn identity<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.inner.identity)
+    }
+    /// The argument frames.
+    #[getter]
+    fn args<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        PyList::new(py, self.inner.args.iter().map(|a| PyBytes::new(py, a)))
+    }
+    fn __repr__(&self) -> String {
+        format!("Request(op={:?}, args={})", self.op, self.inner.args.len())
+    }
+}
+
+/// The request I/O loop's heartbeat (observability.health.IoLoopStatus).
+#[pyclass(frozen, get_all, module = "lmcache_rs._core")]
+struct IoStatus {
+    alive: bool,
+    stopping: bool,
+    last_tick_ago: Option<f64>,
+    requests_received: u64,
+    replies_sent: u64,
+    pending_requests: usize,
+    error: Option<String>,
+}
+
+/// One operation's request timings since the start.
+#[pyclass(frozen, get_all, module = "lmcache_rs._core")]
+struct RequestTiming {
+    op: String,
+    count: u64,
+    handler_seconds: f64,
+    queue_seconds: f64,
+    /// Requests per latency bucket (the bounds of observability/timing.py, then +Inf).
+    buckets: Vec<u64>,
+}
+
+/// The native request server: the ZMQ ROUTER socket and its I/O thread (crate::control::server).
+#[pyclass(frozen, module = "lmcache_rs._core")]
+struct NativeServer {
+    srv: Arc<server::Server>,
+}
+
+#[pymethods]
+impl NativeServer {
+    /// `ops`: the operation table, rows `(name, legacy_id, nargs, lane, fallback, sheddable,
+    /// refusal)` with lane "affinity" or "normal" (the control operations this server
+    /// answers natively are recognized by name), and `refusal` the reason a known operation
+    /// is not served (None: served).
+    #[new]
+    #[pyo3(signature = (control, url, *, ops, ipv6 = false, max_message_bytes = -1, max_pending = 4096, affinity_lanes = 1, clock = None))]
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn new(
+        py: Python<'_>,
+        control: &ControlPlane,
+        url: &str,
+        ops: Vec<(String, Option<i64>, usize, String, Vec<u8>, bool, Option<String>)>,
+        ipv6: bool,
+        max_message_bytes: i64,
+        max_pending: usize,
+        affinity_lanes: usize,
+        clock: Option<&ManualClock>,
+    ) -> PyResult<Self> {
+        let rows = ops
+            .into_iter()
+            .map(|(name, legacy_id, nargs, lane, fallback, sheddable, refusal)| {
+                let route = match (refusal, Native::from_name(&name), lane.as_str()) {
+                    (Some(why), _, _) => Route::Refused(why),
+                    (None, Some(op), _) => Route::Native(op),
+                    (None, None, "affinity") => Route::Affinity,
+                    (None, None, "normal") => Route::Normal,
+                    (None, None, other) => {
+                        return Err(PyValueError::new_err(format!("{name}: unknown lane {other:?}")))
+                    }
+                };
+                Ok(OpRow { name, legacy_id, nargs, route, fallback, sheddable })
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        let cfg = ServerConfig { url: url.to_owned(), ipv6, max_message_bytes, max_pending, affinity_lanes };
+        let clock: Arc<dyn Clock> = match clock {
+            Some(c) => c.0.clone(),
+            None => Arc::new(MonotonicClock::new()),
+        };
+        let cp = control.0.clone();
+        let srv = py
+            .detach(|| server::Server::bind(cp, cfg, rows, clock))
+            .map_err(|e| PyRuntimeError::new_err(format!("cannot start the request server: {e}")))?;
+        Ok(Self { srv: Arc::new(srv) })
+    }
+
+    /// The bound endpoint (`tcp://host:port`).
+    #[getter]
+    fn url(&self) -> &str {
+        self.srv.url()
+    }
+
+    /// Lanes: `lanes - 1` affinity lanes (one Python worker each), then the normal lane.
+    #[getter]
+    fn lanes(&self) -> usize {
+        self.srv.lanes()
+    }
+
+    #[getter]
+    fn normal_lane(&self) -> usize {
+        self.srv.normal_lane()
+    }
+
+    /// The operations the I/O thread answers itself.
+    fn native_ops(&self) -> Vec<String> {
+        self.srv
+            .ops()
+            .iter()
+            .filter(|r| matches!(r.route, Route::Native(_)))
+            .map(|r| r.name.clone())
+            .collect()
+    }
+
+    fn start(&self) -> PyResult<()> {
+        self.srv.start().map_err(|e| PyRuntimeError::new_err(e.0))
+    }
+
+    /// Stops intake, waits up to `timeout` seconds for pending requests, closes the socket.
+    fn stop(&self, py: Python<'_>, timeout: f64) {
+        let t = Duration::from_secs_f64(timeout.max(0.0));
+        py.detach(|| self.srv.stop(t));
+    }
+
+    #[getter]
+    fn stopped(&self) -> bool {
+        self.srv.stopped()
+    }
+
+    /// The next request of `lane`, waiting up to `timeout` seconds with the GIL released;
+    /// None on timeout or once the server stopped and the lane is empty.
+    fn next(&self, py: Python<'_>, lane: usize, timeout: f64) -> Option<Request> {
+        let t = Duration::from_secs_f64(timeout.max(0.0));
+        let req = py.detach(|| self.srv.next(lane, t))?;
+        let op = self.srv.ops()[req.row].name.clone();
+        Some(Request { inner: req, op })
+    }
+
+    /// Answers `req` with `frames` (`[uid, op, payload...]`); `error`: (code, message) of an
+    /// error reply. False when it was answered already.
+    #[pyo3(signature = (req, frames, error = None))]
+    fn reply(
+        &self,
+        py: Python<'_>,
+        req: &Request,
+        frames: Vec<Vec<u8>>,
+        error: Option<(String, String)>,
+    ) -> bool {
+        py.detach(|| {
+            self.srv.reply(&req.inner, frames, error.as_ref().map(|(c, m)| (c.as_str(), m.as_str())))
+        })
+    }
+
+    /// The I/O thread's next log line `(level, message)` (None after `timeout` seconds).
+    fn next_log(&self, py: Python<'_>, timeout: f64) -> Option<(u8, String)> {
+        let t = Duration::from_secs_f64(timeout.max(0.0));
+        py.detach(|| self.srv.next_log(t))
+    }
+
+    fn io_status(&self) -> IoStatus {
+        let s = self.srv.io_status();
+        IoStatus {
+            alive: s.alive,
+            stopping: s.stopping,
+            last_tick_ago: s.last_tick_ago_secs,
+            requests_received: s.requests_received,
+            replies_sent: s.replies_sent,
+            pending_requests: s.pending_requests,
+            error: s.error,
+        }
+    }
+
+    fn timings(&self, py: Python<'_>) -> Vec<RequestTiming> {
+        py.detach(|| self.srv.timings())
+            .into_iter()
+            .map(|(op, t)| RequestTiming {
+                op,
+                count: t.count,
+                handler_seconds: t.handler_ns as f64 / 1e9,
+                queue_seconds: t.queue_ns as f64 / 1e9,
+                buckets: t.buckets,
+            })
+            .collect()
+    }
+
+    /// Test hook: `"stall"` blocks the I/O loop until `release_fault`; `"panic"` ends it with
+    /// `message`. For tests of the health checks against the real loop.
+    #[pyo3(signature = (kind, message = String::new()))]
+    fn inject_fault(&self, kind: &str, message: String) -> PyResult<()> {
+        let f = match kind {
+            "stall" => Fault::Stall,
+            "panic" => Fault::Panic(message),
+            _ => return Err(PyValueError::new_err(format!("unknown fault {kind:?}"))),
+        };
+        self.srv.inject_fault(f);
+        Ok(())
+    }
+
+    /// Whether the I/O loop is inside an injected stall.
+    #[getter]
+    fn stalled(&self) -> bool {
+        self.srv.stalled()
+    }
+
+    fn release_fault(&self) {
+        self.srv.release_fault();
+    }
+}
+
+pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("ControlError", py.get_type::<ControlError>())?;
+    m.add("POLL_MS", server::POLL_MS)?;
+    m.add("PING_RETELL_SECONDS", control::workers::RETELL_SECS)?;
+    m.add_class::<ControlPlane>()?;
+    m.add_class::<NativeServer>()?;
+    m.add_class::<Request>()?;
+    m.add_class::<PrefetchJob>()?;
+    m.add_class::<IoStatus>()?;
+    m.add_class::<RequestTiming>()?;
+    Ok(())
+}
