@@ -12,10 +12,10 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from lmcache_rs import ManualClock
 from lmcache_rs.config import ServerConfig
 from lmcache_rs.engine.engine import Engine
 from lmcache_rs.http.app import create_app
@@ -56,7 +56,7 @@ L2_FLUSH_MAX_RUN_S = 30.0
 
 
 class Runtime:
-    def __init__(self, cfg: ServerConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, cfg: ServerConfig, *, clock: ManualClock | None = None) -> None:
         """`clock`: the request I/O loop's heartbeat clock (tests pass a manual one)."""
         self.cfg = cfg
         self._clock = clock
@@ -174,6 +174,7 @@ class Runtime:
         if self.http is not None:
             self.http.start()  # answers 503 on engine routes until the runtime is published
         self.periodic.start_all()
+        self.engine.start_prefetch_pump()
         self.server.start()
         self.http_state.runtime = self
         log.info(
@@ -192,6 +193,7 @@ class Runtime:
             return
         log.info("stopping: finishing in-flight requests")
         self.server.stop()
+        self.engine.stop_prefetch_pump()
         if self.l2 is not None:
             left = self.l2.drain()
             if left:

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -130,7 +130,7 @@ def runtime_factory() -> Iterator[object]:
 
     started: list[Runtime] = []
 
-    def make(storage: object, clock: Callable[[], float] = time.monotonic) -> Runtime:
+    def make(storage: object, clock: object = None) -> Runtime:
         cfg = ServerConfig(
             mp=MPConfig(port=free_port()), storage_manager=storage, http=HttpConfig(enabled=False)
         )

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lmcache_rs import KeyScope
+from lmcache_rs import ControlPlane, KeyScope
 from lmcache_rs.engine.groups import FULL_ATTENTION, ObjectGroup, ObjectLayout, object_groups
 from lmcache_rs.protocol.messages import (
     CpuShmHandle,
@@ -59,8 +59,6 @@ class KVContext:
     objects: ObjectLayout = ()
     mappings: list[Any] = field(repr=False, default_factory=list)
     registered_at: float = field(default_factory=time.monotonic)
-    last_seen: float = field(default_factory=time.monotonic)
-    pinged: bool = False
     device: str = "cpu"
     #: The CUDA copier (stream, staging) of a GPU worker; None for CPU workers.
     mover: CudaMover | None = field(repr=False, default=None)
@@ -165,8 +163,6 @@ class EngineDrivenContext:
     #: Tokens (physical slots) per chunk object: `num_physical_slots` or the chunk size.
     slots: int
     registered_at: float = field(default_factory=time.monotonic)
-    last_seen: float = field(default_factory=time.monotonic)
-    pinged: bool = False
     device: str = "cpu"
     engine_type: str = "engine_driven"
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -450,36 +446,27 @@ def build_context(
 
 AnyContext = KVContext | EngineDrivenContext
 
-#: Unknown instances remembered as "told" by a false ping (a bound: random ids cost nothing).
-MAX_TOLD = 4096
-#: After its false ping, an unknown instance's pings answer True for this long (at least once),
-#: so that pings queued while the server was down cannot make it miss its edge.
-RETELL_SECONDS = 60.0
-
-
-@dataclass
-class _Told:
-    at: float
-    answered_true: bool = False
-
 
 class ContextRegistry:
-    """Contexts by instance id and a ref-counted layout per (model_name, world_size)."""
+    """Contexts by instance id and a ref-counted layout per (model_name, world_size).
 
-    def __init__(self) -> None:
+    Liveness (last heard from, pinged) lives in the control plane (`_core.ControlPlane`,
+    rust/control/workers.rs), where the native `ping` updates it without Python; the registry
+    tells it which workers and layouts exist."""
+
+    def __init__(self, control: ControlPlane) -> None:
         self._lock = threading.Lock()
+        self._control = control
         self._contexts: dict[int, AnyContext] = {}
         #: (model, world) -> (its object groups, their signature, registrations using it)
         self._layouts: dict[tuple[str, int], tuple[ObjectLayout, Signature, int]] = {}
-        #: Unknown instances that were answered false, oldest first (see `ping`).
-        self._told: dict[int, _Told] = {}
 
     def add(self, ctx: AnyContext) -> bool:
         """Registers `ctx`; returns False when the instance was already registered (refresh)."""
         with self._lock:
             old = self._contexts.get(ctx.instance_id)
             if old is not None:
-                old.last_seen = time.monotonic()
+                self._control.worker_touch(ctx.instance_id, False)
                 return False
             layout = self._layouts.get(ctx.layout_key)
             sig = ctx.layout_signature
@@ -491,60 +478,37 @@ class ContextRegistry:
             objects = layout[0] if layout is not None else ctx.object_layout
             self._layouts[ctx.layout_key] = (objects, sig, (layout[2] if layout else 0) + 1)
             self._contexts[ctx.instance_id] = ctx
-            self._told.pop(ctx.instance_id, None)
+            if layout is None:
+                self._control.set_layout(ctx.model_name, ctx.world_size, *control_layout(objects))
+            self._control.worker_add(ctx.instance_id)
             return True
 
     def remove(self, instance_id: int) -> AnyContext | None:
         with self._lock:
             ctx = self._contexts.pop(instance_id, None)
             if ctx is not None:
+                self._control.worker_remove(instance_id)
                 objects, sig, refs = self._layouts[ctx.layout_key]
                 if refs <= 1:
                     del self._layouts[ctx.layout_key]
+                    self._control.drop_layout(ctx.model_name, ctx.world_size)
                 else:
                     self._layouts[ctx.layout_key] = (objects, sig, refs - 1)
             return ctx
 
     def get(self, instance_id: int) -> AnyContext | None:
+        """The context; a request of the worker counts as hearing from it."""
         with self._lock:
             ctx = self._contexts.get(instance_id)
-            if ctx is not None:
-                ctx.last_seen = time.monotonic()
-            return ctx
+        if ctx is not None:
+            self._control.worker_touch(instance_id, False)
+        return ctx
 
     def touch(self, instance_id: int, pinged: bool) -> bool:
-        with self._lock:
-            ctx = self._contexts.get(instance_id)
-            if ctx is None:
-                return False
-            ctx.last_seen = time.monotonic()
-            ctx.pinged |= pinged
-            return True
+        return self._control.worker_touch(instance_id, pinged)
 
-    def ping(self, instance_id: int, now: float | None = None) -> bool:
-        """A worker's heartbeat (spec J.7). A registered instance answers True and its liveness
-        is refreshed. An instance that is not registered (this server never saw it, it
-        unregistered or was reaped) answers False, then True: LMCache's worker re-runs its
-        whole registration (same instance id) on that unhealthy -> healthy edge, so it is back
-        within two heartbeats. Pings keep answering True for RETELL_SECONDS (a worker whose
-        re-registration failed retries it at each of them, J.7), then, if the instance is
-        still unknown (its registration was refused), False again: it retries now and then."""
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            ctx = self._contexts.get(instance_id)
-            if ctx is not None:
-                ctx.last_seen = now
-                ctx.pinged = True
-                return True
-            told = self._told.get(instance_id)
-            if told is not None and (not told.answered_true or now - told.at < RETELL_SECONDS):
-                told.answered_true = True
-                return True
-            self._told.pop(instance_id, None)
-            self._told[instance_id] = _Told(now)
-            if len(self._told) > MAX_TOLD:
-                del self._told[next(iter(self._told))]
-            return False
+    def last_seen_ago(self, instance_id: int) -> float | None:
+        return self._control.last_seen_ago(instance_id)
 
     def layout(self, model_name: str, world_size: int) -> ObjectLayout | None:
         """The object groups of a registered (model, world), or None."""
@@ -556,11 +520,14 @@ class ContextRegistry:
         with self._lock:
             return list(self._contexts.values())
 
-    def silent(self, now: float, reap_timeout: float, grace: float) -> list[int]:
+    def silent(self, reap_timeout: float, grace: float) -> list[int]:
         """Instances silent past their budget: the reap timeout once they pinged, else grace."""
-        with self._lock:
-            return [
-                c.instance_id
-                for c in self._contexts.values()
-                if now - c.last_seen > (reap_timeout if c.pinged else grace)
-            ]
+        return self._control.silent(reap_timeout, grace)
+
+
+def control_layout(objects: ObjectLayout) -> tuple[list[int], bool]:
+    """What the control plane needs of a layout: every object group id (tail objects too) and
+    whether it is plain (one full-attention group, id 0: the lookup runs natively)."""
+    ids = sorted({0} | {i for og in objects for i in (og.id, og.tail_id) if i is not None})
+    plain = len(objects) == 1 and not objects[0].windowed and objects[0].id == 0
+    return ids, plain

@@ -1,8 +1,11 @@
-"""The MP cache engine: one handler per supported operation (spec B.4, D.1, D.2, E.3).
+"""The MP cache engine: the data operations (spec B.4, D.1, D.2, E.3).
 
-Handlers run on the transport's pools and never touch the socket. A handler returns the reply
-payload (None: no payload frame) or raises `ProtocolError` with a code for the error frame.
-All index calls go to the Rust core with the GIL released; byte copies are torch ops.
+The control operations (lookup, prefetch status, sessions, ping, clear...) run in Rust on the
+request I/O thread (`_core.ControlPlane`, rust/control/); their state (sessions, worker
+liveness, layouts, stats) lives there, and the handlers here reach it through `self.control`.
+Handlers run on the transport's Python workers and never touch the socket. A handler returns
+the reply payload (None: no payload frame) or raises `ProtocolError` with a code for the error
+frame. All index calls go to the Rust core with the GIL released; byte copies are torch ops.
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -19,9 +21,11 @@ import torch
 from lmcache_rs import (
     MAX_READERS,
     ChainMemo,
+    ControlError,
+    ControlPlane,
     InvalidKeyError,
     KeyScope,
-    LmcacheCoreError,
+    PrefetchJob,
     ReadGrant,
     mp_kv_rank,
 )
@@ -41,7 +45,6 @@ from lmcache_rs.engine.contexts import (
 )
 from lmcache_rs.engine.groups import Lock, ObjectLayout, Row, lock_fold, read_plan, store_plan
 from lmcache_rs.engine.groups import chunk_blocks as group_blocks
-from lmcache_rs.engine.sessions import LookupLocks, Session, SessionManager
 from lmcache_rs.protocol.codec import ProtocolError
 from lmcache_rs.protocol.messages import (
     STUB_EVENT,
@@ -76,28 +79,42 @@ ENGINE_DRIVEN_OPS = (
     "commit_retrieve",
 )
 
-#: Longest a wait_prefetch_status may hold a control-pool thread.
-MAX_WAIT_SECONDS = 5.0
+#: The operations the Rust I/O thread answers itself (rust/control/server.rs); a hybrid
+#: layout's lookup comes back to `Engine.lookup`.
+NATIVE_OPS = (
+    "noop",
+    "ping",
+    "lookup",
+    "query_prefetch_status",
+    "wait_prefetch_status",
+    "end_session",
+    "free_lookup_locks",
+    "clear",
+    "get_chunk_size",
+    "get_experimental",
+)
+
+#: L2 prefetch jobs waiting for the L2 tier's pool at most (beyond: the lookup answers its L1
+#: hit at once).
+PREFETCH_QUEUE = 64
 
 
 class EngineStats:
-    """Counters the metrics layer reads (labels in the key tuples)."""
+    """The counters the metrics layer reads, labels in the key tuples: a view of the one stats
+    registry (`ControlPlane.count`, atomics in rust/control/stats.rs) that the Rust control
+    operations update too."""
 
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.counters: Counter[tuple[str, ...]] = Counter()
+    def __init__(self, control: ControlPlane) -> None:
+        self._control = control
 
     def add(self, *key: str, n: int = 1) -> None:
-        with self.lock:
-            self.counters[key] += n
+        self._control.count(key, n)
 
     def snapshot(self) -> dict[tuple[str, ...], int]:
-        with self.lock:
-            return dict(self.counters)
+        return self._control.counters()
 
     def reset(self) -> None:
-        with self.lock:
-            self.counters.clear()
+        self._control.reset_counters()
 
 
 class Engine:
@@ -107,29 +124,30 @@ class Engine:
         self.null_block_id = cfg.mp.null_block_id
         self.l1 = l1
         self.index = l1.index
-        self.contexts = ContextRegistry()
-        self.sessions = SessionManager()
-        self.stats = EngineStats()
         #: Chunk hashes shared by all requests: a prompt seen before is not hashed again.
         self.chain_memo = ChainMemo(cfg.mp.hash_memo_chunks)
+        #: Sessions, worker liveness, layouts and stats, shared with the native control ops.
+        self.control = ControlPlane(
+            l1.index,
+            self.chain_memo,
+            self.chunk_size,
+            l2_prefetch=bool(cfg.storage_manager.l2_adapters),
+            prefetch_queue=PREFETCH_QUEUE,
+        )
+        self.contexts = ContextRegistry(self.control)
+        self.stats = EngineStats(self.control)
         #: The L2 tier, set by the runtime when adapters are configured.
         self.l2: L2Tier | None = None
+        self._pump: threading.Thread | None = None
+        self._pump_stop = threading.Event()
+        #: The data operations served by Python workers (plus `lookup` for hybrid layouts).
         self.handlers: dict[str, Callable[..., Any]] = {
             "register_kv_cache": self.register_kv_cache,
             "unregister_kv_cache": self.unregister_kv_cache,
             "store": self.store,
             "retrieve": self.retrieve,
             "lookup": self.lookup,
-            "query_prefetch_status": self.query_prefetch_status,
-            "wait_prefetch_status": self.wait_prefetch_status,
-            "free_lookup_locks": self.free_lookup_locks,
-            "end_session": self.end_session,
-            "clear": self.clear_op,
-            "get_chunk_size": lambda: self.chunk_size,
-            "ping": self.ping,
             "report_block_allocation": self.report_block_allocation,
-            "noop": lambda: "OK",
-            "get_experimental": lambda: [],
         }
         if not cfg.mp.lmcache_driven:
             for name in LMCACHE_DRIVEN_OPS:
@@ -149,7 +167,7 @@ class Engine:
     def refusal(self, op: str) -> str | None:
         """Why a known operation is not served here (None: it is). The handler table is the one
         record of what this server serves."""
-        if op in self.handlers:
+        if op in self.handlers or op in NATIVE_OPS:
             return None
         if op in LMCACHE_DRIVEN_OPS or op in ENGINE_DRIVEN_OPS:
             return (
@@ -175,13 +193,13 @@ class Engine:
             )
         return key.start // self.chunk_size
 
-    def _prefix(self, session: Session, key: IPCCacheServerKey) -> list[bytes]:
-        """Hashes of the request's complete chunks up to `key.end` (caller holds session.lock)."""
+    def _prefix(self, key: IPCCacheServerKey, record_scopes: bool = False) -> list[bytes]:
+        """Hashes of the request's complete chunks up to `key.end`, from its session's cached
+        chain; `record_scopes` keeps the request's scopes for end_session's LRU touch."""
         try:
-            hashes, n_tokens = session.chain(key, self.chunk_size, self.chain_memo)
-        except LmcacheCoreError as e:
-            raise ProtocolError("bad_request", str(e)) from None
-        return hashes[: min(key.end, n_tokens) // self.chunk_size]
+            return self.control.prefix_hashes(key, record_scopes)
+        except ControlError as e:
+            raise ProtocolError(*e.args) from None
 
     def _worker_context(self, key: IPCCacheServerKey, instance_id: int) -> KVContext:
         ctx = self._registered(key, instance_id)
@@ -301,23 +319,11 @@ class Engine:
         log.info("instance %d %s (%d staged writes dropped)", instance_id, why, aborted)
         return True
 
-    def ping(self, instance_id: int | None) -> bool:
-        """True for the scheduler (nil) and registered workers; an unknown worker gets False
-        once, then True, so LMCache's heartbeat re-registers it (`ContextRegistry.ping`)."""
-        if instance_id is None:
-            return True
-        known = self.contexts.ping(instance_id)
-        if not known:
-            log.info("ping from unknown instance %d: answered false so that it registers again", instance_id)
-        return known
-
     def reap_workers(self) -> tuple[str, dict[str, Any]]:
         mp = self.cfg.mp
         if mp.worker_reap_timeout_seconds <= 0:
             return "disabled", {}
-        silent = self.contexts.silent(
-            time.monotonic(), mp.worker_reap_timeout_seconds, mp.worker_registration_grace_seconds
-        )
+        silent = self.contexts.silent(mp.worker_reap_timeout_seconds, mp.worker_registration_grace_seconds)
         reaped = [i for i in silent if self.drop_instance(i, "reaped after silence")]
         return f"Reaped {len(reaped)} workers", {"reaped_instances": reaped}
 
@@ -397,25 +403,12 @@ class Engine:
         """The hashes of the chunks a store covers (`[start, end)`); records the request's
         scopes (every rank) for end_session's LRU touch."""
         c0 = self._first_chunk(key)
-        session = self.sessions.get(key.request_id)
-        assert session is not None
-        with session.lock:
-            hashes = self._prefix(session, key)[c0:]
-            session.scopes = self._request_scopes(key)
-        return hashes
-
-    def _request_scopes(self, key: IPCCacheServerKey, layout: ObjectLayout | None = None) -> list[KeyScope]:
-        """Every scope the request's keys live in (each rank, each object group id of the
-        registered layout), for end_session's LRU touch."""
-        if layout is None:
-            layout = self.contexts.layout(key.model_name, key.world_size) or ()
-        ids = sorted({0} | {i for og in layout for i in (og.id, og.tail_id) if i is not None})
-        return [self._scope(key, r, g) for g in ids for r in range(key.world_size)]
+        return self._prefix(key, record_scopes=True)[c0:]
 
     def retrieve(
         self, key: IPCCacheServerKey, instance_id: int, block_ids: list[list[int]], event: bytes, skip: int
     ) -> list[Any]:
-        ctx, session, hashes, c0 = self._start_read(key, instance_id, self._worker_context)
+        ctx, hashes, c0 = self._start_read(key, instance_id, self._worker_context)
         n = len(hashes)
         rank = key.worker_id or 0
         try:
@@ -464,36 +457,31 @@ class Engine:
             self.stats.add("num_chunks_loaded", str(key.worker_id), key.model_name, key.cache_salt, n=n)
             return [done_event, True]
         finally:
-            self._release_share(session, key.worker_id, c0, c0 + n)
+            self._release_share(key, c0, c0 + n)
             self.stats.add("retrieves_finished", ctx.device)
 
     def _start_read(
         self, key: IPCCacheServerKey, instance_id: int, context: Callable[[IPCCacheServerKey, int], Ctx]
-    ) -> tuple[Ctx, Session, list[bytes], int]:
-        """The common start of retrieve and prepare_retrieve: the worker's context, the session
-        and the hashes of the key's range, and its first chunk. When the worker cannot be
-        served, its share of the lookup's locks on the range is released before the error."""
+    ) -> tuple[Ctx, list[bytes], int]:
+        """The common start of retrieve and prepare_retrieve: the worker's context, the hashes
+        of the key's range, and its first chunk. When the worker cannot be served, its share of
+        the lookup's locks on the range is released before the error."""
         c0 = self._first_chunk(key)
-        session = self.sessions.get(key.request_id, create=False)
         try:
             ctx = context(key, instance_id)
         except ProtocolError:
-            self._release_share(session, key.worker_id, c0, key.end // self.chunk_size)
+            self._release_share(key, c0, key.end // self.chunk_size)
             raise
-        if session is None:
-            session = self.sessions.get(key.request_id)
-            assert session is not None
-        with session.lock:
-            hashes = self._prefix(session, key)[c0:]
+        hashes = self._prefix(key)[c0:]
         want = (key.end - key.start) // self.chunk_size  # complete chunks of the range
         if len(hashes) < want:  # LMCache's client would report the missing chunks loaded (J.7)
-            self._release_share(session, key.worker_id, c0, c0 + len(hashes))
+            self._release_share(key, c0, c0 + len(hashes))
             raise ProtocolError(
                 "not_found",
                 f"[{key.start}, {key.end}) holds {want} complete chunk(s); the request's tokens "
                 f"give {len(hashes)}",
             )
-        return ctx, session, hashes, c0
+        return ctx, hashes, c0
 
     def _lock_for_read(
         self, key: IPCCacheServerKey, scope: KeyScope, hashes: list[bytes], fallback: Callable[[], Any]
@@ -528,68 +516,51 @@ class Engine:
         real event recorded after its own (it waits on whatever we return)."""
         return ctx.mover.idle(wait) if ctx.mover is not None else STUB_EVENT
 
-    def _release_share(self, session: Session | None, worker_id: int | None, c0: int, c1: int) -> None:
-        if session is None or worker_id is None:
-            return
-        with session.lock:
-            if session.locks is not None:
-                session.locks.release(self.index, worker_id, c0, c1, 1)
+    def _release_share(self, key: IPCCacheServerKey, c0: int, c1: int) -> None:
+        """One share of this rank's lookup leases on chunks [c0, c1): its retrieve is done."""
+        if key.worker_id is not None and key.worker_id >= 0:
+            self.control.release_share(key.request_id, key.worker_id, c0, c1)
 
-    # ---- lookup and sessions (NORMAL pool) -------------------------------------------------
+    # ---- lookups of hybrid layouts (normal lane) ----------------------------------------------
 
     def lookup(self, key: IPCCacheServerKey, tp_size: int) -> None:
+        """A lookup the Rust I/O thread hands over: a hybrid layout's fold over its object
+        groups (engine/groups.py). The session is prepared (and marked pending, so queries
+        answer nil meanwhile) by `lookup_begin`, the result installed by `lookup_finish`;
+        whatever fails in between, the lookup answers 0, never nil forever."""
         if key.num_kv_readers < 1:
             raise ProtocolError(
                 "bad_request",
                 "num_kv_readers must be >= 1 (clients older than LMCache 0.5 are not supported)",
             )
         readers = min(key.num_kv_readers, MAX_READERS)
-        session = self.sessions.get(key.request_id)
-        assert session is not None
-        self.stats.add("lookups", key.model_name, key.cache_salt)
-        with session.lock:
-            session.drop_locks(self.index)
-            session.generation += 1  # an L2 prefetch of an earlier lookup will not install
-            session.set_result(0)  # what a lookup that fails from here answers (never nil)
-            scopes = [self._scope(key, r) for r in range(key.world_size)]
-            layout = self.contexts.layout(key.model_name, key.world_size)
-            session.scopes = self._request_scopes(key, layout)
-            hashes = self._prefix(session, key)
-            self.stats.add(
-                "lookup_requested_tokens", key.model_name, key.cache_salt, n=len(hashes) * self.chunk_size
-            )
-            if layout is None:
+        layout = self.contexts.layout(key.model_name, key.world_size) or ()
+        ids = sorted({0} | {i for og in layout for i in (og.id, og.tail_id) if i is not None})
+        try:
+            gen, hashes = self.control.lookup_begin(key, ids)
+        except ControlError as e:
+            raise ProtocolError(*e.args) from None
+        hit, rows = 0, []
+        try:
+            if not layout:
                 self.stats.add("lookup_early_exit", key.model_name, key.cache_salt, "no_gpu_context")
-                session.set_result(0)
-                return None
-            if not hashes:
-                self.stats.add("lookup_early_exit", key.model_name, key.cache_salt, "empty_chunk_hashes")
-                session.set_result(0)
-                return None
-            hit, session.locks, short = self._lock_prefix(key, layout, hashes, readers)
-            self._count_hit(key, hit, "l1")
-            if hit < len(hashes):
-                self._count_miss(key, short, hashes[hit])
-            l2 = self.l2
-            # L2 prefetch extends one object group's prefix; a hybrid layout is served from L1.
-            if l2 is not None and hit < len(hashes) and len(layout) == 1 and not layout[0].windowed:
-                gen = session.generation
-                session.pending = True
-                session.result_ready.clear()
-                if l2.submit(lambda: self._prefetch(session, gen, key, scopes, hashes, hit, readers)):
-                    return None
-                self.stats.add("l2_prefetch_skipped", key.model_name, "busy")
-            session.set_result(hit)
-        return None
+            elif hashes:
+                hit, rows, short = self._lock_prefix(key, layout, hashes, readers)
+                self._count_hit(key, hit, "l1")
+                if hit < len(hashes):
+                    self._count_miss(key, short, hashes[hit])
+        finally:
+            self.control.lookup_finish(key.request_id, gen, hit, rows)
 
     def _lock_prefix(
         self, key: IPCCacheServerKey, layout: ObjectLayout, hashes: list[bytes], readers: int
-    ) -> tuple[int, LookupLocks, KeyScope | None]:
+    ) -> tuple[int, list[tuple[int, int, int, int]], KeyScope | None]:
         """The longest prefix every object group of every rank can serve (spec C.6), with
         exactly the chunks it needs held by read leases of `readers` shares: every chunk of the
         prefix for full attention, the chunks of the prefix's last window for a sliding window.
-        Also returns a full-attention scope whose resident prefix ends there (None when only a
-        window falls short), for the miss's reason."""
+        Returns the prefix, the leases as (rank, lease, first chunk, chunks) rows, and a
+        full-attention scope whose resident prefix ends there (None when only a window falls
+        short), for the miss's reason."""
         rows = [(og, r) for og in layout for r in range(key.world_size)]
         full: list[tuple[int, KeyScope, ReadGrant]] = []  # full-attention rows: their leased prefix
         for i, (og, r) in enumerate(rows):
@@ -626,15 +597,15 @@ class Engine:
             self.index.release(leases.pop((t[0], t[1], t[2])))
 
         hit, taken = lock_fold(bound, present, lock, unlock) if windowed else (bound, [])
-        held = [(rows[windowed[i]][1], (leases[i, tail, lo], lo, hi - lo)) for i, tail, lo, hi in taken]
+        held = [(rows[windowed[i]][1], leases[i, tail, lo], lo, hi - lo) for i, tail, lo, hi in taken]
         short = None
         for i, scope, g in full:
             if g.hit > hit:
                 self.index.release(g.lease, hit, g.hit)
             elif short is None:
                 short = scope
-            held.append((rows[i][1], (g.lease, 0, hit)))
-        return hit, LookupLocks.of(held), short
+            held.append((rows[i][1], g.lease, 0, hit))
+        return hit, held, short
 
     def _count_miss(self, key: IPCCacheServerKey, scope: KeyScope | None, first_missing: bytes) -> None:
         """Counts a lookup that fell short of the prompt by why its first missing chunk is not
@@ -649,84 +620,51 @@ class Engine:
         self.stats.add("lookup_hit_tokens", key.model_name, key.cache_salt, n=tokens)
         self.stats.add(f"lookup_hit_{tier}_tokens", key.model_name, key.cache_salt, n=tokens)
 
-    def _prefetch(
-        self,
-        session: Session,
-        gen: int,
-        key: IPCCacheServerKey,
-        scopes: list[KeyScope],
-        hashes: list[bytes],
-        hit: int,
-        readers: int,
-    ) -> None:
-        """Loads what L1 missed from L2 (prefetch pool) and completes the lookup's result. Its
-        result is set whatever fails: a query must never answer nil forever (spec J.7)."""
+    # ---- L2 prefetch (the L2 tier's pool) -----------------------------------------------------
+
+    def start_prefetch_pump(self) -> None:
+        """Starts the thread that hands the native lookups' L2 prefetch jobs to the L2 tier."""
+        if self.l2 is not None and self._pump is None:
+            self._pump = threading.Thread(target=self._pump_prefetches, name="l2-prefetch-pump", daemon=True)
+            self._pump.start()
+
+    def stop_prefetch_pump(self) -> None:
+        self._pump_stop.set()
+        if self._pump is not None:
+            self._pump.join(5.0)
+
+    def _pump_prefetches(self) -> None:
+        l2 = self.l2
+        assert l2 is not None
+        while not self._pump_stop.is_set():
+            job = self.control.next_prefetch(0.5)
+            if job is None:
+                continue
+            if not l2.submit(lambda job=job: self._prefetch(job)):
+                self.stats.add("l2_prefetch_skipped", job.model_name, "busy")
+                self.control.prefetch_done(job, 0, [])
+
+    def _prefetch(self, job: PrefetchJob) -> None:
+        """Loads what L1 missed from L2 and completes the lookup's result (installed by the
+        control plane only if the session still waits for this lookup)."""
         assert self.l2 is not None
+        loaded, leases = 0, []
         try:
-            try:
-                loaded, leases = self.l2.load(scopes, hashes[hit:], readers, key.model_name)
-            except Exception:
-                log.exception("L2 prefetch for %s failed", key.request_id)
-                loaded, leases = 0, []
-            loaded = min(loaded, len(hashes) - hit)  # never a hit beyond the lookup's range
-            with session.lock:
-                if session.generation != gen or session.closed or session.locks is None:
-                    for lease in leases:  # superseded by a newer lookup, or the session ended
-                        self.index.release(lease)
-                    return
-                session.locks.extend(leases, hit, loaded)
-                session.set_result(hit + loaded)
-            self._count_hit(key, loaded, "l2")
+            scopes = [
+                KeyScope(job.model_name, mp_kv_rank(job.world_size, r), 0, job.cache_salt)
+                for r in range(job.world_size)
+            ]
+            loaded, leases = self.l2.load(scopes, job.hashes, job.readers, job.model_name)
+        except Exception:
+            log.exception("L2 prefetch for %s failed", job.request_id)
         finally:
-            with session.lock:
-                if session.pending and session.generation == gen:
-                    session.set_result(hit)
-
-    def query_prefetch_status(self, request_id: str) -> int | None:
-        session = self.sessions.get(request_id, create=False)
-        if session is None:
-            return 0
-        with session.lock:
-            return session.take_result()
-
-    def wait_prefetch_status(self, request_id: str, timeout: float) -> int | None:
-        session = self.sessions.get(request_id)
-        assert session is not None
-        if not session.result_ready.wait(min(max(timeout, 0.0), MAX_WAIT_SECONDS)):
-            return None
-        with session.lock:
-            return session.take_result()
-
-    def free_lookup_locks(self, key: IPCCacheServerKey, tp_size: int) -> None:
-        session = self.sessions.get(key.request_id, create=False)
-        if session is None:
-            return None
-        c0, c1 = self._first_chunk(key), key.end // self.chunk_size
-        with session.lock:
-            if session.locks is not None:
-                session.locks.release(self.index, None, c0, c1, None)
-        return None
-
-    def end_session(self, request_id: str) -> None:
-        session = self.sessions.pop(request_id)
-        if session is not None:
-            self._close_session(session, touch=True)
-
-    def _close_session(self, session: Session, touch: bool) -> None:
-        with session.lock:
-            session.closed = True
-            session.drop_locks(self.index)
-            if touch and session.hashes:
-                for s in session.scopes:
-                    self.index.touch(s, session.hashes)
+            self.control.prefetch_done(job, loaded, leases)
 
     def expire_sessions(self) -> tuple[str, dict[str, Any]]:
-        old = self.sessions.expired(self.cfg.mp.session_ttl_seconds)
-        for s in old:
-            self._close_session(s, touch=False)
+        old = self.control.expire_sessions(self.cfg.mp.session_ttl_seconds)
         stores, reads = self._expire_prepared()
-        return f"Removed {len(old)} expired sessions", {
-            "removed_sessions": len(old),
+        return f"Removed {old} expired sessions", {
+            "removed_sessions": old,
             "expired_prepared_stores": stores,
             "expired_prepared_retrieves": reads,
         }
@@ -748,14 +686,10 @@ class Engine:
                 n_reads += len(reads)
         return n_stores, n_reads
 
-    def clear_op(self, force: bool) -> None:
-        """The `clear` operation: no payload (LMCache's client reads any non-nil reply to
-        clear as undecodable and waits out its timeout; spec J.7)."""
-        self.clear(force)
-
     def clear(self, force: bool) -> dict[str, int]:
-        """Spec E.8 (L1 only). Forced, objects still held by transfers in flight leave the
-        index now and their bytes return to the arena when those transfers end."""
+        """Spec E.8 (L1 only), for the HTTP API (the `clear` operation runs natively).
+        Forced, objects still held by transfers in flight leave the index now and their bytes
+        return to the arena when those transfers end."""
         report = self.index.clear(force)
         log.info(
             "clear(force=%s): %d objects (%d bytes) dropped, %d of them (%d bytes) pending the end "
@@ -909,7 +843,7 @@ class Engine:
         return True
 
     def prepare_retrieve(self, key: IPCCacheServerKey, instance_id: int) -> PrepareRetrieveReply:
-        ctx, session, hashes, c0 = self._start_read(key, instance_id, self._engine_context)
+        ctx, hashes, c0 = self._start_read(key, instance_id, self._engine_context)
         scope = self._scope(key, key.worker_id or 0)
         try:
             self._check_prepared(ctx)
@@ -927,7 +861,7 @@ class Engine:
                 success=True, context=RetrieveSlots(slots=[self._slot(ctx, off) for off in offsets])
             )
         finally:
-            self._release_share(session, key.worker_id, c0, c0 + len(hashes))
+            self._release_share(key, c0, c0 + len(hashes))
 
     def commit_retrieve(self, key: IPCCacheServerKey, instance_id: int) -> bool:
         """Unlocks what prepare_retrieve locked. False (not an error) when nothing is waiting:

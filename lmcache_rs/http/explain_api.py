@@ -127,12 +127,11 @@ def _hashes(runtime: Runtime, body: ExplainRequest) -> list[bytes]:
         except (LmcacheCoreError, OverflowError, ValueError) as e:
             raise ApiError(400, {"error": f"token_ids: {e}"}) from None
     assert body.request_id is not None
-    session = engine.sessions.peek(body.request_id)
+    session = engine.control.session_view(body.request_id)
     unknown = ApiError(404, {"error": f"unknown request_id {body.request_id!r} (for this model and salt)"})
     if session is None:
         raise unknown
-    with session.lock:
-        scopes, hashes = list(session.scopes), list(session.hashes)
+    hashes, scopes = session
     if not scopes or any((s.model_name, s.cache_salt) != (body.model_name, body.cache_salt) for s in scopes):
         raise unknown  # another tenant's (or model's) request: indistinguishable from none
     return hashes

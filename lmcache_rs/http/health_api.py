@@ -122,7 +122,7 @@ def status(runtime: NamedDependency[Runtime]) -> dict[str, Any]:
         "supported_transfer_mode": cfg.mp.supported_transfer_mode,
         "registered_gpu_ids": sorted(c.instance_id for c in contexts),
         "gpu_context_meta": {str(c.instance_id): c.status() for c in contexts},
-        "active_sessions": len(runtime.engine.sessions),
+        "active_sessions": runtime.engine.control.session_count,
         "hash_memo": dict(
             zip(
                 ("entries", "key_bytes", "capacity", "hits", "misses"),

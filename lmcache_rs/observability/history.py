@@ -206,7 +206,7 @@ def workers(runtime: Runtime) -> list[WorkerNow]:
             world_size=c.world_size,
             transfer_mode=transfer_mode(c),
             device=c.device,
-            last_seen_ago=max(0.0, now - c.last_seen),
+            last_seen_ago=runtime.engine.contexts.last_seen_ago(c.instance_id) or 0.0,
             registered_ago=max(0.0, now - c.registered_at),
         )
         for c in sorted(runtime.engine.contexts.all(), key=lambda c: c.instance_id)

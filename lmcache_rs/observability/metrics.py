@@ -371,7 +371,7 @@ class ServerCollector(Collector):
         yield from self._health()
         yield from self._workers()
         sessions = GaugeMetricFamily("lmcache_rs_active_sessions", "Request sessions held.")
-        sessions.add_metric([], len(rt.engine.sessions))
+        sessions.add_metric([], rt.engine.control.session_count)
         yield sessions
         limit = GaugeMetricFamily(
             "lmcache_rs_quota_limit_bytes", "IsolatedLRU quota per cache_salt.", labels=["cache_salt"]

@@ -247,13 +247,14 @@ def test_env_masks_secrets(server_factory, monkeypatch) -> None:
 
 def test_threads_and_periodic_threads(api) -> None:
     dump = api.get("/threads").text
-    assert "mq-server-thread" in dump
+    # Python threads (the request I/O thread is native: it has no Python stack).
+    assert "data-worker-0" in dump
     assert dump.rstrip().splitlines()[-1].startswith("Total threads: ")
-    only = api.get("/threads", params={"name": "MQ-SERVER"}).text
+    only = api.get("/threads", params={"name": "IO-LOG-PUMP"}).text
     assert only.rstrip().endswith("Total threads: 1")
     ident = only.split("ident=", 1)[1].split(",", 1)[0]
     by_id = api.get("/threads", params={"thread_id": ident}).text
-    assert "mq-server-thread" in by_id
+    assert "io-log-pump" in by_id
     assert by_id.rstrip().endswith("Total threads: 1")
     assert api.get("/threads", params={"thread_id": "1"}).text.rstrip().endswith("Total threads: 0")
     assert api.get("/threads", params={"thread_id": "x"}).status_code == 400

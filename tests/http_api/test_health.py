@@ -8,7 +8,6 @@ are for conditions that will come true (their timeouts only catch a broken build
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,6 +17,7 @@ import pytest
 from kvsim import MODEL, Worker, tokens
 from litestar.testing import TestClient
 
+from lmcache_rs import ManualClock
 from lmcache_rs.client import MPClient, ServerError
 from lmcache_rs.client.client import make_key
 from lmcache_rs.config import StorageConfig
@@ -41,20 +41,6 @@ def wait_for(cond: Callable[[], bool], what: str, timeout: float = 30.0) -> None
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
-
-
-class ManualClock:
-    """The I/O loop's heartbeat clock, moved only by the test."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Crash(BaseException):
-    """Not an Exception: escapes the I/O loop's per-request handler, as a bug would."""
 
 
 # ---- a real server process -------------------------------------------------------------------
@@ -87,6 +73,7 @@ def test_a_serving_server_is_healthy_and_shows_its_io_loop(server_factory) -> No
 
 @pytest.fixture
 def clock() -> ManualClock:
+    """The I/O loop's heartbeat clock, moved only by the test."""
     return ManualClock()
 
 
@@ -104,23 +91,16 @@ def api(runtime: Runtime) -> Iterator[TestClient[Any]]:
 def test_a_blocked_io_loop_turns_healthcheck_503_until_it_ticks_again(
     runtime: Runtime, api: TestClient[Any], clock: ManualClock
 ) -> None:
-    entered, release = threading.Event(), threading.Event()
-    end_session = runtime.engine.handlers["end_session"]
-
-    def blocking(request_id: str) -> None:  # end_session runs on the I/O thread (SYNC)
-        entered.set()
-        assert release.wait(60)
-        end_session(request_id)
-
-    runtime.engine.handlers["end_session"] = blocking
+    native = runtime.server.native
     assert api.get("/healthcheck").status_code == 200
     with MPClient(runtime.server.url, timeout=60) as c:
-        uid = c.send("end_session", "r")
-        assert entered.wait(30)
-        # The loop is inside the handler: however long that lasts, it cannot tick.
-        clock.now += 9.0
+        assert c.call("noop") == "OK"
+        native.inject_fault("stall")  # the Rust I/O loop blocks at its next iteration
+        wait_for(lambda: native.stalled, "the loop to stall")
+        uid = c.send("end_session", "r")  # cannot be answered while it is blocked
+        clock.advance(9.0)
         assert api.get("/healthcheck").status_code == 200, "within --io-stall-timeout-seconds (10)"
-        clock.now += 2.0
+        clock.advance(2.0)
         r = api.get("/healthcheck")
         assert r.status_code == 503
         reason = r.json()["reason"]
@@ -133,25 +113,20 @@ def test_a_blocked_io_loop_turns_healthcheck_503_until_it_ticks_again(
         assert st["io_thread"]["is_healthy"] is False
         assert st["io_thread"]["alive"] is True
         assert st["io_thread"]["last_tick_ago"] == pytest.approx(11.0)
-        release.set()
+        native.release_fault()
         assert c.recv(uid) is None
     wait_for(lambda: api.get("/healthcheck").status_code == 200, "the loop to tick again")
     assert api.get("/status").json()["io_thread"]["last_tick_ago"] == 0.0
 
 
 def test_a_dead_io_loop_turns_healthcheck_503(runtime: Runtime, api: TestClient[Any]) -> None:
-    def crash(request_id: str) -> None:
-        raise Crash("escaped the loop")
-
-    runtime.engine.handlers["end_session"] = crash
-    with MPClient(runtime.server.url) as c:
-        c.send("end_session", "r")
-        wait_for(lambda: not runtime.io_status().alive, "the I/O thread to end")
+    runtime.server.native.inject_fault("panic", "escaped the loop")
+    wait_for(lambda: not runtime.io_status().alive, "the I/O thread to end")
     r = api.get("/healthcheck")
     assert r.status_code == 503
-    assert r.json()["reason"] == "request I/O thread died: Crash: escaped the loop"
+    assert r.json()["reason"] == "request I/O thread died: panic: escaped the loop"
     io = api.get("/status").json()["io_thread"]
-    assert (io["alive"], io["is_healthy"], io["error"]) == (False, False, "Crash: escaped the loop")
+    assert (io["alive"], io["is_healthy"], io["error"]) == (False, False, "panic: escaped the loop")
 
 
 def test_l1_is_unhealthy_while_full_and_refusing_stores(runtime_factory) -> None:
