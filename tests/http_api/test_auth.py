@@ -24,6 +24,8 @@ PROTECTED = [
     ("GET", "/l2/keys"),
     ("DELETE", "/cache/objects"),
     ("DELETE", "/l2"),
+    ("POST", "/cache/prefetches"),
+    ("GET", "/cache/prefetches/0123abcd"),
     ("PUT", "/quota/alice"),
     ("DELETE", "/quota/alice"),
     ("GET", "/loglevel?logger_name=lmcache_rs&level=DEBUG"),
