@@ -26,6 +26,8 @@ PROTECTED = [
     ("DELETE", "/l2"),
     ("POST", "/cache/prefetches"),
     ("GET", "/cache/prefetches/0123abcd"),
+    ("POST", "/cache/checksums"),
+    ("GET", "/kvcache/check?block_ids=0&chunk_size=1"),
     ("PUT", "/quota/alice"),
     ("DELETE", "/quota/alice"),
     ("GET", "/loglevel?logger_name=lmcache_rs&level=DEBUG"),
