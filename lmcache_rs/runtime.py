@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from lmcache_rs import ManualClock
 from lmcache_rs.config import ServerConfig
 from lmcache_rs.engine.engine import Engine
+from lmcache_rs.engine.warmup import Warmups
 from lmcache_rs.http.app import create_app
 from lmcache_rs.http.server import HttpServer
 from lmcache_rs.http.state import HttpState
@@ -92,6 +93,8 @@ class Runtime:
             self.periodic.register(
                 PeriodicThread("l2-eviction-cycle", 1.0, Level.MEDIUM, self.l2.evict_cycle)
             )
+        #: Warm-up prefetches from L2 (`POST /cache/prefetches`), on the tier's prefetch pool.
+        self.warmups = Warmups(self.engine, self.l2)
         self.periodic.register(
             PeriodicThread("l1-eviction-cycle", 1.0, Level.CRITICAL, self.l1_eviction_cycle)
         )

@@ -201,11 +201,19 @@ class L2Tier:
         return True
 
     def load(
-        self, scopes: list[KeyScope], hashes: list[bytes], readers: int, model: str
+        self,
+        scopes: list[KeyScope],
+        hashes: list[bytes],
+        readers: int,
+        model: str,
+        temporary: bool | None = None,
     ) -> tuple[int, list[int]]:
         """Loads the longest prefix of `hashes` that one adapter holds for every scope into L1,
         held by one read lease per scope with `readers` shares on each chunk. Returns its length
-        (0: nothing loaded) and the leases (the caller owns them; empty when nothing loaded)."""
+        (0: nothing loaded) and the leases (the caller owns them; empty when nothing loaded).
+        `temporary`: whether loaded objects leave L1 with their last read (default: the
+        prefetch policy's choice; a warm-up passes False to keep them as ordinary objects)."""
+        temporary = self.temporary if temporary is None else temporary
         plan = self._plan(scopes, hashes)
         if plan is None:
             return 0, []
@@ -215,7 +223,9 @@ class L2Tier:
         got: list[tuple[int, int]] = []
         for s, row in zip(scopes, lengths, strict=True):
             try:
-                k, lease = self._load_scope(adapter, s, hashes[:n], row[:n], readers, writer, model)
+                k, lease = self._load_scope(
+                    adapter, s, hashes[:n], row[:n], readers, writer, model, temporary
+                )
             except Exception:  # release what earlier scopes leased, then report
                 for _, lease in got:
                     self.index.release(lease)
@@ -255,14 +265,15 @@ class L2Tier:
         readers: int,
         writer: int,
         model: str,
-    ) -> int:
+        temporary: bool,
+    ) -> tuple[int, int]:
         """Loads chunks in order until one fails; returns how many are now in L1 and the read
         lease (0: none) holding them, one item per chunk. On an exception the lease is ended."""
         lease = 0
         try:
             for i, (h, size) in enumerate(zip(hashes, lengths, strict=True)):
                 assert size is not None
-                ok, lease = self._load_chunk(a, scope, h, size, readers, writer, model, lease)
+                ok, lease = self._load_chunk(a, scope, h, size, readers, writer, model, lease, temporary)
                 if not ok:
                     return i, lease
         except BaseException:
@@ -280,6 +291,7 @@ class L2Tier:
         writer: int,
         model: str,
         lease: int,
+        temporary: bool,
     ) -> tuple[bool, int]:
         """Loads one chunk into L1 (or finds it there) and adds it to `lease` (0: a new one).
         Returns whether it is held, and the lease."""
@@ -310,7 +322,7 @@ class L2Tier:
             self.count("l2_prefetch_failure_chunks", "not_found", model)
             return False, lease
         # Admitted (or found resident) read-locked into the lease; a clear meanwhile drops it.
-        done = self.index.finish_write(scope, [h], writer, readers, self.temporary, lease)
+        done = self.index.finish_write(scope, [h], writer, readers, temporary, lease)
         status = done.statuses[0]
         if status == "admitted":
             self.count("l2_prefetch_load_chunks", a.name, scope.cache_salt)
