@@ -31,6 +31,7 @@ from lmcache_rs.observability.health import (
 from lmcache_rs.observability.history import StatsHistory
 from lmcache_rs.observability.metrics import Metrics
 from lmcache_rs.observability.periodic import Level, PeriodicRegistry, PeriodicThread
+from lmcache_rs.storage import warm
 from lmcache_rs.storage.l1 import L1Store
 from lmcache_rs.storage.l2.tier import L2Tier
 from lmcache_rs.storage.shm_pool import auto_name
@@ -61,13 +62,24 @@ class Runtime:
         self.cfg = cfg
         self._clock = clock
         self.started_at = time.time()
-        mp = cfg.mp
+        mp, st = cfg.mp, cfg.storage_manager
         shm_name = None
-        if mp.engine_driven and mp.shm_name:
+        # With a state directory L1 lives in the pool for lmcache-driven workers too: it is
+        # what a restarted server re-adopts (storage/warm.py).
+        if mp.shm_name and (mp.engine_driven or st.state_dir):
             shm_name = auto_name(mp.port) if mp.shm_name == "auto" else mp.shm_name
         # An explicitly named pool must exist; the automatic one may fall back to private L1.
-        self.l1 = L1Store(cfg.storage_manager, shm_name, shm_required=mp.shm_name != "auto")
+        self.l1 = L1Store(
+            st,
+            shm_name,
+            shm_required=mp.shm_name != "auto",
+            keep_pool=bool(st.state_dir),
+            spare_pool=warm.spare(st.state_dir) if st.state_dir else None,
+        )
+        self.warm = warm.WarmReport(mode="off", reason="--state-dir ''")
         try:
+            if st.state_dir:
+                self.l1.journal, self.warm = warm.open_warm(self.l1, st.state_dir, st.warm_start)
             self._build(cfg)
         except BaseException:
             self.l1.close()
@@ -95,6 +107,10 @@ class Runtime:
         self.periodic.register(
             PeriodicThread("l1-eviction-cycle", 1.0, Level.CRITICAL, self.l1_eviction_cycle)
         )
+        if self.l1.journal is not None:
+            self.periodic.register(
+                PeriodicThread("l1-journal-compaction", 30.0, Level.MEDIUM, self.l1.journal.maybe_compact)
+            )
         self.periodic.register(
             PeriodicThread(
                 "session-cleanup",
