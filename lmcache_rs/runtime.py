@@ -8,6 +8,7 @@ periodic threads, and exit 0.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from lmcache_rs.config import ServerConfig
 from lmcache_rs.engine.engine import Engine
+from lmcache_rs.engine.statefile import WORKERS, Registrations, RestoreReport
 from lmcache_rs.http.app import create_app
 from lmcache_rs.http.server import HttpServer
 from lmcache_rs.http.state import HttpState
@@ -81,6 +83,15 @@ class Runtime:
             if st.state_dir:
                 self.l1.journal, self.warm = warm.open_warm(self.l1, st.state_dir, st.warm_start)
             self._build(cfg)
+            self.registrations: Registrations | None = None
+            self.restored = RestoreReport()
+            if st.state_dir:  # engine/statefile.py: workers that never re-register keep working
+                pool = self.l1.pool
+                where = os.path.join(st.state_dir, pool.name if pool is not None else f"port-{mp.port}")
+                os.makedirs(where, mode=0o700, exist_ok=True)
+                self.registrations = Registrations(os.path.join(where, WORKERS), self.engine)
+                self.restored = self.registrations.restore(engine_driven=pool is not None and pool.reused)
+                self.registrations.wrap(self.engine.handlers)
         except BaseException:
             self.l1.close()
             raise
@@ -125,7 +136,7 @@ class Runtime:
                     "worker-reaper",
                     max(cfg.mp.worker_reap_timeout_seconds / 4, 0.25),
                     Level.MEDIUM,
-                    self.engine.reap_workers,
+                    self.reap_workers,
                 )
             )
         self.server = ZmqServer(cfg.mp, self.engine, self._clock)
@@ -140,6 +151,13 @@ class Runtime:
         if cfg.http.enabled:
             self.http = HttpServer(create_app(self.http_state), cfg.http.http_host, cfg.http.http_port)
         self._stopped = threading.Event()
+
+    def reap_workers(self) -> tuple[str, dict[str, Any]]:
+        """The `worker-reaper` job; reaped workers leave the recorded registrations too."""
+        out = self.engine.reap_workers()
+        if self.registrations is not None:
+            self.registrations.sync()
+        return out
 
     # ---- health (observability.health) -------------------------------------------------------
 

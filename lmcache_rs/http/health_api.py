@@ -133,6 +133,7 @@ def status(runtime: NamedDependency[Runtime]) -> dict[str, Any]:
         ),
         "active_prefetch_jobs": 0 if l2 is None else l2.prefetch_in_flight,
         "storage_manager": storage,
+        "restored_workers": msgspec.to_builtins(runtime.restored),
         "worker_liveness": {
             "enabled": cfg.mp.worker_reap_timeout_seconds > 0,
             "reap_timeout_seconds": cfg.mp.worker_reap_timeout_seconds,
