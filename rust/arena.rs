@@ -108,7 +108,8 @@ impl Arena {
     /// (a warm restart). O(log f). Refused untouched when unaligned, out of bounds or not free.
     pub fn allocate_at(&mut self, offset: u64, size: u64) -> CoreResult<Allocation> {
         let size = self.rounded(size)?;
-        let end = offset.checked_add(size).filter(|&e| e <= self.capacity && offset % self.align == 0);
+        let end =
+            offset.checked_add(size).filter(|&e| e <= self.capacity && offset.is_multiple_of(self.align));
         let Some(end) = end else {
             return Err(CoreError::InvalidArgument(format!(
                 "range [{offset}, +{size}) is unaligned or outside the arena"
