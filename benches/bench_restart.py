@@ -68,9 +68,10 @@ def main() -> None:
     flags = ["--l1-size-gb", str(args.l1_gb), "--state-dir", state, "--shm-name", name]
     flags += ["--eviction-trigger-watermark", "1.0", "--worker-reap-timeout-seconds", "0"]
     # 4 layers x 2 (K, V) x 256 tokens x 4 heads x 128 x fp16 = 2 MiB per chunk object.
-    kv = ShmKVCache(4, PROMPT_CHUNKS * CHUNK // 16, 16, 4, 128, torch.float16, "NHD")
+    # Block 0 is the engine's null block (never stored): the prompt's blocks start at 1.
+    kv = ShmKVCache(4, PROMPT_CHUNKS * CHUNK // 16 + 1, 16, 4, 128, torch.float16, "NHD")
     kv.fill_random(0)
-    blocks = list(range(PROMPT_CHUNKS * CHUNK // 16))
+    blocks = list(range(1, PROMPT_CHUNKS * CHUNK // 16 + 1))
     iid = 7
     rows: list[tuple[str, str]] = []
     data: dict[str, Any] = {"l1_gib": args.l1_gb, "chunk_object_bytes": 2 << 20, "restarts": []}
@@ -86,6 +87,7 @@ def main() -> None:
         fill_s = time.perf_counter() - t
         expect = c.lookup(make_key(prompt(0), "expect", model_name=MODEL))  # chunks a prompt hits
         c.end_session("expect")
+        assert expect == PROMPT_CHUNKS, expect
         l1 = server.status()["storage_manager"]["l1_manager"]
         used = l1["memory_used_bytes"]
         rows.append(
