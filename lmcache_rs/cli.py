@@ -203,6 +203,28 @@ def _parser() -> argparse.ArgumentParser:
         help="blake3 every chunk written into L1 and verify it on every retrieve (a mismatch is "
         "reported as a miss and counted, never copied to the engine)",
     )
+    g = s.add_argument_group("restarts")
+    g.add_argument(
+        "--state-dir",
+        default=st.state_dir,
+        metavar="PATH",
+        help="where the server keeps the journal of its shared-memory L1 pool, so that a restart "
+        "(crash, upgrade) re-adopts every object whose bytes still match their checksum; '': keep "
+        "nothing (the pool is removed at exit, stores compute no checksum). See docs/operations.md",
+    )
+    g.add_argument(
+        "--warm-start",
+        dest="warm_start",
+        action="store_true",
+        default=st.warm_start,
+        help="re-adopt the L1 objects the previous server left in the pool (the default)",
+    )
+    g.add_argument(
+        "--cold-start",
+        dest="warm_start",
+        action="store_false",
+        help="start with an empty L1 even if the previous server left one (journaling goes on)",
+    )
     g = s.add_argument_group("L2 (disk, Redis/Valkey)")
     g.add_argument(
         "--l2-adapter",
@@ -322,6 +344,8 @@ def build_config(ns: argparse.Namespace) -> ServerConfig:
             "drop_log_entries",
             "l1_prefault",
             "verify_checksums",
+            "state_dir",
+            "warm_start",
             "l2_store_policy",
             "l2_prefetch_policy",
             "l2_prefetch_max_in_flight",

@@ -26,6 +26,19 @@ def default_l1_size_gb() -> float:
     return round(min(8.0, phys / GiB / 4), 2)
 
 
+def default_state_dir() -> str:
+    """Where a server keeps what outlives it (the L1 journal): under $XDG_RUNTIME_DIR (a tmpfs
+    that, like /dev/shm, is gone after a reboot), else ~/.cache/lmcache-rs/state; the
+    environment variable LMCACHE_RS_STATE_DIR overrides both ("": keep nothing)."""
+    env = os.environ.get("LMCACHE_RS_STATE_DIR")
+    if env is not None:
+        return env
+    run = os.environ.get("XDG_RUNTIME_DIR")
+    if run and os.path.isdir(run):
+        return os.path.join(run, "lmcache-rs")
+    return os.path.join(os.path.expanduser("~"), ".cache", "lmcache-rs", "state")
+
+
 class ConfigError(ValueError):
     """A configuration value is out of range; the message names the flag."""
 
@@ -215,6 +228,12 @@ class StorageConfig(msgspec.Struct, kw_only=True):
     l1_prefault: bool = True
     #: Checksum every chunk written into L1 and verify it before each retrieve copies it out.
     verify_checksums: bool = False
+    #: What outlives the process (storage/warm.py): the L1 journal that lets a restarted server
+    #: re-adopt the shared-memory pool's objects. "": nothing is kept, the pool is unlinked at
+    #: exit and no checksum is computed per store.
+    state_dir: str = msgspec.field(default_factory=default_state_dir)
+    #: Re-adopt what the previous server left (False: start empty, keep journaling).
+    warm_start: bool = True
     #: Initial IsolatedLRU quotas, GiB per cache_salt (`_default` is the empty salt).
     quotas_gb: dict[str, float] = msgspec.field(default_factory=dict)
     l2_adapters: list[L2AdapterConfig] = msgspec.field(default_factory=list)

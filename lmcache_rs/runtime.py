@@ -8,6 +8,7 @@ periodic threads, and exit 0.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from lmcache_rs import ManualClock
 from lmcache_rs.config import ServerConfig
 from lmcache_rs.engine.engine import Engine
+from lmcache_rs.engine.statefile import WORKERS, Registrations, RestoreReport
 from lmcache_rs.engine.warmup import Warmups
 from lmcache_rs.http.app import create_app
 from lmcache_rs.http.server import HttpServer
@@ -32,6 +34,7 @@ from lmcache_rs.observability.health import (
 from lmcache_rs.observability.history import StatsHistory
 from lmcache_rs.observability.metrics import Metrics
 from lmcache_rs.observability.periodic import Level, PeriodicRegistry, PeriodicThread
+from lmcache_rs.storage import warm
 from lmcache_rs.storage.l1 import L1Store
 from lmcache_rs.storage.l2.tier import L2Tier
 from lmcache_rs.storage.shm_pool import auto_name
@@ -62,14 +65,34 @@ class Runtime:
         self.cfg = cfg
         self._clock = clock
         self.started_at = time.time()
-        mp = cfg.mp
+        mp, st = cfg.mp, cfg.storage_manager
         shm_name = None
-        if mp.engine_driven and mp.shm_name:
+        # With a state directory L1 lives in the pool for lmcache-driven workers too: it is
+        # what a restarted server re-adopts (storage/warm.py).
+        if mp.shm_name and (mp.engine_driven or st.state_dir):
             shm_name = auto_name(mp.port) if mp.shm_name == "auto" else mp.shm_name
         # An explicitly named pool must exist; the automatic one may fall back to private L1.
-        self.l1 = L1Store(cfg.storage_manager, shm_name, shm_required=mp.shm_name != "auto")
+        self.l1 = L1Store(
+            st,
+            shm_name,
+            shm_required=mp.shm_name != "auto",
+            keep_pool=bool(st.state_dir),
+            spare_pool=warm.spare(st.state_dir) if st.state_dir else None,
+        )
+        self.warm = warm.WarmReport(mode="off", reason="--state-dir ''")
         try:
+            if st.state_dir:
+                self.l1.journal, self.warm = warm.open_warm(self.l1, st.state_dir, st.warm_start)
             self._build(cfg)
+            self.registrations: Registrations | None = None
+            self.restored = RestoreReport()
+            if st.state_dir:  # engine/statefile.py: workers that never re-register keep working
+                pool = self.l1.pool
+                where = os.path.join(st.state_dir, pool.name if pool is not None else f"port-{mp.port}")
+                os.makedirs(where, mode=0o700, exist_ok=True)
+                self.registrations = Registrations(os.path.join(where, WORKERS), self.engine)
+                self.restored = self.registrations.restore(engine_driven=pool is not None and pool.reused)
+                self.registrations.wrap(self.engine.handlers)
         except BaseException:
             self.l1.close()
             raise
@@ -98,6 +121,10 @@ class Runtime:
         self.periodic.register(
             PeriodicThread("l1-eviction-cycle", 1.0, Level.CRITICAL, self.l1_eviction_cycle)
         )
+        if self.l1.journal is not None:
+            self.periodic.register(
+                PeriodicThread("l1-journal-compaction", 30.0, Level.MEDIUM, self.l1.journal.maybe_compact)
+            )
         self.periodic.register(
             PeriodicThread(
                 "session-cleanup",
@@ -112,7 +139,7 @@ class Runtime:
                     "worker-reaper",
                     max(cfg.mp.worker_reap_timeout_seconds / 4, 0.25),
                     Level.MEDIUM,
-                    self.engine.reap_workers,
+                    self.reap_workers,
                 )
             )
         self.server = ZmqServer(cfg.mp, self.engine, self._clock)
@@ -127,6 +154,13 @@ class Runtime:
         if cfg.http.enabled:
             self.http = HttpServer(create_app(self.http_state), cfg.http.http_host, cfg.http.http_port)
         self._stopped = threading.Event()
+
+    def reap_workers(self) -> tuple[str, dict[str, Any]]:
+        """The `worker-reaper` job; reaped workers leave the recorded registrations too."""
+        out = self.engine.reap_workers()
+        if self.registrations is not None:
+            self.registrations.sync()
+        return out
 
     # ---- health (observability.health) -------------------------------------------------------
 

@@ -103,6 +103,33 @@ impl Arena {
         Ok(Allocation { offset, size })
     }
 
+    /// Allocates exactly `[offset, offset + size)` (size rounded up to the alignment), which
+    /// must lie inside one free block: for re-adopting objects whose place is already decided
+    /// (a warm restart). O(log f). Refused untouched when unaligned, out of bounds or not free.
+    pub fn allocate_at(&mut self, offset: u64, size: u64) -> CoreResult<Allocation> {
+        let size = self.rounded(size)?;
+        let end =
+            offset.checked_add(size).filter(|&e| e <= self.capacity && offset.is_multiple_of(self.align));
+        let Some(end) = end else {
+            return Err(CoreError::InvalidArgument(format!(
+                "range [{offset}, +{size}) is unaligned or outside the arena"
+            )));
+        };
+        let block = self.by_addr.range(..=offset).next_back().map(|(&o, &s)| (o, s));
+        let Some((o, s)) = block.filter(|&(o, s)| o + s >= end) else {
+            return Err(CoreError::Inconsistent(format!("range [{offset}, {end}) is not free")));
+        };
+        self.remove_free(o, s);
+        if o < offset {
+            self.insert_free(o, offset - o);
+        }
+        if end < o + s {
+            self.insert_free(end, o + s - end);
+        }
+        self.used += size;
+        Ok(Allocation { offset, size })
+    }
+
     /// Allocates every size or none: on failure nothing stays allocated.
     pub fn allocate_batch(&mut self, sizes: &[u64]) -> CoreResult<Vec<Allocation>> {
         let mut out = Vec::with_capacity(sizes.len());
@@ -259,6 +286,28 @@ mod tests {
         assert!(Arena::new(4096, 3).is_err());
         assert!(Arena::new(100, 4096).is_err());
         a.check_invariants();
+    }
+
+    #[test]
+    fn allocate_at_takes_exactly_the_range() {
+        let mut a = Arena::new(8 * 4096, 4096).unwrap();
+        let x = a.allocate_at(2 * 4096, 4096 + 1).unwrap();
+        assert_eq!(x, Allocation { offset: 2 * 4096, size: 2 * 4096 });
+        a.check_invariants();
+        assert_eq!(a.stats().free_blocks, 2);
+        assert!(matches!(a.allocate_at(3 * 4096, 4096), Err(CoreError::Inconsistent(_))));
+        assert!(matches!(a.allocate_at(4096, 2 * 4096), Err(CoreError::Inconsistent(_))));
+        assert!(a.allocate_at(100, 4096).is_err());
+        assert!(a.allocate_at(7 * 4096, 2 * 4096).is_err());
+        let y = a.allocate_at(0, 2 * 4096).unwrap();
+        let z = a.allocate_at(7 * 4096, 4096).unwrap();
+        a.check_invariants();
+        assert_eq!(a.used(), 5 * 4096);
+        for r in [x, y, z] {
+            a.free(r).unwrap();
+        }
+        a.check_invariants();
+        assert_eq!(a.stats().free_blocks, 1);
     }
 
     proptest! {

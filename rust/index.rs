@@ -1735,6 +1735,10 @@ impl Inner {
     }
 }
 
+#[path = "index_adopt.rs"]
+mod adopt;
+pub use adopt::{AdoptItem, Adopted};
+
 #[cfg(test)]
 #[path = "index_tests.rs"]
 mod tests;

@@ -39,8 +39,8 @@ pub use hash::{
     prefix_hashes, Blake3Hash, ChainMemo, MemoStats, TokenId, HASH_LEN,
 };
 pub use index::{
-    ClearReport, Counters, CycleReport, EvictionPolicy, Finish, L1Config, L1Index, L1Stats, LeaseId,
-    ListCursor, Listed, ReadGrant, Reserve, SaltStats, Slot, Whereabouts, WriteDone,
+    AdoptItem, Adopted, ClearReport, Counters, CycleReport, EvictionPolicy, Finish, L1Config, L1Index,
+    L1Stats, LeaseId, ListCursor, Listed, ReadGrant, Reserve, SaltStats, Slot, Whereabouts, WriteDone,
 };
 pub use key::{kv_rank, mp_kv_rank, validate_model, validate_salt, ChunkHash, KeyScope, ObjectKey};
 pub use wire::{decode_key, WireKey};

@@ -19,6 +19,10 @@ import torch
 from lmcache_rs.client import MPClient
 from lmcache_rs.client.client import wait_for_server
 
+# Servers started by tests keep no state across restarts (no journal, no pool left in /dev/shm
+# at exit) unless a test passes --state-dir / StorageConfig(state_dir=...) itself.
+os.environ["LMCACHE_RS_STATE_DIR"] = ""
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -361,6 +361,7 @@ class Engine:
                 results.append(res)
                 ok = [(i, off) for i, (st, off, _) in zip(b.chunks, res, strict=True) if st == "reserved"]
                 staged.append([hashes[i] for i, _ in ok])
+                self.l1.journal_reserved([(off, size) for st, off, size in res if st == "reserved"])
                 for i, off in ok:
                     obj = self.l1.view(off, b.nbytes)
                     copies.append(
@@ -373,8 +374,11 @@ class Engine:
                 done_event = STUB_EVENT
                 for c in copies:
                     gather(c, ctx.layer_tensors)
-            for off, size in slots:
-                self.l1.seal(off, size)
+            digests = [self.l1.seal(off, size) for off, size in slots]
+            k = 0
+            for scope, hs in zip(scopes, staged, strict=True):  # slots are in batch order
+                self.l1.journal_sealed(scope, hs, slots[k : k + len(hs)], digests[k : k + len(hs)])
+                k += len(hs)
         except Exception:
             for scope, hs in zip(scopes, staged, strict=False):  # the batches reserved so far
                 self.index.abort_write(scope, hs, instance_id)
@@ -691,6 +695,7 @@ class Engine:
         Forced, objects still held by transfers in flight leave the index now and their bytes
         return to the arena when those transfers end."""
         report = self.index.clear(force)
+        self.l1.journal_cleared()
         log.info(
             "clear(force=%s): %d objects (%d bytes) dropped, %d of them (%d bytes) pending the end "
             "of transfers in flight",
@@ -784,6 +789,7 @@ class Engine:
         scope = self._scope(key, key.worker_id or 0)
         res = self.index.reserve_write(scope, hashes, ctx.chunk_bytes, instance_id)
         todo = [i for i, (status, _, _) in enumerate(res) if status == "reserved"]
+        self.l1.journal_reserved([(res[i][1], res[i][2]) for i in todo])  # before the worker has them
         oom = sum(status == "oom" for status, _, _ in res)
         if oom:
             self.stats.add("l1_allocation_failure_chunks", "l1_store", key.model_name, n=oom)
@@ -823,8 +829,8 @@ class Engine:
                 "no prepare_store of this key is waiting for a commit (none was made, it was "
                 "committed already, or its reservation expired)",
             )
-        for off in p.offsets:
-            self.l1.seal(off, ctx.chunk_bytes)
+        digests = [self.l1.seal(off, ctx.chunk_bytes) for off in p.offsets]
+        self.l1.journal_sealed(p.scope, p.hashes, [(o, ctx.chunk_bytes) for o in p.offsets], digests)
         done = self.index.finish_write(p.scope, p.hashes, instance_id).statuses
         admitted = [h for h, st in zip(p.hashes, done, strict=True) if st == "admitted"]
         if self.l2 is not None:

@@ -86,6 +86,7 @@ def status(runtime: NamedDependency[Runtime]) -> dict[str, Any]:
         "prefaulted_bytes": runtime.l1.prefaulted_bytes,
         "shm_pool": runtime.l1.shm_name or None,
         "shm_pool_error": runtime.l1.pool_error,
+        "warm_start": msgspec.to_builtins(runtime.warm),
         "write_ttl_seconds": cfg.storage_manager.l1_write_ttl_seconds,
         "read_ttl_seconds": cfg.storage_manager.l1_read_ttl_seconds,
         "counters": stats["counters"],
@@ -132,6 +133,7 @@ def status(runtime: NamedDependency[Runtime]) -> dict[str, Any]:
         ),
         "active_prefetch_jobs": 0 if l2 is None else l2.prefetch_in_flight,
         "storage_manager": storage,
+        "restored_workers": msgspec.to_builtins(runtime.restored),
         "worker_liveness": {
             "enabled": cfg.mp.worker_reap_timeout_seconds > 0,
             "reap_timeout_seconds": cfg.mp.worker_reap_timeout_seconds,

@@ -224,6 +224,7 @@ def _delete(runtime: Runtime, body: DeleteRequest) -> DeleteResult:
         n = 0
         for i, (scope, h) in enumerate(decoded):
             if index.delete(scope, [h], body.force):
+                runtime.l1.journal_forgot(scope, [h])
                 hit[i] = True
                 n += 1
         by_tier["l1"] = n

@@ -15,12 +15,17 @@ import ctypes
 import logging
 import mmap
 import threading
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-from lmcache_rs import L1Index, checksum
+from lmcache_rs import KeyScope, L1Index, checksum
 from lmcache_rs.config import StorageConfig
 from lmcache_rs.storage.shm_pool import SHM_DIR, ShmPool, ShmPoolError
+
+if TYPE_CHECKING:
+    from lmcache_rs.storage.warm import Journal
 
 
 def _salt(name: str) -> str:
@@ -58,7 +63,10 @@ class L1Store:
         shm_name: str | None = None,
         shm_required: bool = False,
         shm_dir: str = SHM_DIR,
+        keep_pool: bool = False,
+        spare_pool: Callable[[str], bool] | None = None,
     ) -> None:
+        """`keep_pool`: a warm-restart pool (`ShmPool`'s `keep`; `spare_pool` its `spare`)."""
         self.index = L1Index(
             cfg.l1_size_bytes,
             align_bytes=cfg.l1_align_bytes,
@@ -75,6 +83,8 @@ class L1Store:
         #: With --verify-checksums: blake3 of the object at each L1 offset, set by every writer
         #: (store, L2 prefetch) before the object is admitted, checked by retrieve.
         self.digests: dict[int, bytes] | None = {} if cfg.verify_checksums else None
+        #: The warm-restart journal (storage/warm.py), set by the runtime; None: not kept.
+        self.journal: Journal | None = None
         self.pinned = torch.cuda.is_available()
         size = self.index.capacity_bytes
         self.prefaulted_bytes = 0
@@ -84,7 +94,7 @@ class L1Store:
         self.pool_error: str | None = None
         if shm_name:
             try:
-                self.pool = ShmPool(shm_name, size, shm_dir)
+                self.pool = ShmPool(shm_name, size, shm_dir, keep_pool, spare_pool)
             except ShmPoolError as e:
                 if shm_required:
                     raise
@@ -130,18 +140,59 @@ class L1Store:
         return self.pool.name if self.pool is not None else ""
 
     def close(self) -> None:
-        """Unlinks the shared-memory pool, if any (the mapping lives as long as the buffer)."""
+        """Closes the journal, then unlinks the shared-memory pool, if any and not kept (the
+        mapping lives as long as the buffer)."""
+        if self.journal is not None:
+            self.journal.close()
         if self.pool is not None:
             self.pool.close()
 
     def view(self, offset: int, size: int) -> torch.Tensor:
         return self.buffer[offset : offset + size]
 
-    def seal(self, offset: int, size: int, digest: bytes | None = None) -> None:
-        """Records the checksum of a freshly written object (no-op without verification);
-        `digest` when the writer already verified the bytes against one (an L2 load)."""
+    def seal(self, offset: int, size: int, digest: bytes | None = None) -> bytes | None:
+        """Records the checksum of a freshly written object and returns it (no-op, None, without
+        verification or journal); `digest` when the writer already verified the bytes against
+        one (an L2 load)."""
+        if self.digests is None and self.journal is None:
+            return None
+        digest = digest or checksum(memoryview(self.view(offset, size).numpy()))
         if self.digests is not None:
-            self.digests[offset] = digest or checksum(memoryview(self.view(offset, size).numpy()))
+            self.digests[offset] = digest
+        return digest
+
+    # ---- the warm-restart journal (no-ops without one) ----------------------------------------
+
+    def journal_reserved(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Allocated `(offset, size)` ranges about to be written: call before any copy."""
+        if self.journal is not None and ranges:
+            self.journal.reserved(ranges)
+
+    def journal_sealed(
+        self,
+        scope: KeyScope,
+        hashes: Sequence[bytes],
+        slots: Sequence[tuple[int, int]],
+        digests: Sequence[bytes | None],
+    ) -> None:
+        """Objects written and sealed (`slots`: `(offset, bytes written)`, `digests`: what
+        `seal` returned): call after the copy, before `finish_write`."""
+        if self.journal is None or not hashes:
+            return
+        objs = [
+            (h, off, self.index.object_footprint(n), n, d)
+            for h, (off, n), d in zip(hashes, slots, digests, strict=True)
+            if d is not None
+        ]
+        self.journal.sealed(scope, objs)
+
+    def journal_cleared(self) -> None:
+        if self.journal is not None:
+            self.journal.cleared()
+
+    def journal_forgot(self, scope: KeyScope, hashes: Sequence[bytes]) -> None:
+        if self.journal is not None and hashes:
+            self.journal.forgot(scope, hashes)
 
     def sealed(self, offset: int) -> bytes | None:
         """The checksum sealed for the object at `offset`, if verification is on."""

@@ -11,8 +11,12 @@ Engine-driven workers copy KV straight into and out of L1 slots, so L1 lives in 
   life. At start a segment with the target name (or a default-named one) that nobody holds is
   the leftover of a crashed server and is unlinked; one that is held belongs to a live server
   and is left alone (the start fails with a clear message if it has our name).
-* **Unlinked on exit.** `close()` unlinks the name; workers that still map it keep their pages
-  until they unmap, new workers cannot attach to a stopped server's pool.
+* **Unlinked on exit**, unless it is *kept* for a warm restart (`keep`, with a state directory:
+  `storage/warm.py`). Then a stop leaves the segment, a restarted server with the same name
+  opens it again (`reused`) and re-adopts what its journal proves intact; stale-pool cleanup
+  spares it and any other server's pool that has a journal (`spare`). Otherwise `close()`
+  unlinks the name; workers that still map it keep their pages until they unmap, new workers
+  cannot attach to a stopped server's pool.
 
 The segment is created 0600: it holds every tenant's KV, so only the server's user (and the
 workers running as that user) may map it.
@@ -27,6 +31,7 @@ import logging
 import mmap
 import os
 import re
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +66,15 @@ def _try_lock(fd: int) -> bool:
     return True
 
 
-def remove_stale(name: str, shm_dir: str = SHM_DIR) -> list[str]:
-    """Unlinks pool segments nobody holds: the one named `name` and any auto-named one.
-    Returns the names removed. A held segment named `name` raises ShmPoolError."""
+def remove_stale(
+    name: str,
+    shm_dir: str = SHM_DIR,
+    keep: bool = False,
+    spare: Callable[[str], bool] | None = None,
+) -> list[str]:
+    """Unlinks pool segments nobody holds: the one named `name` (unless `keep`) and any
+    auto-named one for which `spare(segment name)` is not true. Returns the names removed. A
+    held segment named `name` raises ShmPoolError."""
     removed: list[str] = []
     try:
         entries = os.listdir(shm_dir)
@@ -86,6 +97,8 @@ def remove_stale(name: str, shm_dir: str = SHM_DIR) -> list[str]:
                         "give this one another --shm-name (or --port, with --shm-name auto)"
                     )
                 continue
+            if (keep and entry == target) or (entry != target and spare is not None and spare(entry)):
+                continue
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             removed.append(entry)
@@ -97,15 +110,28 @@ def remove_stale(name: str, shm_dir: str = SHM_DIR) -> list[str]:
 
 
 class ShmPool:
-    """One committed, locked, shared mapping of `size` bytes."""
+    """One committed, locked, shared mapping of `size` bytes. With `keep`, an unheld segment of
+    this name and size is opened again (`reused`: its bytes are the previous server's) and
+    `close()` leaves the segment in place."""
 
-    def __init__(self, name: str, size: int, shm_dir: str = SHM_DIR) -> None:
+    def __init__(
+        self,
+        name: str,
+        size: int,
+        shm_dir: str = SHM_DIR,
+        keep: bool = False,
+        spare: Callable[[str], bool] | None = None,
+    ) -> None:
         if not _NAME.match(name) or name in (".", ".."):
             raise ShmPoolError(f"--shm-name {name!r}: use letters, digits, '_', '-', '.' (at most 200)")
         self.name = POOL_PREFIX + name
         self.size = size
         self.path = os.path.join(shm_dir, self.name)
-        remove_stale(name, shm_dir)
+        self.keep = keep
+        self.reused = False
+        remove_stale(name, shm_dir, keep, spare)
+        if keep and self._reopen(size):
+            return
         free = shm_free_bytes(shm_dir)
         if free < size:
             raise ShmPoolError(
@@ -140,12 +166,49 @@ class ShmPool:
         self._closed = False
         log.info("L1 pool %s: %d bytes committed in %s", self.name, size, shm_dir)
 
+    def _reopen(self, size: int) -> bool:
+        """Opens the previous server's segment of this name (left unheld by `remove_stale`).
+        False when there is none; one of another size is unlinked (a cold start follows)."""
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            if not _try_lock(fd):
+                raise ShmPoolError(f"shared-memory pool {self.name!r} was locked by another process")
+            have = os.fstat(fd).st_size
+            if have != size:
+                log.warning(
+                    "L1 pool %s holds %d bytes, this server needs %d: recreating it (cold start)",
+                    self.name,
+                    have,
+                    size,
+                )
+                os.unlink(self.path)
+                os.close(fd)
+                return False
+            # Commits pages the previous server never touched; keeps the contents.
+            os.posix_fallocate(fd, 0, size)
+            self.mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            raise
+        self._fd = fd
+        self._closed = False
+        self.reused = True
+        log.info("L1 pool %s: reopened the previous server's %d bytes", self.name, size)
+        return True
+
     def close(self) -> None:
-        """Unlinks the name (if it is still this pool's) and drops the lock. The mapping itself
-        lives on while the L1 buffer does."""
+        """Unlinks the name (if it is still this pool's; not when kept) and drops the lock. The
+        mapping itself lives on while the L1 buffer does."""
         if self._closed:
             return
         self._closed = True
+        if self.keep:
+            os.close(self._fd)
+            return
         try:
             same = os.stat(self.path).st_ino == os.fstat(self._fd).st_ino
         except FileNotFoundError:

@@ -610,6 +610,24 @@ impl L1Index {
         })
     }
 
+    /// Makes objects that survived a restart resident at their old ranges (`storage/warm.py`),
+    /// least recently used first: one `(scope, hash, offset, size)` per object, one outcome per
+    /// object: `adopted`, `duplicate`, `overlap` or `invalid`.
+    fn adopt(
+        &self,
+        py: Python<'_>,
+        items: Vec<(PyRef<'_, KeyScope>, Vec<u8>, u64, u64)>,
+    ) -> PyResult<Vec<&'static str>> {
+        let items = items
+            .into_iter()
+            .map(|(scope, hash, offset, size)| {
+                let hash = ChunkHash::new(&hash).map_err(to_py_err)?;
+                Ok(index::AdoptItem { scope: scope.0.clone(), hash, offset, size })
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        Ok(py.detach(|| self.0.adopt(&items)).iter().map(index::Adopted::as_str).collect())
+    }
+
     /// Gives back up to `n` shares (None: all) of the lease's items `[start, end)`.
     #[pyo3(signature = (lease, start = 0, end = None, n = None))]
     fn release(&self, py: Python<'_>, lease: u64, start: usize, end: Option<usize>, n: Option<u32>) -> u64 {

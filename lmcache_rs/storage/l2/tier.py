@@ -295,13 +295,14 @@ class L2Tier:
     ) -> tuple[bool, int]:
         """Loads one chunk into L1 (or finds it there) and adds it to `lease` (0: a new one).
         Returns whether it is held, and the lease."""
-        status, off, _ = self.index.reserve_write(scope, [h], size, writer)[0]
+        status, off, alloc = self.index.reserve_write(scope, [h], size, writer)[0]
         if status == "resident":  # stored meanwhile (or by another lookup): lease it
             grant = self.index.lease_read(scope, [h], readers, lease)
             return grant.hit == 1, grant.lease
         if status != "reserved":
             self.count("l2_prefetch_failure_chunks", "l1_oom" if status == "oom" else status, model)
             return False, lease
+        self.l1.journal_reserved([(off, alloc)])
         try:
             digest = a.get_into(L2Key.of(scope, h), memoryview(self.l1.view(off, size).numpy()))
             a.succeeded()
@@ -317,6 +318,7 @@ class L2Tier:
             digest = None
         if digest is not None:
             self.l1.seal(off, size, digest)  # already verified: no second hash pass
+            self.l1.journal_sealed(scope, [h], [(off, size)], [digest])
         else:
             self.index.abort_write(scope, [h], writer)
             self.count("l2_prefetch_failure_chunks", "not_found", model)
