@@ -83,6 +83,8 @@ class Runtime:
         try:
             if st.state_dir:
                 self.l1.journal, self.warm = warm.open_warm(self.l1, st.state_dir, st.warm_start)
+                if self.l1.journal is not None:
+                    self.l1.sealer = warm.Sealer(self.l1, self.l1.journal)
             self._build(cfg)
             self.registrations: Registrations | None = None
             self.restored = RestoreReport()

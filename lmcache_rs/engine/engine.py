@@ -385,10 +385,12 @@ class Engine:
             raise
         oom = sum(s == "oom" for res in results for s, _, _ in res)
         admitted = lost = 0
-        for scope, hs in zip(scopes, staged, strict=True):
+        for b, scope, hs in zip(batches, scopes, staged, strict=True):
             done = self.index.finish_write(scope, hs, instance_id).statuses
+            ok = [h for h, st in zip(hs, done, strict=True) if st == "admitted"]
+            self.l1.journal_admitted(scope, ok, b.nbytes)
             if self.l2 is not None:
-                self.l2.enqueue(scope, [h for h, st in zip(hs, done, strict=True) if st == "admitted"])
+                self.l2.enqueue(scope, ok)
             lost += sum(s in ("not_staged", "dropped") for s in done)
             admitted += sum(s == "admitted" for s in done)
         self.stats.add("l1_write_chunks", key.cache_salt, n=admitted)
@@ -833,6 +835,7 @@ class Engine:
         self.l1.journal_sealed(p.scope, p.hashes, [(o, ctx.chunk_bytes) for o in p.offsets], digests)
         done = self.index.finish_write(p.scope, p.hashes, instance_id).statuses
         admitted = [h for h, st in zip(p.hashes, done, strict=True) if st == "admitted"]
+        self.l1.journal_admitted(p.scope, admitted, ctx.chunk_bytes)
         if self.l2 is not None:
             self.l2.enqueue(p.scope, admitted)
         self.stats.add("l1_write_chunks", key.cache_salt, n=len(admitted))

@@ -87,6 +87,7 @@ def status(runtime: NamedDependency[Runtime]) -> dict[str, Any]:
         "shm_pool": runtime.l1.shm_name or None,
         "shm_pool_error": runtime.l1.pool_error,
         "warm_start": msgspec.to_builtins(runtime.warm),
+        "journal_seals": None if runtime.l1.sealer is None else runtime.l1.sealer.stats(),
         "write_ttl_seconds": cfg.storage_manager.l1_write_ttl_seconds,
         "read_ttl_seconds": cfg.storage_manager.l1_read_ttl_seconds,
         "counters": stats["counters"],

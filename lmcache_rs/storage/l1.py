@@ -25,7 +25,7 @@ from lmcache_rs.config import StorageConfig
 from lmcache_rs.storage.shm_pool import SHM_DIR, ShmPool, ShmPoolError
 
 if TYPE_CHECKING:
-    from lmcache_rs.storage.warm import Journal
+    from lmcache_rs.storage.warm import Journal, Sealer
 
 
 def _salt(name: str) -> str:
@@ -85,6 +85,8 @@ class L1Store:
         self.digests: dict[int, bytes] | None = {} if cfg.verify_checksums else None
         #: The warm-restart journal (storage/warm.py), set by the runtime; None: not kept.
         self.journal: Journal | None = None
+        #: Checksums admitted objects for the journal in the background (storage/warm.py).
+        self.sealer: Sealer | None = None
         self.pinned = torch.cuda.is_available()
         size = self.index.capacity_bytes
         self.prefaulted_bytes = 0
@@ -142,6 +144,8 @@ class L1Store:
     def close(self) -> None:
         """Closes the journal, then unlinks the shared-memory pool, if any and not kept (the
         mapping lives as long as the buffer)."""
+        if self.sealer is not None:
+            self.sealer.close()
         if self.journal is not None:
             self.journal.close()
         if self.pool is not None:
@@ -151,14 +155,13 @@ class L1Store:
         return self.buffer[offset : offset + size]
 
     def seal(self, offset: int, size: int, digest: bytes | None = None) -> bytes | None:
-        """Records the checksum of a freshly written object and returns it (no-op, None, without
-        verification or journal); `digest` when the writer already verified the bytes against
-        one (an L2 load)."""
-        if self.digests is None and self.journal is None:
-            return None
+        """With --verify-checksums, records the checksum of a freshly written object and
+        returns it (else a no-op: None); `digest` when the writer already verified the bytes
+        against one (an L2 load)."""
+        if self.digests is None:
+            return digest
         digest = digest or checksum(memoryview(self.view(offset, size).numpy()))
-        if self.digests is not None:
-            self.digests[offset] = digest
+        self.digests[offset] = digest
         return digest
 
     # ---- the warm-restart journal (no-ops without one) ----------------------------------------
@@ -175,8 +178,10 @@ class L1Store:
         slots: Sequence[tuple[int, int]],
         digests: Sequence[bytes | None],
     ) -> None:
-        """Objects written and sealed (`slots`: `(offset, bytes written)`, `digests`: what
-        `seal` returned): call after the copy, before `finish_write`."""
+        """Objects written (`slots`: `(offset, bytes written)`, `digests`: what `seal` returned):
+        call after the copy, before `finish_write`. Only objects with a digest (verification
+        on, or an L2 load) are journaled here; `journal_admitted` hands the others to the
+        background sealer once resident."""
         if self.journal is None or not hashes:
             return
         objs = [
@@ -185,6 +190,13 @@ class L1Store:
             if d is not None
         ]
         self.journal.sealed(scope, objs)
+
+    def journal_admitted(self, scope: KeyScope, hashes: Sequence[bytes], nbytes: int) -> None:
+        """Objects of `nbytes` just admitted by `finish_write`: without --verify-checksums (no
+        digest at the store) the background sealer checksums and journals them, off the
+        store's path (storage/warm.py `Sealer`)."""
+        if self.sealer is not None and self.digests is None and hashes:
+            self.sealer.submit(scope, [(h, nbytes) for h in hashes])
 
     def journal_cleared(self) -> None:
         if self.journal is not None:

@@ -7,6 +7,7 @@ time: a crash between a reserve and its seal)."""
 from __future__ import annotations
 
 import os
+import time
 
 import httpx
 import pytest
@@ -56,6 +57,17 @@ class Node:
         self.server = start_server(self.tmp, *self.flags, *extra, port=self.port)
         return self.server
 
+    def sealed(self) -> None:
+        """Waits until the background sealer has journaled every object stored so far (an
+        object not yet sealed when the server dies is not re-adopted: storage/warm.py)."""
+        deadline = time.monotonic() + 60
+        while True:
+            st = httpx.get(self.server.http + "/status").json()["storage_manager"]["l1_manager"]
+            if st["journal_seals"] is None or st["journal_seals"]["pending"] == 0:
+                return
+            assert time.monotonic() < deadline, st["journal_seals"]
+            time.sleep(0.02)
+
     def warm_status(self) -> dict:
         return httpx.get(self.server.http + "/status").json()["storage_manager"]["l1_manager"]["warm_start"]
 
@@ -96,8 +108,10 @@ def test_a_restarted_server_serves_the_old_prefix_byte_exact_from_l1(node, how: 
     other = tokens(2 * C, seed=2)
     assert w.store(other, blocks(100, 2), request_id="o")
     if how == "sigterm":
+        n.sealed()
         assert s.stop() == 0
     else:
+        n.sealed()
         s.kill()
     assert os.path.exists(n.pool), "the pool outlives the server"
     s2 = n.start()
@@ -125,6 +139,7 @@ def test_cold_start_flag_and_state_dir_off(node) -> None:
     w = Worker(s.client())
     t = tokens(2 * C, seed=3)
     assert w.store(t, blocks(1, 2))
+    n.sealed()
     assert s.stop() == 0
     s2 = n.start("--cold-start")
     st = n.warm_status()
@@ -152,6 +167,7 @@ def test_a_corrupted_journal_gives_a_cold_start(node) -> None:
     w = Worker(s.client())
     t = tokens(3 * C, seed=4)
     assert w.store(t, blocks(1, 3))
+    n.sealed()
     s.kill()
     with open(n.journal, "r+b") as f:
         data = bytearray(f.read())
@@ -175,6 +191,7 @@ def test_objects_whose_bytes_changed_in_the_pool_are_dropped(node) -> None:
     w = Worker(s.client())
     t = tokens(3 * C, seed=5)
     assert w.store(t, blocks(1, 3))
+    n.sealed()
     listed = warm.listed_objects(warm.read_records(n.journal), next(iter(warm.read_records(n.journal))))
     assert len(listed) == 3
     second = next(o for o in listed if o.offset == sorted(x.offset for x in listed)[1])
@@ -207,6 +224,7 @@ def test_a_write_cut_short_by_the_crash_is_never_served(node) -> None:
     w = Worker(s.client())
     a = tokens(8 * C, seed=6)
     assert w.store(a, blocks(1, 8))
+    n.sealed()  # A's objects are journaled before B's slot evicts one of them
     g = torch.Generator().manual_seed(7)
     layers = [torch.randn(paged_shape("NHD", 256, 16, 2, 32), generator=g).half() for _ in range(2)]
     ed = EngineDrivenWorker(s.client(), layers, instance_id=77, model_name=w.model)
@@ -316,8 +334,10 @@ def test_a_worker_that_never_registers_again_keeps_working(node, how: str) -> No
     t = tokens(3 * C, seed=11)
     assert w.store(t, blocks(1, 3))
     if how == "sigterm":
+        n.sealed()
         assert s.stop() == 0
     else:
+        n.sealed()
         s.kill()
     s2 = n.start()
     restored = httpx.get(s2.http + "/status").json()["restored_workers"]
@@ -333,6 +353,7 @@ def test_a_worker_that_never_registers_again_keeps_working(node, how: str) -> No
     c.end_session("r2")
     # Unregistered, it is not restored by the next restart.
     c.unregister_kv_cache(w.instance_id)
+    n.sealed()
     s2.kill()
     s3 = n.start()
     assert httpx.get(s3.http + "/status").json()["restored_workers"]["restored"] == []
@@ -349,6 +370,7 @@ def test_an_engine_driven_worker_keeps_its_pool_mapping(node) -> None:
     ed.register()
     t = tokens(2 * C, seed=14)
     assert ed.store(make_key(t, "s", model_name="ed-model", worker_id=0), blocks(1, 2))
+    n.sealed()
     s.kill()
     s2 = n.start()
     assert httpx.get(s2.http + "/status").json()["restored_workers"]["restored"] == [4242]
@@ -364,6 +386,7 @@ def test_a_worker_whose_memory_is_gone_is_dropped(node) -> None:
     s = n.start()
     w = Worker(s.client())
     keep = Worker(s.client(), seed=1)
+    n.sealed()
     s.kill()
     w.close()  # the worker died with the server: its KV segments are unlinked
     s2 = n.start()
