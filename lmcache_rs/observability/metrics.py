@@ -216,7 +216,8 @@ class ServerCollector(Collector):
         stats = self.runtime.l1.index.stats()
         with self._lock:
             self._core_base = dict(stats["counters"])
-            self._error_base = dict(self.runtime.server.errors)
+            # Error replies are counters of the stats registry, which the reset below zeroes.
+            self._error_base = {}
             self._timing_base = self.runtime.server.timing_snapshot()
             self._memo_base = self.runtime.engine.chain_memo.stats()[3:5]
         self.runtime.engine.stats.reset()
