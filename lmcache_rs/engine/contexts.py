@@ -479,7 +479,7 @@ class ContextRegistry:
             self._layouts[ctx.layout_key] = (objects, sig, (layout[2] if layout else 0) + 1)
             self._contexts[ctx.instance_id] = ctx
             if layout is None:
-                self._control.set_layout(ctx.model_name, ctx.world_size, *control_layout(objects))
+                self._control.set_layout(ctx.model_name, ctx.world_size, control_layout(objects))
             self._control.worker_add(ctx.instance_id)
             return True
 
@@ -525,9 +525,7 @@ class ContextRegistry:
         return self._control.silent(reap_timeout, grace)
 
 
-def control_layout(objects: ObjectLayout) -> tuple[list[int], bool]:
-    """What the control plane needs of a layout: every object group id (tail objects too) and
-    whether it is plain (one full-attention group, id 0: the lookup runs natively)."""
-    ids = sorted({0} | {i for og in objects for i in (og.id, og.tail_id) if i is not None})
-    plain = len(objects) == 1 and not objects[0].windowed and objects[0].id == 0
-    return ids, plain
+def control_layout(objects: ObjectLayout) -> list[tuple[int, int | None, int]]:
+    """What the control plane's lookup needs of a layout (rust/control/groups.rs): each object
+    group's id, its tail objects' id, and the chunks its window spans (0: full attention)."""
+    return [(og.id, og.tail_id, og.span if og.windowed else 0) for og in objects]

@@ -19,14 +19,12 @@ from typing import Any, TypeVar
 import torch
 
 from lmcache_rs import (
-    MAX_READERS,
     ChainMemo,
     ControlError,
     ControlPlane,
     InvalidKeyError,
     KeyScope,
     PrefetchJob,
-    ReadGrant,
     mp_kv_rank,
 )
 from lmcache_rs.config import ServerConfig
@@ -43,8 +41,8 @@ from lmcache_rs.engine.contexts import (
     build_context,
     build_engine_driven,
 )
-from lmcache_rs.engine.groups import Lock, ObjectLayout, Row, lock_fold, read_plan, store_plan
 from lmcache_rs.engine.groups import chunk_blocks as group_blocks
+from lmcache_rs.engine.groups import read_plan, store_plan
 from lmcache_rs.protocol.codec import ProtocolError
 from lmcache_rs.protocol.messages import (
     STUB_EVENT,
@@ -79,8 +77,7 @@ ENGINE_DRIVEN_OPS = (
     "commit_retrieve",
 )
 
-#: The operations the Rust I/O thread answers itself (rust/control/server.rs); a hybrid
-#: layout's lookup comes back to `Engine.lookup`.
+#: The operations the Rust I/O thread answers itself (rust/control/server.rs).
 NATIVE_OPS = (
     "noop",
     "ping",
@@ -140,13 +137,12 @@ class Engine:
         self.l2: L2Tier | None = None
         self._pump: threading.Thread | None = None
         self._pump_stop = threading.Event()
-        #: The data operations served by Python workers (plus `lookup` for hybrid layouts).
+        #: The data operations served by Python workers.
         self.handlers: dict[str, Callable[..., Any]] = {
             "register_kv_cache": self.register_kv_cache,
             "unregister_kv_cache": self.unregister_kv_cache,
             "store": self.store,
             "retrieve": self.retrieve,
-            "lookup": self.lookup,
             "report_block_allocation": self.report_block_allocation,
         }
         if not cfg.mp.lmcache_driven:
@@ -526,105 +522,6 @@ class Engine:
         """One share of this rank's lookup leases on chunks [c0, c1): its retrieve is done."""
         if key.worker_id is not None and key.worker_id >= 0:
             self.control.release_share(key.request_id, key.worker_id, c0, c1)
-
-    # ---- lookups of hybrid layouts (normal lane) ----------------------------------------------
-
-    def lookup(self, key: IPCCacheServerKey, tp_size: int) -> None:
-        """A lookup the Rust I/O thread hands over: a hybrid layout's fold over its object
-        groups (engine/groups.py). The session is prepared (and marked pending, so queries
-        answer nil meanwhile) by `lookup_begin`, the result installed by `lookup_finish`;
-        whatever fails in between, the lookup answers 0, never nil forever."""
-        if key.num_kv_readers < 1:
-            raise ProtocolError(
-                "bad_request",
-                "num_kv_readers must be >= 1 (clients older than LMCache 0.5 are not supported)",
-            )
-        readers = min(key.num_kv_readers, MAX_READERS)
-        layout = self.contexts.layout(key.model_name, key.world_size) or ()
-        ids = sorted({0} | {i for og in layout for i in (og.id, og.tail_id) if i is not None})
-        try:
-            gen, hashes = self.control.lookup_begin(key, ids)
-        except ControlError as e:
-            raise ProtocolError(*e.args) from None
-        hit, rows = 0, []
-        try:
-            if not layout:
-                self.stats.add("lookup_early_exit", key.model_name, key.cache_salt, "no_gpu_context")
-            elif hashes:
-                hit, rows, short = self._lock_prefix(key, layout, hashes, readers)
-                self._count_hit(key, hit, "l1")
-                if hit < len(hashes):
-                    self._count_miss(key, short, hashes[hit])
-        finally:
-            self.control.lookup_finish(key.request_id, gen, hit, rows)
-
-    def _lock_prefix(
-        self, key: IPCCacheServerKey, layout: ObjectLayout, hashes: list[bytes], readers: int
-    ) -> tuple[int, list[tuple[int, int, int, int]], KeyScope | None]:
-        """The longest prefix every object group of every rank can serve (spec C.6), with
-        exactly the chunks it needs held by read leases of `readers` shares: every chunk of the
-        prefix for full attention, the chunks of the prefix's last window for a sliding window.
-        Returns the prefix, the leases as (rank, lease, first chunk, chunks) rows, and a
-        full-attention scope whose resident prefix ends there (None when only a window falls
-        short), for the miss's reason."""
-        rows = [(og, r) for og in layout for r in range(key.world_size)]
-        full: list[tuple[int, KeyScope, ReadGrant]] = []  # full-attention rows: their leased prefix
-        for i, (og, r) in enumerate(rows):
-            if not og.windowed:  # lease its resident prefix at once: it bounds the fold
-                scope = self._scope(key, r, og.id)
-                full.append((i, scope, self.index.lease_read(scope, hashes, readers)))
-        bound = min((g.hit for _, _, g in full), default=len(hashes))
-        windowed = [i for i, (og, _) in enumerate(rows) if og.windowed]
-        scopes = {
-            (i, tail): self._scope(key, rows[i][1], g)
-            for i in windowed
-            for tail, g in ((False, rows[i][0].id), (True, rows[i][0].tail_id))
-            if g is not None
-        }
-        present = [
-            Row(
-                rows[i][0].span,
-                *(
-                    [s is not None for s in self.index.resolve(scopes[i, t], hashes[:bound])]
-                    for t in (False, True)
-                    if (i, t) in scopes
-                ),
-            )
-            for i in windowed
-        ]
-        leases: dict[tuple[int, bool, int], int] = {}  # (row, tail, first chunk) -> lease
-
-        def lock(t: Lock) -> int:
-            grant = self.index.lease_read(scopes[windowed[t[0]], t[1]], hashes[t[2] : t[3]], readers)
-            leases[t[0], t[1], t[2]] = grant.lease
-            return grant.hit
-
-        def unlock(t: Lock) -> None:
-            self.index.release(leases.pop((t[0], t[1], t[2])))
-
-        hit, taken = lock_fold(bound, present, lock, unlock) if windowed else (bound, [])
-        held = [(rows[windowed[i]][1], leases[i, tail, lo], lo, hi - lo) for i, tail, lo, hi in taken]
-        short = None
-        for i, scope, g in full:
-            if g.hit > hit:
-                self.index.release(g.lease, hit, g.hit)
-            elif short is None:
-                short = scope
-            held.append((rows[i][1], g.lease, 0, hit))
-        return hit, held, short
-
-    def _count_miss(self, key: IPCCacheServerKey, scope: KeyScope | None, first_missing: bytes) -> None:
-        """Counts a lookup that fell short of the prompt by why its first missing chunk is not
-        in L1 (the index's drop log), or `sliding_window` when a window's chunks fell short."""
-        reason = "sliding_window"
-        if scope is not None:
-            reason = self.index.explain(scope, [first_missing])[0].reason or "never_stored"
-        self.stats.add("lookup_misses", key.model_name, reason)
-
-    def _count_hit(self, key: IPCCacheServerKey, chunks: int, tier: str) -> None:
-        tokens = chunks * self.chunk_size
-        self.stats.add("lookup_hit_tokens", key.model_name, key.cache_salt, n=tokens)
-        self.stats.add(f"lookup_hit_{tier}_tokens", key.model_name, key.cache_salt, n=tokens)
 
     # ---- L2 prefetch (the L2 tier's pool) -----------------------------------------------------
 

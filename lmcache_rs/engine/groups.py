@@ -22,17 +22,18 @@ the null block's bytes and a later lookup would serve them (spec C.6: wrong KV).
   partly null chunk is kept as a tail object when its tail is live; anything else is skipped.
   An object never holds a null block's bytes.
 * **Lookup** folds per-row presence (row = object group x kv rank): full attention needs every
-  chunk of the prefix, a window only its last chunks (`fold`); `needed` says exactly which
-  chunks (and of which kind) to read-lock.
+  chunk of the prefix, a window only its last chunks; it runs natively on the request I/O
+  thread (rust/control/groups.rs), which leases exactly the chunks (and kinds) each row needs.
 * **Retrieve** reads, per group, only the chunks the window of the retrieved prefix covers and
   of the first of them only the tail rows, so it writes only in-window blocks (`read_plan`).
 
-The functions here are pure (no index, no I/O); engine.py calls them around its index calls.
+The functions here are pure (no index, no I/O); engine.py calls them around its index calls,
+and `contexts.control_layout` hands the lookup what it needs of a layout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -219,118 +220,6 @@ def store_plan(
     if og.tail_rows is not None and og.tail_id is not None:
         out.append(StoreBatch(og, og.tail_id, og.tail_rows, (tail & ~whole).nonzero().flatten().tolist()))
     return [b for b in out if b.chunks]
-
-
-# ---- lookup -----------------------------------------------------------------------------------
-
-
-@dataclass
-class Row:
-    """What one (object group, kv rank) holds of a prefix: `whole[j]` / `tail[j]` say whether
-    chunk j's whole / tail object is resident (beyond their length: absent)."""
-
-    span: int
-    whole: list[bool]
-    tail: list[bool] = field(default_factory=list)
-    _sums: list[int] | None = field(default=None, repr=False)
-
-    def has_whole(self, j: int) -> bool:
-        return j < len(self.whole) and self.whole[j]
-
-    def has_tail(self, j: int) -> bool:
-        return self.has_whole(j) or (j < len(self.tail) and self.tail[j])
-
-    def _wholes(self, lo: int, hi: int) -> int:
-        """Whole objects resident among chunks [lo, hi)."""
-        if self._sums is None:
-            s = [0]
-            for v in self.whole:
-                s.append(s[-1] + bool(v))
-            self._sums = s
-        last = len(self._sums) - 1
-        return self._sums[min(hi, last)] - self._sums[min(lo, last)]
-
-    def serves(self, k: int) -> bool:
-        """Can this row serve a prefix of k chunks?"""
-        if k <= 0:
-            return True
-        if self.span == 0:
-            return self._wholes(0, k) == k
-        first = k - self.span
-        if first < 0:  # the window reaches back before the first token: every chunk, whole
-            return self._wholes(0, k) == k
-        return self.has_tail(first) and self._wholes(first + 1, k) == k - first - 1
-
-    def invalidate(self, tail: bool, j: int) -> None:
-        """Chunk j's object of that kind is gone (it was evicted before it could be locked)."""
-        seq = self.tail if tail else self.whole
-        if j < len(seq):
-            seq[j] = False
-        self._sums = None
-
-
-def fold(n: int, rows: Sequence[Row]) -> int:
-    """The longest prefix (in chunks, at most `n`) that every row can serve (spec C.6)."""
-    bound = n
-    for r in rows:
-        if r.span == 0:  # full attention bounds the search at its resident prefix
-            p = 0
-            while p < bound and r.has_whole(p):
-                p += 1
-            bound = p
-    for k in range(bound, 0, -1):
-        if all(r.serves(k) for r in rows):
-            return k
-    return 0
-
-
-def needed(row: Row, k: int) -> list[tuple[bool, int, int]]:
-    """The chunk ranges `(tail objects?, lo, hi)` a row reads for a prefix of k chunks it
-    serves: the ones to lock, and nothing else."""
-    if k <= 0:
-        return []
-    if row.span == 0 or k < row.span:
-        return [(False, 0, k)]
-    first = k - row.span
-    out = [(True, first, first + 1)] if not row.has_whole(first) else [(False, first, first + 1)]
-    if first + 1 < k:
-        if out[0][0]:
-            out.append((False, first + 1, k))
-        else:
-            out = [(False, first, k)]
-    return out
-
-
-#: A lookup's lock on a row's chunks: (row, tail objects?, lo, hi).
-Lock = tuple[int, bool, int, int]
-
-
-def lock_fold(
-    bound: int, rows: Sequence[Row], lock: Callable[[Lock], int], unlock: Callable[[Lock], None]
-) -> tuple[int, list[Lock]]:
-    """Folds `rows` into the longest prefix (at most `bound` chunks) they all serve and locks
-    exactly the chunks each needs for it: `lock((row, tail, lo, hi))` read-locks the resident
-    prefix of those chunks and says how long it is. A chunk found gone (evicted since its
-    presence was read) is marked absent, what was locked is unlocked, and the fold runs again.
-    Returns the prefix length and the locks held."""
-    while True:
-        hit = fold(bound, rows)
-        taken: list[Lock] = []
-        short: tuple[int, bool, int] | None = None
-        for i, row in enumerate(rows):
-            for tail, lo, hi in needed(row, hit):
-                got = lock((i, tail, lo, hi))
-                taken.append((i, tail, lo, lo + got))
-                if got < hi - lo:
-                    short = (i, tail, lo + got)
-                    break
-            if short is not None:
-                break
-        if short is None:
-            return hit, taken
-        for t in taken:
-            unlock(t)
-        rows[short[0]].invalidate(short[1], short[2])
 
 
 # ---- retrieve ---------------------------------------------------------------------------------

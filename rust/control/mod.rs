@@ -4,6 +4,7 @@
 //! | module | what |
 //! |---|---|
 //! | [`sessions`] | request sessions: hash chain, lookup leases per rank, results |
+//! | [`groups`] | the lookup fold over object groups (sliding-window layers) |
 //! | [`workers`] | worker liveness (`ping`, the reaper) and registered layouts |
 //! | [`stats`] | the one stats registry: labelled counters, request timings |
 //! | [`codec`] | msgpack frames of the control operations (arguments, replies, errors) |
@@ -15,11 +16,14 @@
 //! are tested here without ZMQ.
 
 pub mod codec;
+pub mod groups;
 pub mod server;
 pub mod sessions;
 pub mod stats;
 pub mod workers;
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
@@ -27,9 +31,10 @@ use parking_lot::Mutex;
 
 use crate::clock::Clock;
 use crate::hash::ChainMemo;
-use crate::index::{L1Index, LeaseId, Whereabouts, MAX_READERS};
+use crate::index::{L1Index, LeaseId, ReadGrant, Whereabouts, MAX_READERS};
 use crate::key::{mp_kv_rank, ChunkHash, KeyScope};
 use crate::wire::WireKey;
+use groups::Row;
 use sessions::{LookupLocks, Run, SessionRef, Sessions};
 use stats::Counters;
 use workers::{Layout, Workers};
@@ -62,15 +67,6 @@ pub struct PrefetchJob {
     pub hashes: Vec<ChunkHash>,
     pub hit: usize,
     pub readers: u32,
-}
-
-/// What a lookup did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LookupDone {
-    /// Answered; the result is in the session (or an L2 prefetch will complete it).
-    Answered,
-    /// A hybrid layout: the fold over its object groups runs in Python (`engine/groups.py`).
-    Python,
 }
 
 /// Settings of the control plane.
@@ -224,12 +220,7 @@ impl ControlPlane {
 
     /// Every scope a request's keys live in (each rank, each object group of its layout).
     fn request_scopes(&self, k: &KeyView<'_>, layout: Option<&Layout>) -> OpResult<Vec<KeyScope>> {
-        let mut groups = vec![0u32];
-        if let Some(l) = layout {
-            groups.extend(&l.object_groups);
-        }
-        groups.sort_unstable();
-        groups.dedup();
+        let groups = layout.map_or_else(|| vec![0], Layout::object_groups);
         let mut out = Vec::with_capacity(groups.len() * k.world_size as usize);
         for g in groups {
             for r in 0..k.world_size {
@@ -254,16 +245,14 @@ impl ControlPlane {
 
     // ---- lookup ------------------------------------------------------------------------------
 
-    /// `lookup` (spec C.6, E.3): the longest prefix every rank holds in L1, read-leased with
-    /// `num_kv_readers` shares per chunk for the retrieves that follow; an L2 prefetch job for
-    /// the rest when L2 is configured. The result goes into the session for
+    /// `lookup` (spec C.6, E.3): the longest prefix every rank (and every object group of a
+    /// hybrid layout) can serve from L1, read-leased with `num_kv_readers` shares per chunk for
+    /// the retrieves that follow; an L2 prefetch job for the rest when L2 is configured (one
+    /// full-attention group only). The result goes into the session for
     /// `query_prefetch_status`.
-    pub fn lookup(&self, k: &KeyView<'_>) -> OpResult<LookupDone> {
+    pub fn lookup(&self, k: &KeyView<'_>) -> OpResult<()> {
         let readers = Self::readers(k)?;
         let layout = self.workers.layout(k.model_name, k.world_size);
-        if layout.as_ref().is_some_and(|l| !l.plain) {
-            return Ok(LookupDone::Python);
-        }
         let session = self.sessions.get(k.request_id, true).expect("created");
         self.counters.add(&["lookups", k.model_name, k.cache_salt], 1);
         let mut s = session.lock();
@@ -277,55 +266,24 @@ impl ControlPlane {
             &["lookup_requested_tokens", k.model_name, k.cache_salt],
             (hashes.len() * self.chunk()) as u64,
         );
-        let early = if layout.is_none() {
-            Some("no_gpu_context")
-        } else if hashes.is_empty() {
-            Some("empty_chunk_hashes")
-        } else {
-            None
-        };
-        if let Some(reason) = early {
+        let Some(layout) = layout.filter(|_| !hashes.is_empty()) else {
+            let reason = if hashes.is_empty() { "empty_chunk_hashes" } else { "no_gpu_context" };
             self.counters.add(&["lookup_early_exit", k.model_name, k.cache_salt, reason], 1);
-            return Ok(LookupDone::Answered);
-        }
-        let mut scopes = Vec::with_capacity(k.world_size as usize);
-        let mut grants = Vec::with_capacity(k.world_size as usize);
-        for r in 0..k.world_size {
-            let scope = self.scope(k.model_name, k.world_size, r, 0, k.cache_salt)?;
-            match self.index.lease_read(&scope, &hashes, readers, 0) {
-                Ok(g) => grants.push(g),
-                Err(e) => {
-                    for g in &grants {
-                        self.index.release_all(g.lease);
-                    }
-                    return Err(OpError::new("internal", e.to_string()));
-                }
-            }
-            scopes.push(scope);
-        }
-        let hit = grants.iter().map(|g| g.hit).min().unwrap_or(0);
-        let mut short = None;
-        for (i, g) in grants.iter().enumerate() {
-            if g.hit > hit {
-                self.index.release(g.lease, hit, g.hit, None);
-            } else if short.is_none() {
-                short = Some(i);
-            }
-        }
-        s.locks = Some(LookupLocks::of(
-            grants.iter().enumerate().map(|(r, g)| (r as u32, Run { lease: g.lease, first: 0, count: hit })),
-        ));
+            return Ok(());
+        };
+        let (hit, locks, short) = self.lease_prefix(k, &layout, &hashes, readers)?;
+        s.locks = Some(locks);
         self.count_hit(k.model_name, k.cache_salt, hit, "l1");
         if hit < hashes.len() {
-            let reason = match short {
-                Some(i) => match self.index.explain(&scopes[i], &hashes[hit..=hit])[0] {
+            let reason = match &short {
+                Some(scope) => match self.index.explain(scope, &hashes[hit..=hit])[0] {
                     Whereabouts::Dropped { reason, .. } => reason.as_str(),
                     _ => "never_stored",
                 },
-                None => "never_stored",
+                None => "sliding_window",
             };
             self.counters.add(&["lookup_misses", k.model_name, reason], 1);
-            if self.config.l2_prefetch {
+            if self.config.l2_prefetch && layout.is_plain() {
                 let job = PrefetchJob {
                     request_id: k.request_id.to_owned(),
                     generation: s.generation,
@@ -338,7 +296,7 @@ impl ControlPlane {
                 };
                 s.pending = true;
                 match self.prefetch_tx.try_send(job) {
-                    Ok(()) => return Ok(LookupDone::Answered),
+                    Ok(()) => return Ok(()),
                     Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                         self.counters.add(&["l2_prefetch_skipped", k.model_name, "busy"], 1);
                     }
@@ -346,7 +304,102 @@ impl ControlPlane {
             }
         }
         s.set_result(hit as u64);
-        Ok(LookupDone::Answered)
+        Ok(())
+    }
+
+    /// The longest prefix every (object group, rank) row can serve, with exactly the chunks it
+    /// needs held by read leases of `readers` shares: every chunk of the prefix for full
+    /// attention, the chunks of the prefix's last window for a sliding window
+    /// ([`groups::lock_fold`]). Returns the prefix, its leases, and a full-attention scope
+    /// whose resident prefix ends there (None when only a window falls short), for the miss's
+    /// reason.
+    fn lease_prefix(
+        &self,
+        k: &KeyView<'_>,
+        layout: &Layout,
+        hashes: &[ChunkHash],
+        readers: u32,
+    ) -> OpResult<(usize, LookupLocks, Option<KeyScope>)> {
+        let lease = |scope: &KeyScope, hs: &[ChunkHash]| -> ReadGrant {
+            // Fails only for 0 shares, which `readers` excludes.
+            self.index.lease_read(scope, hs, readers, 0).unwrap_or(ReadGrant {
+                lease: 0,
+                hit: 0,
+                slots: vec![],
+            })
+        };
+        let mut full: Vec<(u32, KeyScope, ReadGrant)> = Vec::new();
+        // (rank, whole scope, tail scope) of each windowed row, and its row.
+        let mut windowed: Vec<(u32, KeyScope, Option<KeyScope>)> = Vec::new();
+        for g in &layout.groups {
+            for r in 0..k.world_size {
+                let scope = self.scope(k.model_name, k.world_size, r, g.id, k.cache_salt)?;
+                if g.span == 0 {
+                    // Lease its resident prefix at once: it bounds the fold.
+                    let grant = lease(&scope, hashes);
+                    full.push((r, scope, grant));
+                } else {
+                    let tail = g
+                        .tail_id
+                        .map(|t| self.scope(k.model_name, k.world_size, r, t, k.cache_salt))
+                        .transpose()?;
+                    windowed.push((r, scope, tail));
+                }
+            }
+        }
+        let bound = full.iter().map(|(_, _, g)| g.hit).min().unwrap_or(hashes.len());
+        let present = |scope: &KeyScope| -> Vec<bool> {
+            self.index.resolve(scope, &hashes[..bound]).iter().map(Option::is_some).collect()
+        };
+        let mut rows: Vec<Row> = layout
+            .groups
+            .iter()
+            .filter(|g| g.span > 0)
+            .flat_map(|g| std::iter::repeat_n(g.span, k.world_size as usize))
+            .zip(&windowed)
+            .map(|(span, (_, whole, tail))| {
+                Row::new(span, present(whole), tail.as_ref().map(&present).unwrap_or_default())
+            })
+            .collect();
+        let leases: RefCell<HashMap<(usize, bool, usize), LeaseId>> = RefCell::default();
+        let (hit, taken) = if rows.is_empty() {
+            (bound, Vec::new())
+        } else {
+            groups::lock_fold(
+                bound,
+                &mut rows,
+                |(i, tail, lo, hi)| {
+                    let (_, whole, tail_scope) = &windowed[i];
+                    let scope =
+                        if tail { tail_scope.as_ref().expect("tail rows have a tail scope") } else { whole };
+                    let g = lease(scope, &hashes[lo..hi]);
+                    leases.borrow_mut().insert((i, tail, lo), g.lease);
+                    g.hit
+                },
+                |(i, tail, lo, _)| {
+                    if let Some(l) = leases.borrow_mut().remove(&(i, tail, lo)) {
+                        self.index.release_all(l);
+                    }
+                },
+            )
+        };
+        let leases = leases.into_inner();
+        let mut held: Vec<(u32, Run)> = taken
+            .iter()
+            .map(|&(i, tail, lo, hi)| {
+                (windowed[i].0, Run { lease: leases[&(i, tail, lo)], first: lo, count: hi - lo })
+            })
+            .collect();
+        let mut short = None;
+        for (r, scope, g) in full {
+            if g.hit > hit {
+                self.index.release(g.lease, hit, g.hit, None);
+            } else if short.is_none() {
+                short = Some(scope);
+            }
+            held.push((r, Run { lease: g.lease, first: 0, count: hit }));
+        }
+        Ok((hit, LookupLocks::of(held), short))
     }
 
     fn count_hit(&self, model: &str, salt: &str, chunks: usize, tier: &str) {
@@ -354,58 +407,6 @@ impl ControlPlane {
         self.counters.add(&["lookup_hit_tokens", model, salt], tokens);
         let name = if tier == "l1" { "lookup_hit_l1_tokens" } else { "lookup_hit_l2_tokens" };
         self.counters.add(&[name, model, salt], tokens);
-    }
-
-    /// The start of a lookup whose fold runs in Python (hybrid layouts): the session's old
-    /// leases released, a new generation marked pending, its scopes recorded and the hashes of
-    /// the key's complete chunks returned. [`Self::lookup_finish`] completes it.
-    pub fn lookup_begin(&self, k: &KeyView<'_>, object_groups: &[u32]) -> OpResult<(u64, Vec<ChunkHash>)> {
-        Self::readers(k)?;
-        let session = self.sessions.get(k.request_id, true).expect("created");
-        self.counters.add(&["lookups", k.model_name, k.cache_salt], 1);
-        let mut s = session.lock();
-        s.drop_locks(&self.index);
-        s.generation += 1;
-        s.set_result(0);
-        let layout = Layout { object_groups: object_groups.to_vec(), plain: false };
-        s.scopes = self.request_scopes(k, Some(&layout))?;
-        let hashes = self.prefix(&mut s, k)?;
-        self.counters.add(
-            &["lookup_requested_tokens", k.model_name, k.cache_salt],
-            (hashes.len() * self.chunk()) as u64,
-        );
-        if hashes.is_empty() {
-            self.counters.add(&["lookup_early_exit", k.model_name, k.cache_salt, "empty_chunk_hashes"], 1);
-        } else {
-            s.pending = true;
-        }
-        Ok((s.generation, hashes))
-    }
-
-    /// Installs a Python fold's result: `rows` are (rank, lease, first chunk, chunks). When
-    /// the session moved on (a newer lookup, an end), the leases are released and false is
-    /// returned.
-    pub fn lookup_finish(&self, request_id: &str, generation: u64, hit: usize, rows: &[(u32, Run)]) -> bool {
-        let Some(session) = self.sessions.peek(request_id) else {
-            self.release_runs(rows);
-            return false;
-        };
-        let mut s = session.lock();
-        if s.generation != generation || s.closed {
-            self.release_runs(rows);
-            return false;
-        }
-        s.locks = Some(LookupLocks::of(rows.iter().copied()));
-        s.set_result(hit as u64);
-        drop(s);
-        self.notify();
-        true
-    }
-
-    fn release_runs(&self, rows: &[(u32, Run)]) {
-        for (_, r) in rows {
-            self.index.release_all(r.lease);
-        }
     }
 
     /// A prefetch job's end: `loaded` chunks after the L1 hit, held by `leases` (one per

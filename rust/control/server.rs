@@ -11,8 +11,8 @@
 //!
 //! * **Lanes.** Data operations of one client identity go to one of `affinity_lanes` lanes (a
 //!   hash of the identity), each served by one Python thread, so a client's transfers keep
-//!   FIFO order; the few control operations Python serves (block allocation reports, hybrid
-//!   lookups) go to a shared `normal` lane. The I/O thread never waits for Python or the GIL.
+//!   FIFO order; the few operations Python serves beside them (block allocation reports) go
+//!   to a shared `normal` lane. The I/O thread never waits for Python or the GIL.
 //! * **Bounds.** At most `max_pending` requests are queued, running or parked; beyond that a
 //!   sheddable request is answered `overloaded` at once (never a hang).
 //! * **Every request is answered**: malformed frames, unknown or refused operations, bad
@@ -39,7 +39,7 @@ use std::collections::HashMap;
 
 use super::codec::{self, OpName};
 use super::stats::{OpTimer, OpTiming};
-use super::{ControlPlane, KeyView, LookupDone, OpError};
+use super::{ControlPlane, KeyView, OpError};
 use crate::clock::Clock;
 use crate::wire;
 
@@ -723,8 +723,6 @@ enum Outcome {
     Reply(Option<Vec<u8>>),
     /// Park until ready or the deadline.
     Wait { request_id: String, timeout: f64 },
-    /// Hand to a Python worker of the normal lane.
-    Python,
 }
 
 fn dispatch(sh: &Arc<Shared>, sock: &zmq::Socket, mut frames: Vec<Vec<u8>>, waiters: &mut Vec<Waiter>) {
@@ -809,7 +807,6 @@ fn dispatch(sh: &Arc<Shared>, sock: &zmq::Socket, mut frames: Vec<Vec<u8>>, wait
                     });
                     return;
                 }
-                Ok(Outcome::Python) => sh.lanes.len() - 1,
             }
         }
         Route::Affinity => lane_of(&identity, sh.cfg.affinity_lanes),
@@ -883,10 +880,8 @@ fn native(sh: &Shared, op: Native, name: &str, args: &[Vec<u8>]) -> Result<Outco
         }
         Native::Lookup => {
             codec::arg_int(&args[1]).map_err(arg_err(name, 1))?;
-            match with_key(name, &args[0], |k| cp.lookup(k))? {
-                LookupDone::Answered => Outcome::Reply(None),
-                LookupDone::Python => Outcome::Python,
-            }
+            with_key(name, &args[0], |k| cp.lookup(k))?;
+            Outcome::Reply(None)
         }
         Native::QueryPrefetchStatus => {
             let rid = codec::arg_str(&args[0]).map_err(arg_err(name, 0))?;

@@ -65,7 +65,7 @@ impl Fx {
     }
 
     fn layout(&self, world: u32) {
-        self.cp.workers.set_layout("m", world, Layout { object_groups: vec![0], plain: true });
+        self.cp.workers.set_layout("m", world, Layout::plain());
     }
 
     fn leases(&self) -> u64 {
@@ -82,7 +82,7 @@ fn lookup_hits_the_prefix_every_rank_holds_and_leases_it() {
     f.store(&t, 2, 1, 2);
     let k = key(&t, "r", 2, 2);
     let kv = KeyView::of(&k).unwrap();
-    assert_eq!(f.cp.lookup(&kv), Ok(LookupDone::Answered));
+    assert_eq!(f.cp.lookup(&kv), Ok(()));
     assert_eq!(f.cp.query("r"), Some(2));
     assert_eq!(f.cp.query("r"), Some(0), "a result is taken once");
     assert_eq!(f.leases(), 2, "one lease per rank");
@@ -119,22 +119,14 @@ fn a_new_lookup_and_end_session_release_the_old_leases() {
 }
 
 #[test]
-fn lookups_without_a_layout_or_with_a_hybrid_one() {
+fn lookups_without_a_layout_answer_zero() {
     let f = fx(false);
     let t = tokens(2 * CHUNK);
     let k = key(&t, "r", 1, 1);
     let kv = KeyView::of(&k).unwrap();
-    assert_eq!(f.cp.lookup(&kv), Ok(LookupDone::Answered));
+    assert_eq!(f.cp.lookup(&kv), Ok(()));
     assert_eq!(f.cp.query("r"), Some(0));
     assert_eq!(f.cp.counters.get(&["lookup_early_exit", "m", "", "no_gpu_context"]), 1);
-    f.cp.workers.set_layout("m", 1, Layout { object_groups: vec![0, 1], plain: false });
-    assert_eq!(f.cp.lookup(&kv), Ok(LookupDone::Python));
-    let (generation, hashes) = f.cp.lookup_begin(&kv, &[0, 1]).unwrap();
-    assert_eq!(hashes.len(), 2);
-    assert_eq!(f.cp.query("r"), None, "pending until the fold is installed");
-    assert!(f.cp.lookup_finish("r", generation, 0, &[]));
-    assert_eq!(f.cp.query("r"), Some(0));
-    assert!(!f.cp.lookup_finish("r", generation - 1, 0, &[]), "a stale generation is refused");
 }
 
 #[test]
@@ -217,4 +209,41 @@ fn idle_sessions_expire_and_release() {
     f.clock.advance_secs(6.0);
     assert_eq!(f.cp.expire_sessions(10.0), 1);
     assert_eq!(f.cp.index.stats().read_locked_objects, 0);
+}
+
+#[test]
+fn hybrid_lookups_fold_the_windows_and_lease_only_what_they_need() {
+    use workers::GroupSpec;
+    let f = fx(false);
+    let t = tokens(6 * CHUNK);
+    // Full attention (group 0) and a window of 2 chunks (group 1) with tail objects (1|0x10000).
+    let layout = Layout {
+        groups: vec![
+            GroupSpec { id: 0, tail_id: None, span: 0 },
+            GroupSpec { id: 1, tail_id: Some(1 | 0x1_0000), span: 2 },
+        ],
+    };
+    f.cp.workers.set_layout("m", 1, layout);
+    let hs = f.hashes(&t);
+    let put = |group: u32, chunks: &[usize]| {
+        let scope = f.cp.scope("m", 1, 0, group, "").unwrap();
+        for &c in chunks {
+            f.cp.index.reserve_write(&scope, &hs[c..=c], OBJ, 9, false).unwrap();
+            f.cp.index.finish_write(&scope, &hs[c..=c], 9, 0, false, 0).unwrap();
+        }
+    };
+    put(0, &[0, 1, 2, 3, 4, 5]);
+    // The window holds chunk 4 whole and only the tail of chunk 3: a prefix of 5 needs tail 3 +
+    // whole 4; a prefix of 6 would need 4 (tail or whole) and 5 whole, and 5 is missing.
+    put(1, &[4]);
+    put(1 | 0x1_0000, &[3]);
+    let k = key(&t, "r", 1, 1);
+    f.cp.lookup(&KeyView::of(&k).unwrap()).unwrap();
+    assert_eq!(f.cp.query("r"), Some(5));
+    // Leased: 5 chunks of group 0, the tail of 3 and the whole 4 of group 1; nothing else.
+    assert_eq!(f.cp.index.stats().read_locked_objects, 7);
+    assert_eq!(f.cp.counters.get(&["lookup_misses", "m", "sliding_window"]), 1);
+    f.cp.end_session("r");
+    assert_eq!(f.cp.index.stats().read_locked_objects, 0);
+    f.cp.index.check_invariants();
 }

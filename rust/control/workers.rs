@@ -19,15 +19,43 @@ pub const RETELL_SECS: f64 = 60.0;
 /// Unknown instances remembered at once (the oldest is forgotten first).
 pub const MAX_TOLD: usize = 4096;
 
-/// What a lookup needs of a registered (model, world size).
+/// One object group of a layout, as a lookup sees it (`engine/groups.py` builds them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSpec {
+    /// Its object group id in keys.
+    pub id: u32,
+    /// The id of its tail objects (windows that are not a multiple of the chunk).
+    pub tail_id: Option<u32>,
+    /// Chunks its window spans (0: full attention).
+    pub span: usize,
+}
+
+/// What a lookup needs of a registered (model, world size): its object groups.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
-    /// Every object group id its keys live in (whole and tail objects), sorted; end_session
-    /// touches them all.
-    pub object_groups: Vec<u32>,
-    /// One full-attention object group (id 0): the lookup runs here. Otherwise (sliding
-    /// windows) the fold over the groups runs in Python (`engine/groups.py`).
-    pub plain: bool,
+    pub groups: Vec<GroupSpec>,
+}
+
+impl Layout {
+    /// One full-attention group with id 0.
+    pub fn plain() -> Self {
+        Self { groups: vec![GroupSpec { id: 0, tail_id: None, span: 0 }] }
+    }
+
+    /// A single full-attention group (L2 prefetch serves only those).
+    pub fn is_plain(&self) -> bool {
+        matches!(self.groups.as_slice(), [g] if g.span == 0)
+    }
+
+    /// Every object group id its keys live in (0, whole and tail objects), sorted.
+    pub fn object_groups(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = std::iter::once(0)
+            .chain(self.groups.iter().flat_map(|g| std::iter::once(g.id).chain(g.tail_id)))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
 }
 
 #[derive(Debug)]
@@ -224,7 +252,7 @@ mod tests {
     fn layouts() {
         let w = Workers::new(ManualClock::new());
         assert_eq!(w.layout("m", 2), None);
-        let l = Layout { object_groups: vec![0], plain: true };
+        let l = Layout::plain();
         w.set_layout("m", 2, l.clone());
         assert_eq!(w.layout("m", 2), Some(l));
         assert_eq!(w.layout("m", 1), None);

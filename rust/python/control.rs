@@ -13,7 +13,7 @@ use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 use super::{hashes_of, to_hashes, ChainMemo, Hashes, L1Index, ManualClock};
 use crate::clock::{Clock, MonotonicClock};
 use crate::control::server::{self, Fault, Native, OpRow, Route, ServerConfig};
-use crate::control::sessions::Run;
+use crate::control::workers::{GroupSpec, Layout};
 use crate::control::{self, ControlConfig, KeyView, OpError};
 use crate::hash;
 
@@ -194,33 +194,6 @@ impl ControlPlane {
         py.detach(|| self.0.release_share(request_id, rank, c0, c1))
     }
 
-    /// Starts a lookup whose fold runs in Python: `(generation, hashes)`.
-    fn lookup_begin<'py>(
-        &self,
-        py: Python<'py>,
-        key: &Bound<'py, PyAny>,
-        object_groups: Vec<u32>,
-    ) -> PyResult<(u64, Bound<'py, PyList>)> {
-        let k = OwnedKey::read(key)?;
-        let (generation, hashes) =
-            py.detach(|| k.view(|v| self.0.lookup_begin(v, &object_groups))).map_err(op_err)?;
-        Ok((generation, hashes_of(py, &hashes)?))
-    }
-
-    /// Installs a Python fold's result; `rows` are `(rank, lease, first chunk, chunks)`.
-    fn lookup_finish(
-        &self,
-        py: Python<'_>,
-        request_id: &str,
-        generation: u64,
-        hit: usize,
-        rows: Vec<(u32, u64, usize, usize)>,
-    ) -> bool {
-        let rows: Vec<(u32, Run)> =
-            rows.into_iter().map(|(rank, lease, first, count)| (rank, Run { lease, first, count })).collect();
-        py.detach(|| self.0.lookup_finish(request_id, generation, hit, &rows))
-    }
-
     /// The next L2 prefetch job (None after `timeout` seconds).
     fn next_prefetch(&self, py: Python<'_>, timeout: f64) -> Option<PrefetchJob> {
         let t = Duration::from_secs_f64(timeout.max(0.0));
@@ -294,11 +267,17 @@ impl ControlPlane {
         py.detach(|| self.0.workers.silent(reap_timeout, grace))
     }
 
-    /// A registered (model, world size)'s object groups; `plain`: one full-attention group.
-    fn set_layout(&self, py: Python<'_>, model: &str, world_size: u32, object_groups: Vec<u32>, plain: bool) {
-        py.detach(|| {
-            self.0.workers.set_layout(model, world_size, control::workers::Layout { object_groups, plain })
-        });
+    /// A registered (model, world size)'s object groups: `(id, tail id, window span in
+    /// chunks (0: full attention))` each (engine/groups.py).
+    fn set_layout(
+        &self,
+        py: Python<'_>,
+        model: &str,
+        world_size: u32,
+        groups: Vec<(u32, Option<u32>, usize)>,
+    ) {
+        let groups = groups.into_iter().map(|(id, tail_id, span)| GroupSpec { id, tail_id, span }).collect();
+        py.detach(|| self.0.workers.set_layout(model, world_size, Layout { groups }));
     }
 
     fn drop_layout(&self, py: Python<'_>, model: &str, world_size: u32) {

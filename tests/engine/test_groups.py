@@ -1,10 +1,7 @@
-"""engine/groups.py: object groups of hybrid (sliding-window) layouts, store selection, the
-lookup fold and the retrieve plan, as pure functions."""
+"""engine/groups.py: object groups of hybrid (sliding-window) layouts, store selection and the
+retrieve plan, as pure functions (the lookup fold is tested in rust/control/groups.rs)."""
 
 from __future__ import annotations
-
-import itertools
-import random
 
 import pytest
 import torch
@@ -12,11 +9,7 @@ import torch
 from lmcache_rs.engine.groups import (
     FULL_ATTENTION,
     TAIL_ID_FLAG,
-    Row,
     chunk_blocks,
-    fold,
-    lock_fold,
-    needed,
     object_groups,
     read_plan,
     store_plan,
@@ -122,97 +115,6 @@ def test_chunk_blocks_are_the_chunks_last_rows() -> None:
     og = layout([-1, 128])[1]
     blocks = [torch.arange(100, 132), torch.arange(200, 232)]
     assert chunk_blocks(og, blocks, 1, og.whole_rows)[0].tolist() == list(range(224, 232))
-
-
-def row(span: int, whole: str, tail: str = "") -> Row:
-    return Row(span, [c == "x" for c in whole], [c == "x" for c in tail])
-
-
-def test_fold_matches_the_measured_example() -> None:
-    """Spec C.6 (window 512, chunks of 256): A (8 chunks) stored with its early sliding blocks
-    null, B (4 chunks) fully stored."""
-    full_a, win_a = row(0, "xxxxxxxx"), row(2, "......xx")
-    assert fold(8, [full_a, win_a]) == 8
-    assert fold(9, [row(0, "xxxxxxxx."), row(2, "......xx.")]) == 8  # A + one new chunk
-    assert fold(4, [row(0, "xxxx"), row(2, "....")]) == 0  # A's first half
-    assert fold(3, [row(0, "xxx"), row(2, "xxx")]) == 3  # B's first 3 chunks
-    assert fold(8, [row(0, "xxxxxxxx"), row(2, "")]) == 0  # another salt
-
-
-def test_fold_windows_shorter_and_with_tails() -> None:
-    assert fold(8, [row(0, "xxxxxxxx"), row(1, ".......x")]) == 8
-    assert fold(8, [row(0, "xxxxxxxx"), row(1, "....x...")]) == 5
-    # Span 2 with tail objects: the window's first chunk may be a tail, the others not.
-    assert fold(8, [row(0, "xxxxxxxx"), row(2, ".......x", "......x.")]) == 8
-    assert fold(8, [row(0, "xxxxxxxx"), row(2, "......x.", ".....x..")]) == 7
-    assert fold(8, [row(0, "xxxxxxxx"), row(2, ".......x", ".....x..")]) == 0  # a tail is no middle chunk
-    # Shorter prefixes than the window need every chunk whole.
-    assert fold(1, [row(3, ".", "x")]) == 0
-    assert fold(2, [row(3, "xx")]) == 2
-    # Full attention bounds everything; rows of several ranks must all serve.
-    assert fold(8, [row(0, "xxxxx..."), row(2, "xxxxxxxx")]) == 5
-    assert fold(8, [row(0, "xxxxxxxx"), row(2, "......xx"), row(2, ".....xx.")]) == 0
-
-
-def serves_brute(r: Row, k: int) -> bool:
-    if k == 0:
-        return True
-    if r.span == 0 or k < r.span:
-        return all(r.has_whole(j) for j in range(k))
-    first = k - r.span
-    return r.has_tail(first) and all(r.has_whole(j) for j in range(first + 1, k))
-
-
-def test_fold_against_brute_force() -> None:
-    rng = random.Random(7)
-    for _ in range(500):
-        n = rng.randrange(0, 12)
-        rows = [
-            Row(
-                span,
-                [rng.random() < 0.7 for _ in range(rng.randrange(0, n + 1))],
-                [rng.random() < 0.3 for _ in range(n)],
-            )
-            for span in rng.sample([0, 1, 2, 3, 5], rng.randrange(1, 4))
-        ]
-        want = max(k for k in range(n + 1) if all(serves_brute(r, k) for r in rows))
-        assert fold(n, rows) == want
-        for r in rows:  # what needed() returns is exactly resident and covers the window
-            locks = needed(r, want)
-            covered = sorted(itertools.chain.from_iterable(range(lo, hi) for _, lo, hi in locks))
-            if want:
-                first = 0 if r.span == 0 or want < r.span else want - r.span
-                assert covered == list(range(first, want))
-            for tail, lo, hi in locks:
-                assert all(
-                    (r.has_tail(j) and not r.has_whole(j)) if tail else r.has_whole(j) for j in range(lo, hi)
-                )
-
-
-def test_lock_fold_refolds_when_a_chunk_went_missing() -> None:
-    rows = [row(2, "....xxxx")]
-    gone = {(0, False, 7)}  # chunk 7 was evicted after its presence was read
-    held: set[tuple[int, bool, int]] = set()
-
-    def lock(t):
-        i, tail, lo, hi = t
-        n = 0
-        for j in range(lo, hi):
-            if (i, tail, j) in gone:
-                break
-            held.add((i, tail, j))
-            n += 1
-        return n
-
-    def unlock(t):
-        i, tail, lo, hi = t
-        for j in range(lo, hi):
-            held.remove((i, tail, j))
-
-    hit, taken = lock_fold(8, rows, lock, unlock)
-    assert hit == 7
-    assert taken == [(0, False, 5, 7)]
-    assert held == {(0, False, 5), (0, False, 6)}
 
 
 @pytest.mark.parametrize(

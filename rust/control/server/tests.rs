@@ -102,6 +102,11 @@ fn control_ops_are_answered_on_the_io_thread() {
         f.call(&[&uid, &codec::string("query_prefetch_status"), &codec::string("r")])[2],
         codec::uint(0)
     );
+    // The loop counts a reply after handing it to the socket: wait for the last count.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while f.srv.io_status().replies_sent < 6 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let st = f.srv.io_status();
     assert!(st.alive);
     assert_eq!(st.requests_received, 6);
