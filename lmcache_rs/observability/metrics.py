@@ -216,8 +216,9 @@ class ServerCollector(Collector):
         stats = self.runtime.l1.index.stats()
         with self._lock:
             self._core_base = dict(stats["counters"])
-            # Error replies are counters of the stats registry, which the reset below zeroes.
-            self._error_base = {}
+            # Error replies are counters of the stats registry, which the reset below clears:
+            # nothing to subtract, but the codes seen keep showing (as 0).
+            self._error_base = dict.fromkeys(self.runtime.server.errors, 0)
             self._timing_base = self.runtime.server.timing_snapshot()
             self._memo_base = self.runtime.engine.chain_memo.stats()[3:5]
         self.runtime.engine.stats.reset()
@@ -266,7 +267,8 @@ class ServerCollector(Collector):
         errors = CounterMetricFamily(
             "lmcache_rs_request_errors", "Requests answered with an error reply, by code.", labels=["code"]
         )
-        for code, n in sorted(rt.server.errors.items()):
+        counts = {**error_base, **rt.server.errors}
+        for code, n in sorted(counts.items()):
             errors.add_metric([code], n - error_base.get(code, 0))
         yield errors
         entries, key_bytes, _, hits, misses = rt.engine.chain_memo.stats()
