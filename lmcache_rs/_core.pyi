@@ -1,9 +1,10 @@
 """Type stubs for the compiled core (rust/python/mod.rs). Kept by hand, like the bindings."""
 
-from collections.abc import Buffer, Sequence
-from typing import Any, Final, Literal, TypedDict, final
+from collections.abc import Sequence
+from typing import Any, Final, Literal, Self, TypedDict, final
 
 import numpy as np
+from typing_extensions import Buffer  # collections.abc.Buffer is 3.12+; we support 3.11
 
 __version__: Final[str]
 HASH_LEN: Final[int]
@@ -45,16 +46,14 @@ def validate_model(model_name: str) -> None: ...
 class ChainMemo:
     """A bounded memo of chunk hashes (at most `capacity`; 0 disables it), for `chunk_hashes`."""
 
-    def __init__(self, capacity: int) -> None: ...
+    def __new__(cls, capacity: int) -> Self: ...
     def stats(self) -> tuple[int, int, int, int, int]:
         """(entries, key_bytes, capacity, hits, misses); hits and misses count chunks."""
     def clear(self) -> None: ...
 
 @final
 class KeyScope:
-    def __init__(
-        self, model_name: str, kv_rank: int, object_group: int = 0, cache_salt: str = ""
-    ) -> None: ...
+    def __new__(cls, model_name: str, kv_rank: int, object_group: int = 0, cache_salt: str = "") -> Self: ...
     @property
     def model_name(self) -> str: ...
     @property
@@ -64,28 +63,28 @@ class KeyScope:
     @property
     def cache_salt(self) -> str: ...
     def __hash__(self) -> int: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
 
 @final
 class ObjectKey:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         chunk_hash: bytes,
         model_name: str,
         kv_rank: int,
         object_group: int = 0,
         cache_salt: str = "",
-    ) -> None: ...
+    ) -> Self: ...
     @property
     def chunk_hash(self) -> bytes: ...
     @property
     def scope(self) -> KeyScope: ...
     def __hash__(self) -> int: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
 
 @final
 class ManualClock:
-    def __init__(self) -> None: ...
+    def __new__(cls) -> Self: ...
     def advance(self, seconds: float) -> None: ...
 
 ReserveStatus = Literal["reserved", "resident", "in_flight", "oom"]
@@ -213,8 +212,8 @@ class Whereabouts:
 
 @final
 class L1Index:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         capacity_bytes: int,
         *,
         align_bytes: int = 4096,
@@ -226,7 +225,7 @@ class L1Index:
         demand_eviction: bool = True,
         drop_log_entries: int = 65536,
         clock: ManualClock | None = None,
-    ) -> None: ...
+    ) -> Self: ...
     @property
     def capacity_bytes(self) -> int: ...
     @property
@@ -306,8 +305,8 @@ class ControlPlane:
     """Sessions, worker liveness and layouts, and the one stats registry, shared by the
     native control operations and the Python data path."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         index: L1Index,
         memo: ChainMemo,
         chunk_size: int,
@@ -315,7 +314,7 @@ class ControlPlane:
         l2_prefetch: bool = False,
         prefetch_queue: int = 64,
         clock: ManualClock | None = None,
-    ) -> None: ...
+    ) -> Self: ...
     def prefix_hashes(self, key: Any, record_scopes: bool = False) -> list[bytes]: ...
     def release_share(self, request_id: str, rank: int, c0: int, c1: int) -> int: ...
     def lookup_begin(self, key: Any, object_groups: Sequence[int]) -> tuple[int, list[bytes]]: ...
@@ -393,8 +392,8 @@ OpTableRow = tuple[str, int | None, int, str, bytes, bool, str | None]
 class NativeServer:
     """The ZMQ ROUTER socket and its Rust I/O thread (rust/control/server.rs)."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         control: ControlPlane,
         url: str,
         *,
@@ -404,7 +403,7 @@ class NativeServer:
         max_pending: int = 4096,
         affinity_lanes: int = 1,
         clock: ManualClock | None = None,
-    ) -> None: ...
+    ) -> Self: ...
     @property
     def url(self) -> str: ...
     @property
