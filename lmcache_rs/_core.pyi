@@ -117,6 +117,36 @@ class SaltStats(TypedDict):
     evicted_objects: int
     evicted_bytes: int
 
+# The names of `L1Stats.counters`, for code that picks counters by name (the keys of `Counters`).
+CounterName = Literal[
+    "reserved_objects",
+    "admitted_objects",
+    "admitted_bytes",
+    "duplicate_writes",
+    "aborted_writes",
+    "allocation_failures",
+    "lookups",
+    "lookup_keys",
+    "lookup_hit_keys",
+    "read_unlocks",
+    "evicted_watermark_objects",
+    "evicted_watermark_bytes",
+    "evicted_quota_objects",
+    "evicted_quota_bytes",
+    "evicted_demand_objects",
+    "evicted_demand_bytes",
+    "deleted_objects",
+    "cleared_objects",
+    "temporary_dropped",
+    "expired_read_locks",
+    "expired_staging",
+    "eviction_cycles",
+    "eviction_triggered",
+    "read_leases",
+    "dropped_writes",
+    "pending_released_objects",
+]
+
 class Counters(TypedDict):
     reserved_objects: int
     admitted_objects: int

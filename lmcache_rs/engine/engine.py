@@ -10,11 +10,12 @@ frame. All index calls go to the Rust core with the GIL released; byte copies ar
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -62,6 +63,9 @@ from lmcache_rs.protocol.messages import (
 from lmcache_rs.storage.l1 import L1Store
 from lmcache_rs.storage.l2.tier import L2Tier
 from lmcache_rs.transfer.gather import ObjectCopy, gather, scatter
+
+if TYPE_CHECKING:
+    from lmcache_rs._core import ClearReport
 
 log = logging.getLogger(__name__)
 
@@ -540,7 +544,7 @@ class Engine:
             gen, hashes = self.control.lookup_begin(key, ids)
         except ControlError as e:
             raise ProtocolError(*e.args) from None
-        hit, rows = 0, []
+        hit, rows = 0, list[tuple[int, int, int, int]]()
         try:
             if not layout:
                 self.stats.add("lookup_early_exit", key.model_name, key.cache_salt, "no_gpu_context")
@@ -575,17 +579,13 @@ class Engine:
             for tail, g in ((False, rows[i][0].id), (True, rows[i][0].tail_id))
             if g is not None
         }
-        present = [
-            Row(
-                rows[i][0].span,
-                *(
-                    [s is not None for s in self.index.resolve(scopes[i, t], hashes[:bound])]
-                    for t in (False, True)
-                    if (i, t) in scopes
-                ),
-            )
-            for i in windowed
-        ]
+
+        def resident(i: int, tail: bool) -> list[bool]:
+            if (i, tail) not in scopes:
+                return []
+            return [s is not None for s in self.index.resolve(scopes[i, tail], hashes[:bound])]
+
+        present = [Row(rows[i][0].span, resident(i, False), resident(i, True)) for i in windowed]
         leases: dict[tuple[int, bool, int], int] = {}  # (row, tail, first chunk) -> lease
 
         def lock(t: Lock) -> int:
@@ -640,7 +640,7 @@ class Engine:
             job = self.control.next_prefetch(0.5)
             if job is None:
                 continue
-            if not l2.submit(lambda job=job: self._prefetch(job)):
+            if not l2.submit(functools.partial(self._prefetch, job)):
                 self.stats.add("l2_prefetch_skipped", job.model_name, "busy")
                 self.control.prefetch_done(job, 0, [])
 
@@ -648,7 +648,7 @@ class Engine:
         """Loads what L1 missed from L2 and completes the lookup's result (installed by the
         control plane only if the session still waits for this lookup)."""
         assert self.l2 is not None
-        loaded, leases = 0, []
+        loaded, leases = 0, list[int]()
         try:
             scopes = [
                 KeyScope(job.model_name, mp_kv_rank(job.world_size, r), 0, job.cache_salt)
@@ -686,7 +686,7 @@ class Engine:
                 n_reads += len(reads)
         return n_stores, n_reads
 
-    def clear(self, force: bool) -> dict[str, int]:
+    def clear(self, force: bool) -> ClearReport:
         """Spec E.8 (L1 only), for the HTTP API (the `clear` operation runs natively).
         Forced, objects still held by transfers in flight leave the index now and their bytes
         return to the arena when those transfers end."""

@@ -171,7 +171,7 @@ BY_NAME: dict[str, OpSpec] = {op.name: op for op in OPS}
 BY_ID: dict[int, OpSpec] = {op.legacy_id: op for op in OPS if op.legacy_id is not None}
 
 
-def find(op: int | str) -> OpSpec | None:
+def find(op: object) -> OpSpec | None:
     """The row for an integer legacy id or a string name (bools are not ids)."""
     if isinstance(op, bool):
         return None

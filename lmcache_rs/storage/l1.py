@@ -141,7 +141,7 @@ class L1Store:
         """Records the checksum of a freshly written object (no-op without verification);
         `digest` when the writer already verified the bytes against one (an L2 load)."""
         if self.digests is not None:
-            self.digests[offset] = digest or checksum(memoryview(self.view(offset, size).numpy()))
+            self.digests[offset] = digest or checksum(self.view(offset, size).numpy().data)
 
     def sealed(self, offset: int) -> bytes | None:
         """The checksum sealed for the object at `offset`, if verification is on."""
@@ -152,4 +152,4 @@ class L1Store:
         if self.digests is None:
             return True
         want = self.digests.get(offset)
-        return want is not None and checksum(memoryview(self.view(offset, size).numpy())) == want
+        return want is not None and checksum(self.view(offset, size).numpy().data) == want

@@ -151,7 +151,7 @@ class L2Tier:
         all_stored = True
         try:
             offset, size = grant.offsets[0], grant.sizes[0]
-            payload = memoryview(self.l1.view(offset, size).numpy())
+            payload = self.l1.view(offset, size).numpy().data
             key = L2Key.of(scope, h)
             for a in self.adapters:
                 if not a.available():
@@ -255,7 +255,7 @@ class L2Tier:
         readers: int,
         writer: int,
         model: str,
-    ) -> int:
+    ) -> tuple[int, int]:
         """Loads chunks in order until one fails; returns how many are now in L1 and the read
         lease (0: none) holding them, one item per chunk. On an exception the lease is ended."""
         lease = 0
@@ -291,7 +291,7 @@ class L2Tier:
             self.count("l2_prefetch_failure_chunks", "l1_oom" if status == "oom" else status, model)
             return False, lease
         try:
-            digest = a.get_into(L2Key.of(scope, h), memoryview(self.l1.view(off, size).numpy()))
+            digest = a.get_into(L2Key.of(scope, h), self.l1.view(off, size).numpy().data)
             a.succeeded()
         except IntegrityError as e:
             log.warning("L2 %s: corrupt object dropped (%s)", a.name, e)
