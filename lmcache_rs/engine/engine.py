@@ -363,7 +363,7 @@ class Engine:
             for b, scope in zip(batches, scopes, strict=True):
                 res = self.index.reserve_write(scope, [hashes[i] for i in b.chunks], b.nbytes, instance_id)
                 results.append(res)
-                ok = [(i, off) for i, (st, off, _) in zip(b.chunks, res, strict=True) if st == "reserved"]
+                ok = [(i, r.offset) for i, r in zip(b.chunks, res, strict=True) if r.status == "reserved"]
                 staged.append([hashes[i] for i, _ in ok])
                 for i, off in ok:
                     obj = self.l1.view(off, b.nbytes)
@@ -383,7 +383,7 @@ class Engine:
             for scope, hs in zip(scopes, staged, strict=False):  # the batches reserved so far
                 self.index.abort_write(scope, hs, instance_id)
             raise
-        oom = sum(s == "oom" for res in results for s, _, _ in res)
+        oom = sum(r.status == "oom" for res in results for r in res)
         admitted = lost = 0
         for scope, hs in zip(scopes, staged, strict=True):
             done = self.index.finish_write(scope, hs, instance_id).statuses
@@ -783,8 +783,8 @@ class Engine:
         self.stats.add("stores_submitted", ctx.device)
         scope = self._scope(key, key.worker_id or 0)
         res = self.index.reserve_write(scope, hashes, ctx.chunk_bytes, instance_id)
-        todo = [i for i, (status, _, _) in enumerate(res) if status == "reserved"]
-        oom = sum(status == "oom" for status, _, _ in res)
+        todo = [i for i, r in enumerate(res) if r.status == "reserved"]
+        oom = sum(r.status == "oom" for r in res)
         if oom:
             self.stats.add("l1_allocation_failure_chunks", "l1_store", key.model_name, n=oom)
         if not todo:
@@ -795,9 +795,9 @@ class Engine:
                 )
             return PrepareStoreReply(context=StoreSlots(slots=[], chunk_indices=[]))
         reply = PrepareStoreReply(
-            context=StoreSlots(slots=[self._slot(ctx, res[i][1]) for i in todo], chunk_indices=todo)
+            context=StoreSlots(slots=[self._slot(ctx, res[i].offset) for i in todo], chunk_indices=todo)
         )
-        offsets = [res[i][1] for i in todo]
+        offsets = [res[i].offset for i in todo]
         ctx.push(
             ctx.stores, self._prepare_key(key), PreparedStore(scope, [hashes[i] for i in todo], offsets, oom)
         )

@@ -219,7 +219,8 @@ class ServerCollector(Collector):
             self._core_base = {k: stats["counters"][k] for k in CORE_COUNTERS}
             self._error_base = dict(self.runtime.server.errors)
             self._timing_base = self.runtime.server.timing_snapshot()
-            self._memo_base = self.runtime.engine.chain_memo.stats()[3:5]
+            memo = self.runtime.engine.chain_memo.stats()
+            self._memo_base = (memo.hits, memo.misses)
         self.runtime.engine.stats.reset()
 
     def collect(self) -> Iterator[Metric]:
@@ -269,18 +270,22 @@ class ServerCollector(Collector):
         for code, n in sorted(rt.server.errors.items()):
             errors.add_metric([code], n - error_base.get(code, 0))
         yield errors
-        entries, key_bytes, _, hits, misses = rt.engine.chain_memo.stats()
+        memo_stats = rt.engine.chain_memo.stats()
         memo = CounterMetricFamily(
             "lmcache_rs_hash_memo_chunks",
             "Chunk hashes of requests found in the hash memo (hit) or computed with blake3 (miss).",
             labels=["result"],
         )
-        memo.add_metric(["hit"], hits - memo_base[0])
-        memo.add_metric(["miss"], misses - memo_base[1])
+        memo.add_metric(["hit"], memo_stats.hits - memo_base[0])
+        memo.add_metric(["miss"], memo_stats.misses - memo_base[1])
         yield memo
-        yield GaugeMetricFamily("lmcache_rs_hash_memo_entries", "Chunk hashes the memo holds.", value=entries)
         yield GaugeMetricFamily(
-            "lmcache_rs_hash_memo_bytes", "Bytes of the hash inputs the memo holds.", value=key_bytes
+            "lmcache_rs_hash_memo_entries", "Chunk hashes the memo holds.", value=memo_stats.entries
+        )
+        yield GaugeMetricFamily(
+            "lmcache_rs_hash_memo_bytes",
+            "Bytes of the hash inputs the memo holds.",
+            value=memo_stats.key_bytes,
         )
         handler = SummaryMetricFamily(
             "lmcache_rs_request_seconds",

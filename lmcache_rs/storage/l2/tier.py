@@ -283,7 +283,8 @@ class L2Tier:
     ) -> tuple[bool, int]:
         """Loads one chunk into L1 (or finds it there) and adds it to `lease` (0: a new one).
         Returns whether it is held, and the lease."""
-        status, off, _ = self.index.reserve_write(scope, [h], size, writer)[0]
+        r = self.index.reserve_write(scope, [h], size, writer)[0]
+        status, off = r.status, r.offset
         if status == "resident":  # stored meanwhile (or by another lookup): lease it
             grant = self.index.lease_read(scope, [h], readers, lease)
             return grant.hit == 1, grant.lease
