@@ -91,6 +91,7 @@ lint() {
     cargo clippy --all-targets --locked --features python -- -D warnings
     "$VENV/bin/ruff" check .
     "$VENV/bin/ruff" format --check .
+    "$VENV/bin/python" -m mypy # [tool.mypy] in pyproject.toml: the package, strict
 }
 
 # What benches/gpu_check.sh needs on a machine with PyTorch and CUDA but no network (Python

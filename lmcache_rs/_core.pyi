@@ -1,9 +1,10 @@
 """Type stubs for the compiled core (rust/python/mod.rs). Kept by hand, like the bindings."""
 
-from collections.abc import Buffer, Sequence
-from typing import Any, Final, Literal, TypedDict, final
+from collections.abc import Sequence
+from typing import Any, Final, Literal, Self, TypedDict, final
 
 import numpy as np
+from typing_extensions import Buffer  # collections.abc.Buffer is 3.12+; we support 3.11
 
 __version__: Final[str]
 HASH_LEN: Final[int]
@@ -33,9 +34,39 @@ def chunk_hashes(
 ) -> list[bytes]: ...
 def extend_chain(tokens: Tokens, prev: bytes | None = None, chunk_size: int = 256) -> list[bytes]: ...
 def chunk_hashes_msgpack(raw: bytes, chunk_size: int = 256) -> tuple[list[bytes], int]: ...
-def decode_key(
-    frame: bytes,
-) -> tuple[str, int, int | None, tuple[int, int], bytes, int, int, str, str, bytes | None, int]: ...
+
+@final
+class DecodedKey:
+    """A request key's fields (`decode_key`): `token_start:token_end` is where the token array
+    lies in the frame, `token_ids` the ids as native-endian u32 bytes, `request_configs` raw
+    msgpack; integers are as sent."""
+
+    @property
+    def model_name(self) -> str: ...
+    @property
+    def world_size(self) -> int: ...
+    @property
+    def worker_id(self) -> int | None: ...
+    @property
+    def token_start(self) -> int: ...
+    @property
+    def token_end(self) -> int: ...
+    @property
+    def token_ids(self) -> bytes: ...
+    @property
+    def start(self) -> int: ...
+    @property
+    def end(self) -> int: ...
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def cache_salt(self) -> str: ...
+    @property
+    def request_configs(self) -> bytes | None: ...
+    @property
+    def num_kv_readers(self) -> int: ...
+
+def decode_key(frame: bytes) -> DecodedKey: ...
 def kv_rank(world_size: int, global_rank: int, local_world_size: int, local_rank: int) -> int: ...
 def mp_kv_rank(world_size: int, worker_id: int) -> int: ...
 def validate_salt(cache_salt: str) -> None: ...
@@ -45,16 +76,28 @@ def validate_model(model_name: str) -> None: ...
 class ChainMemo:
     """A bounded memo of chunk hashes (at most `capacity`; 0 disables it), for `chunk_hashes`."""
 
-    def __init__(self, capacity: int) -> None: ...
-    def stats(self) -> tuple[int, int, int, int, int]:
-        """(entries, key_bytes, capacity, hits, misses); hits and misses count chunks."""
+    def __new__(cls, capacity: int) -> Self: ...
+    def stats(self) -> MemoStats: ...
     def clear(self) -> None: ...
 
 @final
+class MemoStats:
+    """`ChainMemo.stats()`; hits and misses count chunks."""
+
+    @property
+    def entries(self) -> int: ...
+    @property
+    def key_bytes(self) -> int: ...
+    @property
+    def capacity(self) -> int: ...
+    @property
+    def hits(self) -> int: ...
+    @property
+    def misses(self) -> int: ...
+
+@final
 class KeyScope:
-    def __init__(
-        self, model_name: str, kv_rank: int, object_group: int = 0, cache_salt: str = ""
-    ) -> None: ...
+    def __new__(cls, model_name: str, kv_rank: int, object_group: int = 0, cache_salt: str = "") -> Self: ...
     @property
     def model_name(self) -> str: ...
     @property
@@ -64,28 +107,28 @@ class KeyScope:
     @property
     def cache_salt(self) -> str: ...
     def __hash__(self) -> int: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
 
 @final
 class ObjectKey:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         chunk_hash: bytes,
         model_name: str,
         kv_rank: int,
         object_group: int = 0,
         cache_salt: str = "",
-    ) -> None: ...
+    ) -> Self: ...
     @property
     def chunk_hash(self) -> bytes: ...
     @property
     def scope(self) -> KeyScope: ...
     def __hash__(self) -> int: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
 
 @final
 class ManualClock:
-    def __init__(self) -> None: ...
+    def __new__(cls) -> Self: ...
     def advance(self, seconds: float) -> None: ...
 
 ReserveStatus = Literal["reserved", "resident", "in_flight", "oom"]
@@ -117,6 +160,36 @@ class SaltStats(TypedDict):
     admitted_bytes: int
     evicted_objects: int
     evicted_bytes: int
+
+# The names of `L1Stats.counters`, for code that picks counters by name (the keys of `Counters`).
+CounterName = Literal[
+    "reserved_objects",
+    "admitted_objects",
+    "admitted_bytes",
+    "duplicate_writes",
+    "aborted_writes",
+    "allocation_failures",
+    "lookups",
+    "lookup_keys",
+    "lookup_hit_keys",
+    "read_unlocks",
+    "evicted_watermark_objects",
+    "evicted_watermark_bytes",
+    "evicted_quota_objects",
+    "evicted_quota_bytes",
+    "evicted_demand_objects",
+    "evicted_demand_bytes",
+    "deleted_objects",
+    "cleared_objects",
+    "temporary_dropped",
+    "expired_read_locks",
+    "expired_staging",
+    "eviction_cycles",
+    "eviction_triggered",
+    "read_leases",
+    "dropped_writes",
+    "pending_released_objects",
+]
 
 class Counters(TypedDict):
     reserved_objects: int
@@ -166,6 +239,50 @@ class L1Stats(TypedDict):
     salts: list[SaltStats]
 
 @final
+class Reservation:
+    """What `L1Index.reserve_write` did for one key: `offset` and `size` are the staged range
+    when `status` is "reserved", 0 otherwise."""
+
+    @property
+    def status(self) -> ReserveStatus: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+
+@final
+class Slot:
+    """A resident object (`L1Index.resolve`)."""
+
+    @property
+    def offset(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def read_locks(self) -> int: ...
+    @property
+    def temporary(self) -> bool: ...
+
+@final
+class ListedObject:
+    """One resident object of `L1Index.list_objects`."""
+
+    @property
+    def chunk_hash(self) -> bytes: ...
+    @property
+    def model_name(self) -> str: ...
+    @property
+    def kv_rank(self) -> int: ...
+    @property
+    def object_group(self) -> int: ...
+    @property
+    def cache_salt(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def locked(self) -> bool: ...
+
+@final
 class ReadGrant:
     """What `L1Index.lease_read` took: `lease` (0: nothing), `hit` objects and their ranges."""
 
@@ -213,8 +330,8 @@ class Whereabouts:
 
 @final
 class L1Index:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         capacity_bytes: int,
         *,
         align_bytes: int = 4096,
@@ -226,7 +343,7 @@ class L1Index:
         demand_eviction: bool = True,
         drop_log_entries: int = 65536,
         clock: ManualClock | None = None,
-    ) -> None: ...
+    ) -> Self: ...
     @property
     def capacity_bytes(self) -> int: ...
     @property
@@ -239,7 +356,7 @@ class L1Index:
         size: int,
         writer: int,
         all_or_nothing: bool = False,
-    ) -> list[tuple[ReserveStatus, int, int]]: ...
+    ) -> list[Reservation]: ...
     def finish_write(
         self,
         scope: KeyScope,
@@ -259,16 +376,14 @@ class L1Index:
     ) -> list[Literal["adopted", "duplicate", "overlap", "invalid"]]: ...
     def release(self, lease: int, start: int = 0, end: int | None = None, n: int | None = None) -> int: ...
     def peek(self, scope: KeyScope, hashes: Sequence[bytes]) -> int: ...
-    def resolve(
-        self, scope: KeyScope, hashes: Sequence[bytes]
-    ) -> list[tuple[int, int, int, bool] | None]: ...
+    def resolve(self, scope: KeyScope, hashes: Sequence[bytes]) -> list[Slot | None]: ...
     def explain(self, scope: KeyScope, hashes: Sequence[bytes]) -> list[Whereabouts]: ...
     def list_objects(
         self,
         after: tuple[bytes, str, int, int, str] | None = None,
         limit: int = 500,
         model_name: str | None = None,
-    ) -> list[tuple[bytes, str, int, int, str, int, bool]]: ...
+    ) -> list[ListedObject]: ...
     def touch(self, scope: KeyScope, hashes: Sequence[bytes]) -> int: ...
     def delete(self, scope: KeyScope, hashes: Sequence[bytes], force: bool = False) -> int: ...
     def clear(self, force: bool = False) -> ClearReport: ...
@@ -309,8 +424,8 @@ class ControlPlane:
     """Sessions, worker liveness and layouts, and the one stats registry, shared by the
     native control operations and the Python data path."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         index: L1Index,
         memo: ChainMemo,
         chunk_size: int,
@@ -318,7 +433,7 @@ class ControlPlane:
         l2_prefetch: bool = False,
         prefetch_queue: int = 64,
         clock: ManualClock | None = None,
-    ) -> None: ...
+    ) -> Self: ...
     def prefix_hashes(self, key: Any, record_scopes: bool = False) -> list[bytes]: ...
     def release_share(self, request_id: str, rank: int, c0: int, c1: int) -> int: ...
     def next_prefetch(self, timeout: float) -> PrefetchJob | None: ...
@@ -394,8 +509,8 @@ OpTableRow = tuple[str, int | None, int, str, bytes, bool, str | None]
 class NativeServer:
     """The ZMQ ROUTER socket and its Rust I/O thread (rust/control/server.rs)."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         control: ControlPlane,
         url: str,
         *,
@@ -405,7 +520,7 @@ class NativeServer:
         max_pending: int = 4096,
         affinity_lanes: int = 1,
         clock: ManualClock | None = None,
-    ) -> None: ...
+    ) -> Self: ...
     @property
     def url(self) -> str: ...
     @property

@@ -111,17 +111,17 @@ class MPConfig(msgspec.Struct, kw_only=True):
         _check(self.hash_memo_mib >= 0, "--hash-memo-mib", "must be >= 0 (0: off)")
         s = self.io_stall_timeout_seconds
         _check(math.isfinite(s) and s >= 1, "--io-stall-timeout-seconds", f"must be >= 1, got {s}")
+        _check(
+            self.supported_transfer_mode in TRANSFER_MODES,
+            "--supported-transfer-mode",
+            f"must be one of {', '.join(TRANSFER_MODES)}, got {self.supported_transfer_mode!r}",
+        )
 
     @property
     def hash_memo_chunks(self) -> int:
         """Chunk hashes `hash_memo_mib` holds: input (32 + 4 bytes a token) plus ~64 bytes of
         table per entry."""
         return int(self.hash_memo_mib * (1 << 20)) // (32 + 4 * self.chunk_size + 64)
-        _check(
-            self.supported_transfer_mode in TRANSFER_MODES,
-            "--supported-transfer-mode",
-            f"must be one of {', '.join(TRANSFER_MODES)}, got {self.supported_transfer_mode!r}",
-        )
 
     @property
     def engine_driven(self) -> bool:

@@ -50,7 +50,7 @@ class MPClient:
             url = f"tcp://{url}"
         self.url = url
         self.timeout = timeout
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(url)
@@ -90,7 +90,7 @@ class MPClient:
         while True:
             if not self._sock.poll(deadline_ms):
                 raise TimeoutError(f"no reply from {self.url} within {deadline_ms / 1000:.1f}s")
-            frames = self._sock.recv_multipart()
+            frames: list[bytes] = self._sock.recv_multipart()
             if uid is None or frames[0] == uid:
                 return frames
             self._early[frames[0]] = frames

@@ -38,7 +38,7 @@ def tensor_metadata(t: torch.Tensor, device_uuid: str) -> TensorMetadata:
         dtype=str(t.dtype).removeprefix("torch."),
         shape=list(t.shape),
         stride=list(t.stride()),
-        storage_offset=t.storage_offset(),
+        storage_offset=int(t.storage_offset()),
         device_uuid=device_uuid,
     )
 

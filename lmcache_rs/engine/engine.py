@@ -10,11 +10,12 @@ frame. All index calls go to the Rust core with the GIL released; byte copies ar
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -60,6 +61,9 @@ from lmcache_rs.protocol.messages import (
 from lmcache_rs.storage.l1 import L1Store
 from lmcache_rs.storage.l2.tier import L2Tier
 from lmcache_rs.transfer.gather import ObjectCopy, gather, scatter
+
+if TYPE_CHECKING:
+    from lmcache_rs._core import ClearReport
 
 log = logging.getLogger(__name__)
 
@@ -355,9 +359,9 @@ class Engine:
             for b, scope in zip(batches, scopes, strict=True):
                 res = self.index.reserve_write(scope, [hashes[i] for i in b.chunks], b.nbytes, instance_id)
                 results.append(res)
-                ok = [(i, off) for i, (st, off, _) in zip(b.chunks, res, strict=True) if st == "reserved"]
+                ok = [(i, r.offset) for i, r in zip(b.chunks, res, strict=True) if r.status == "reserved"]
                 staged.append([hashes[i] for i, _ in ok])
-                self.l1.journal_reserved([(off, size) for st, off, size in res if st == "reserved"])
+                self.l1.journal_reserved([(r.offset, r.size) for r in res if r.status == "reserved"])
                 for i, off in ok:
                     obj = self.l1.view(off, b.nbytes)
                     copies.append(
@@ -379,7 +383,7 @@ class Engine:
             for scope, hs in zip(scopes, staged, strict=False):  # the batches reserved so far
                 self.index.abort_write(scope, hs, instance_id)
             raise
-        oom = sum(s == "oom" for res in results for s, _, _ in res)
+        oom = sum(r.status == "oom" for res in results for r in res)
         admitted = lost = 0
         for b, scope, hs in zip(batches, scopes, staged, strict=True):
             done = self.index.finish_write(scope, hs, instance_id).statuses
@@ -543,7 +547,7 @@ class Engine:
             job = self.control.next_prefetch(0.5)
             if job is None:
                 continue
-            if not l2.submit(lambda job=job: self._prefetch(job)):
+            if not l2.submit(functools.partial(self._prefetch, job)):
                 self.stats.add("l2_prefetch_skipped", job.model_name, "busy")
                 self.control.prefetch_done(job, 0, [])
 
@@ -551,7 +555,7 @@ class Engine:
         """Loads what L1 missed from L2 and completes the lookup's result (installed by the
         control plane only if the session still waits for this lookup)."""
         assert self.l2 is not None
-        loaded, leases = 0, []
+        loaded, leases = 0, list[int]()
         try:
             scopes = [
                 KeyScope(job.model_name, mp_kv_rank(job.world_size, r), 0, job.cache_salt)
@@ -589,7 +593,7 @@ class Engine:
                 n_reads += len(reads)
         return n_stores, n_reads
 
-    def clear(self, force: bool) -> dict[str, int]:
+    def clear(self, force: bool) -> ClearReport:
         """Spec E.8 (L1 only), for the HTTP API (the `clear` operation runs natively).
         Forced, objects still held by transfers in flight leave the index now and their bytes
         return to the arena when those transfers end."""
@@ -687,9 +691,9 @@ class Engine:
         self.stats.add("stores_submitted", ctx.device)
         scope = self._scope(key, key.worker_id or 0)
         res = self.index.reserve_write(scope, hashes, ctx.chunk_bytes, instance_id)
-        todo = [i for i, (status, _, _) in enumerate(res) if status == "reserved"]
-        self.l1.journal_reserved([(res[i][1], res[i][2]) for i in todo])  # before the worker has them
-        oom = sum(status == "oom" for status, _, _ in res)
+        todo = [i for i, r in enumerate(res) if r.status == "reserved"]
+        self.l1.journal_reserved([(res[i].offset, res[i].size) for i in todo])  # before the worker has them
+        oom = sum(r.status == "oom" for r in res)
         if oom:
             self.stats.add("l1_allocation_failure_chunks", "l1_store", key.model_name, n=oom)
         if not todo:
@@ -700,9 +704,9 @@ class Engine:
                 )
             return PrepareStoreReply(context=StoreSlots(slots=[], chunk_indices=[]))
         reply = PrepareStoreReply(
-            context=StoreSlots(slots=[self._slot(ctx, res[i][1]) for i in todo], chunk_indices=todo)
+            context=StoreSlots(slots=[self._slot(ctx, res[i].offset) for i in todo], chunk_indices=todo)
         )
-        offsets = [res[i][1] for i in todo]
+        offsets = [res[i].offset for i in todo]
         ctx.push(
             ctx.stores, self._prepare_key(key), PreparedStore(scope, [hashes[i] for i in todo], offsets, oom)
         )

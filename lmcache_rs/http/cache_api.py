@@ -4,7 +4,7 @@ per adapter, which LMCache refuses)."""
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from litestar import Request, Response, Router, post
@@ -15,6 +15,7 @@ from lmcache_rs.http.errors import ApiError
 from lmcache_rs.http.state import HttpState
 
 if TYPE_CHECKING:
+    from lmcache_rs._core import ClearReport
     from lmcache_rs.runtime import Runtime
 
 
@@ -31,7 +32,7 @@ class Cleared(msgspec.Struct):
     pending_bytes: int
 
     @classmethod
-    def of(cls, tier: str, report: dict[str, int]) -> Cleared:
+    def of(cls, tier: str, report: ClearReport) -> Cleared:
         return cls(
             tier=tier,
             objects=report["objects"],
@@ -90,7 +91,7 @@ def clear_cache(http_state: NamedDependency[HttpState]) -> Response[ClearStatus]
 
 
 @post("/cache/clear", status_code=200, opt={SENSITIVE: ALWAYS})
-async def cache_clear(request: Request, runtime: NamedDependency[Runtime]) -> ClearResponse:  # type: ignore[type-arg]
+async def cache_clear(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> ClearResponse:
     """Clears L1, L2 or both. Body (optional): {"tier": "l1" | "l2" | "all", "force": false,
     "adapter": null}. L1 without force keeps locked and in-flight objects; forced, they leave
     the index and their bytes follow when their transfers end (see `/clear-cache`). L2: every

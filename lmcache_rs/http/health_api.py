@@ -18,6 +18,7 @@ from lmcache_rs.http.errors import ApiError
 from lmcache_rs.http.state import HttpState
 
 if TYPE_CHECKING:
+    from lmcache_rs._core import MemoStats
     from lmcache_rs.runtime import Runtime
 
 
@@ -48,6 +49,16 @@ def healthcheck(http_state: NamedDependency[HttpState]) -> Response[Health]:
     if problem is not None:
         return Response(Health(status="unhealthy", reason=problem), status_code=503)
     return Response(Health(status="healthy"), status_code=200)
+
+
+def _memo(s: MemoStats) -> dict[str, int]:
+    return {
+        "entries": s.entries,
+        "key_bytes": s.key_bytes,
+        "capacity": s.capacity,
+        "hits": s.hits,
+        "misses": s.misses,
+    }
 
 
 @get("/status", sync_to_thread=True)
@@ -125,13 +136,7 @@ def status(runtime: NamedDependency[Runtime]) -> dict[str, Any]:
         "registered_gpu_ids": sorted(c.instance_id for c in contexts),
         "gpu_context_meta": {str(c.instance_id): c.status() for c in contexts},
         "active_sessions": runtime.engine.control.session_count,
-        "hash_memo": dict(
-            zip(
-                ("entries", "key_bytes", "capacity", "hits", "misses"),
-                runtime.engine.chain_memo.stats(),
-                strict=True,
-            )
-        ),
+        "hash_memo": _memo(runtime.engine.chain_memo.stats()),
         "active_prefetch_jobs": 0 if l2 is None else l2.prefetch_in_flight,
         "storage_manager": storage,
         "restored_workers": msgspec.to_builtins(runtime.restored),

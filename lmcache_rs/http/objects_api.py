@@ -173,12 +173,16 @@ def _list_l1(runtime: Runtime, model_name: str | None, page_size: int, page_toke
             ) from None
     rows = runtime.engine.index.list_objects(after, page_size, model_name)
     entries = [
-        ObjectEntry(EncodedKey(h.hex(), model, rank, group, salt), size)
-        for h, model, rank, group, salt, size, _ in rows
+        ObjectEntry(
+            EncodedKey(o.chunk_hash.hex(), o.model_name, o.kv_rank, o.object_group, o.cache_salt), o.size
+        )
+        for o in rows
     ]
     token = None
     if len(rows) == page_size:
-        token = msgspec.msgpack.encode(rows[-1][:5]).hex()
+        last = rows[-1]
+        cursor: _Cursor = (last.chunk_hash, last.model_name, last.kv_rank, last.object_group, last.cache_salt)
+        token = msgspec.msgpack.encode(cursor).hex()
     return ObjectPage(adapter="l1", shared=False, entries=entries, next_page_token=token)
 
 

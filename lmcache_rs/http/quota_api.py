@@ -118,8 +118,8 @@ def list_quotas(runtime: NamedDependency[Runtime]) -> QuotaList:
 
 @put("/quota/{cache_salt:str}", opt={SENSITIVE: ALWAYS})
 async def set_quota(
-    cache_salt: FromPath[str], request: Request, runtime: NamedDependency[Runtime]
-) -> QuotaSet:  # type: ignore[type-arg]
+    cache_salt: FromPath[str], request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]
+) -> QuotaSet:
     """Creates or updates a quota. Body: {"limit_gb": <float>} (finite, >= 0)."""
     salt = to_salt(cache_salt)
     given, value = parse_limit(await request.body())

@@ -34,7 +34,7 @@ from lmcache_rs.observability.periodic import Level, PeriodicThread
 from lmcache_rs.observability.timing import OpTiming
 
 if TYPE_CHECKING:
-    from lmcache_rs._core import L1Stats
+    from lmcache_rs._core import CounterName, L1Stats
     from lmcache_rs.runtime import Runtime
 
 #: The name L1 has among the tiers and `_default` for the empty cache_salt (as /quota).
@@ -47,7 +47,7 @@ MAX_TENANTS = 100
 LOOKUP_COUNTERS = {"lookups": 0, "lookup_requested_tokens": 1, "lookup_hit_tokens": 2}
 
 #: Core counters of objects that left L1, by reason.
-L1_EVICTIONS: dict[str, str] = {
+L1_EVICTIONS: dict[str, CounterName] = {
     "watermark": "evicted_watermark_objects",
     "quota": "evicted_quota_objects",
     "demand": "evicted_demand_objects",

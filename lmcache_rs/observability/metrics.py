@@ -29,6 +29,7 @@ from lmcache_rs.observability import history, timing
 from lmcache_rs.observability.timing import OpTiming
 
 if TYPE_CHECKING:
+    from lmcache_rs._core import CounterName
     from lmcache_rs.runtime import Runtime
 
 L1_TAG = "_default"
@@ -155,7 +156,7 @@ ENGINE_COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
 }
 
 # Rust counter -> (metric name, documentation, extra labels)
-CORE_COUNTERS: dict[str, tuple[str, str, dict[str, str]]] = {
+CORE_COUNTERS: dict[CounterName, tuple[str, str, dict[str, str]]] = {
     "eviction_cycles": ("lmcache_mp_l1_eviction_loop_ticks", "Runs of the L1 eviction cycle.", {}),
     "eviction_triggered": (
         "lmcache_mp_l1_eviction_loop_triggered",
@@ -207,7 +208,7 @@ class ServerCollector(Collector):
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self._lock = threading.Lock()
-        self._core_base: dict[str, int] = {}
+        self._core_base: dict[CounterName, int] = {}
         self._error_base: dict[str, int] = {}
         self._timing_base: dict[str, OpTiming] = {}
         self._memo_base = (0, 0)
@@ -215,12 +216,13 @@ class ServerCollector(Collector):
     def reset(self) -> None:
         stats = self.runtime.l1.index.stats()
         with self._lock:
-            self._core_base = dict(stats["counters"])
+            self._core_base = {k: stats["counters"][k] for k in CORE_COUNTERS}
             # Error replies are counters of the stats registry, which the reset below clears:
             # nothing to subtract, but the codes seen keep showing (as 0).
             self._error_base = dict.fromkeys(self.runtime.server.errors, 0)
             self._timing_base = self.runtime.server.timing_snapshot()
-            self._memo_base = self.runtime.engine.chain_memo.stats()[3:5]
+            memo = self.runtime.engine.chain_memo.stats()
+            self._memo_base = (memo.hits, memo.misses)
         self.runtime.engine.stats.reset()
 
     def collect(self) -> Iterator[Metric]:
@@ -271,18 +273,22 @@ class ServerCollector(Collector):
         for code, n in sorted(counts.items()):
             errors.add_metric([code], n - error_base.get(code, 0))
         yield errors
-        entries, key_bytes, _, hits, misses = rt.engine.chain_memo.stats()
+        memo_stats = rt.engine.chain_memo.stats()
         memo = CounterMetricFamily(
             "lmcache_rs_hash_memo_chunks",
             "Chunk hashes of requests found in the hash memo (hit) or computed with blake3 (miss).",
             labels=["result"],
         )
-        memo.add_metric(["hit"], hits - memo_base[0])
-        memo.add_metric(["miss"], misses - memo_base[1])
+        memo.add_metric(["hit"], memo_stats.hits - memo_base[0])
+        memo.add_metric(["miss"], memo_stats.misses - memo_base[1])
         yield memo
-        yield GaugeMetricFamily("lmcache_rs_hash_memo_entries", "Chunk hashes the memo holds.", value=entries)
         yield GaugeMetricFamily(
-            "lmcache_rs_hash_memo_bytes", "Bytes of the hash inputs the memo holds.", value=key_bytes
+            "lmcache_rs_hash_memo_entries", "Chunk hashes the memo holds.", value=memo_stats.entries
+        )
+        yield GaugeMetricFamily(
+            "lmcache_rs_hash_memo_bytes",
+            "Bytes of the hash inputs the memo holds.",
+            value=memo_stats.key_bytes,
         )
         handler = SummaryMetricFamily(
             "lmcache_rs_request_seconds",
@@ -305,7 +311,8 @@ class ServerCollector(Collector):
             cumulative, acc = [], 0
             for bound, n in zip((*timing.BUCKETS, math.inf), t.buckets, strict=True):
                 acc += n
-                cumulative.append((floatToGoString(bound), acc))
+                # prometheus_client.utils has no annotations
+                cumulative.append((floatToGoString(bound), acc))  # type: ignore[no-untyped-call]
             duration.add_metric([op], cumulative, sum_value=t.handler_seconds + t.queue_seconds)
         yield handler
         yield queued

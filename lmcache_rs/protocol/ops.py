@@ -75,19 +75,21 @@ class KeyDecoder:
     _configs = msgspec.msgpack.Decoder(dict[str, Any] | None)
 
     def decode(self, frame: bytes) -> ServerKey:
-        model, world, worker, (a, b), ids, start, end, rid, salt, configs, readers = decode_key(frame)
+        k = decode_key(frame)
+        configs = k.request_configs
         return ServerKey(
-            model_name=model,
-            world_size=world,
-            worker_id=worker,
-            token_ids=msgspec.Raw(memoryview(frame)[a:b]),  # a view: the frame is not copied
-            start=start,
-            end=end,
-            request_id=rid,
-            cache_salt=salt,
+            model_name=k.model_name,
+            world_size=k.world_size,
+            worker_id=k.worker_id,
+            # a view: the frame is not copied
+            token_ids=msgspec.Raw(memoryview(frame)[k.token_start : k.token_end]),
+            start=k.start,
+            end=k.end,
+            request_id=k.request_id,
+            cache_salt=k.cache_salt,
             request_configs=None if configs is None else self._configs.decode(configs),
-            num_kv_readers=readers,
-            token_u32=ids,
+            num_kv_readers=k.num_kv_readers,
+            token_u32=k.token_ids,
         )
 
 
@@ -171,7 +173,7 @@ BY_NAME: dict[str, OpSpec] = {op.name: op for op in OPS}
 BY_ID: dict[int, OpSpec] = {op.legacy_id: op for op in OPS if op.legacy_id is not None}
 
 
-def find(op: int | str) -> OpSpec | None:
+def find(op: object) -> OpSpec | None:
     """The row for an integer legacy id or a string name (bools are not ids)."""
     if isinstance(op, bool):
         return None

@@ -160,7 +160,7 @@ class L1Store:
         against one (an L2 load)."""
         if self.digests is None:
             return digest
-        digest = digest or checksum(memoryview(self.view(offset, size).numpy()))
+        digest = digest or checksum(self.view(offset, size).numpy().data)
         self.digests[offset] = digest
         return digest
 
@@ -215,4 +215,4 @@ class L1Store:
         if self.digests is None:
             return True
         want = self.digests.get(offset)
-        return want is not None and checksum(memoryview(self.view(offset, size).numpy())) == want
+        return want is not None and checksum(self.view(offset, size).numpy().data) == want

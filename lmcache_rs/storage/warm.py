@@ -469,12 +469,12 @@ class Sealer:
             return False  # evicted, deleted or cleared already (or its write failed)
         try:
             off = grant.offsets[0]
-            digest = checksum(memoryview(self._l1.view(off, n).numpy()))
+            digest = checksum(self._l1.view(off, n).numpy().data)
             obj = (h, off, index.object_footprint(n), n, digest)
 
             def still_resident() -> bool:
                 slot = index.resolve(scope, [h])[0]
-                return slot is not None and slot[0] == off
+                return slot is not None and slot.offset == off
 
             return self._journal.sealed_if(scope, [obj], still_resident)
         finally:
@@ -575,7 +575,7 @@ def _adopt(l1: L1Store, listed: list[Listed], report: WarmReport, threads: int |
     def intact(o: Listed) -> bool:
         if o.offset < 0 or not 0 < o.nbytes <= o.size or o.offset + o.size > cap:
             return False
-        return checksum(memoryview(l1.view(o.offset, o.nbytes).numpy())) == o.digest
+        return checksum(l1.view(o.offset, o.nbytes).numpy().data) == o.digest
 
     # blake3 runs with the GIL released: verify on every core.
     with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as ex:

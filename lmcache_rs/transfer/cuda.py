@@ -82,7 +82,8 @@ def open_event(handle: bytes, device: torch.device) -> torch.cuda.Event | None:
     """The worker's interprocess event (None for an empty or CPU stub handle)."""
     if not handle or handle == b"stub_ipc_handle":
         return None
-    return torch.cuda.Event.from_ipc_handle(device, handle)
+    event: torch.cuda.Event = torch.cuda.Event.from_ipc_handle(device, handle)
+    return event
 
 
 @dataclass

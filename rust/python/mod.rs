@@ -206,27 +206,29 @@ fn chunk_hashes_msgpack<'py>(
     Ok((hashes_to_list(py, &hashes)?, n))
 }
 
-/// A request key's fields from its msgpack frame, in one pass (see `wire`): `(model_name,
-/// world_size, worker_id, token_span, token_ids, start, end, request_id, cache_salt,
-/// request_configs, num_kv_readers)`; `token_span` is where the `token_ids` array lies in
-/// the frame, `(start, stop)` (not copied: ~150 KB at 32k tokens), `token_ids` the ids as
-/// native-endian u32 bytes, `request_configs` raw bytes or None.
-type DecodedKey<'py> = (
-    Bound<'py, PyAny>,
-    i128,
-    Option<i128>,
-    (usize, usize),
-    Bound<'py, PyBytes>,
-    i128,
-    i128,
-    Bound<'py, PyAny>,
-    Bound<'py, PyAny>,
-    Option<Bound<'py, PyBytes>>,
-    i128,
-);
+/// A request key's fields from its msgpack frame (`decode_key`). `token_start..token_end` is
+/// where the `token_ids` array lies in the frame (not copied: ~150 KB at 32k tokens),
+/// `token_ids` the ids as native-endian u32 bytes, `request_configs` raw msgpack or None.
+/// Integers are as sent (the caller validates their ranges).
+#[pyclass(frozen, get_all, module = "lmcache_rs._core")]
+struct DecodedKey {
+    model_name: String,
+    world_size: i128,
+    worker_id: Option<i128>,
+    token_start: usize,
+    token_end: usize,
+    token_ids: Py<PyBytes>,
+    start: i128,
+    end: i128,
+    request_id: String,
+    cache_salt: String,
+    request_configs: Option<Py<PyBytes>>,
+    num_kv_readers: i128,
+}
 
+/// A request key's fields from its msgpack frame, in one pass (see `wire`).
 #[pyfunction]
-fn decode_key<'py>(py: Python<'py>, frame: &[u8]) -> PyResult<DecodedKey<'py>> {
+fn decode_key(py: Python<'_>, frame: &[u8]) -> PyResult<DecodedKey> {
     let k = py.detach(|| wire::decode_key(frame)).map_err(to_py_err)?;
     let ids = PyBytes::new_with(py, 4 * k.token_ids.len(), |buf| {
         for (out, t) in buf.chunks_exact_mut(4).zip(&k.token_ids) {
@@ -234,22 +236,21 @@ fn decode_key<'py>(py: Python<'py>, frame: &[u8]) -> PyResult<DecodedKey<'py>> {
         }
         Ok(())
     })?;
-    Ok((
-        k.model_name.into_pyobject(py)?.into_any(),
-        k.world_size,
-        k.worker_id,
-        {
-            let at = k.token_span.as_ptr() as usize - frame.as_ptr() as usize;
-            (at, at + k.token_span.len())
-        },
-        ids,
-        k.start,
-        k.end,
-        k.request_id.into_pyobject(py)?.into_any(),
-        k.cache_salt.into_pyobject(py)?.into_any(),
-        k.request_configs.map(|c| PyBytes::new(py, c)),
-        k.num_kv_readers,
-    ))
+    let token_start = k.token_span.as_ptr() as usize - frame.as_ptr() as usize;
+    Ok(DecodedKey {
+        model_name: k.model_name.to_owned(),
+        world_size: k.world_size,
+        worker_id: k.worker_id,
+        token_start,
+        token_end: token_start + k.token_span.len(),
+        token_ids: ids.unbind(),
+        start: k.start,
+        end: k.end,
+        request_id: k.request_id.to_owned(),
+        cache_salt: k.cache_salt.to_owned(),
+        request_configs: k.request_configs.map(|c| PyBytes::new(py, c).unbind()),
+        num_kv_readers: k.num_kv_readers,
+    })
 }
 
 /// `world << 24 | global_rank << 16 | local_world << 8 | local_rank`; every field <= 255.
@@ -361,14 +362,39 @@ impl ChainMemo {
         Self(Arc::new(hash::ChainMemo::new(capacity)))
     }
 
-    /// `(entries, key_bytes, capacity, hits, misses)`; hits and misses count chunks.
-    fn stats(&self, py: Python<'_>) -> (usize, usize, usize, u64, u64) {
+    fn stats(&self, py: Python<'_>) -> MemoStats {
         let s = py.detach(|| self.0.stats());
-        (s.entries, s.key_bytes, s.capacity, s.hits, s.misses)
+        MemoStats {
+            entries: s.entries,
+            key_bytes: s.key_bytes,
+            capacity: s.capacity,
+            hits: s.hits,
+            misses: s.misses,
+        }
     }
 
     fn clear(&self, py: Python<'_>) {
         py.detach(|| self.0.clear());
+    }
+}
+
+/// `ChainMemo.stats()`: entries held, bytes of their keys, capacity; hits and misses count chunks.
+#[pyclass(frozen, get_all, module = "lmcache_rs._core")]
+struct MemoStats {
+    entries: usize,
+    key_bytes: usize,
+    capacity: usize,
+    hits: u64,
+    misses: u64,
+}
+
+#[pymethods]
+impl MemoStats {
+    fn __repr__(&self) -> String {
+        format!(
+            "MemoStats(entries={}, key_bytes={}, capacity={}, hits={}, misses={})",
+            self.entries, self.key_bytes, self.capacity, self.hits, self.misses
+        )
     }
 }
 
@@ -405,9 +431,55 @@ fn to_hashes(hashes: Hashes<'_>) -> PyResult<Vec<ChunkHash>> {
     Ok(out)
 }
 
-/// `(offset, size, read_locks, temporary)` of a resident object.
-type SlotTuple = (u64, u64, u32, bool);
-type ListedTuple<'py> = (Bound<'py, PyBytes>, String, u32, u32, String, u64, bool);
+/// What `L1Index.reserve_write` did for one key: `status` is `reserved` (then `offset` and
+/// `size` are the staged range), `resident`, `in_flight` or `oom` (offset and size 0).
+#[pyclass(frozen, get_all, module = "lmcache_rs._core")]
+struct Reservation {
+    status: &'static str,
+    offset: u64,
+    size: u64,
+}
+
+#[pymethods]
+impl Reservation {
+    fn __repr__(&self) -> String {
+        format!("Reservation(status={:?}, offset={}, size={})", self.status, self.offset, self.size)
+    }
+}
+
+/// A resident object's range, live read locks and temporary flag (`L1Index.resolve`).
+#[pyclass(frozen, get_all, module = "lmcache_rs._core")]
+struct Slot {
+    offset: u64,
+    size: u64,
+    read_locks: u32,
+    temporary: bool,
+}
+
+#[pymethods]
+impl Slot {
+    fn __repr__(&self) -> String {
+        format!(
+            "Slot(offset={}, size={}, read_locks={}, temporary={})",
+            self.offset,
+            self.size,
+            self.read_locks,
+            if self.temporary { "True" } else { "False" }
+        )
+    }
+}
+
+/// One resident object of `L1Index.list_objects`: its key, size and whether leases hold it.
+#[pyclass(frozen, get_all, module = "lmcache_rs._core")]
+struct ListedObject {
+    chunk_hash: Py<PyBytes>,
+    model_name: String,
+    kv_rank: u32,
+    object_group: u32,
+    cache_salt: String,
+    size: u64,
+    locked: bool,
+}
 
 /// What `L1Index.lease_read` took: the lease (0: nothing) and the `hit` objects' ranges.
 #[pyclass(frozen, get_all, module = "lmcache_rs._core")]
@@ -513,8 +585,7 @@ impl L1Index {
         py.detach(|| self.0.object_footprint(size)).map_err(to_py_err)
     }
 
-    /// Returns one `(status, offset, size)` per hash; status is `reserved`, `resident`,
-    /// `in_flight` or `oom` (offset and size are 0 unless reserved).
+    /// One `Reservation` per hash.
     #[pyo3(signature = (scope, hashes, size, writer, all_or_nothing = false))]
     fn reserve_write(
         &self,
@@ -524,7 +595,7 @@ impl L1Index {
         size: u64,
         writer: u64,
         all_or_nothing: bool,
-    ) -> PyResult<Vec<(&'static str, u64, u64)>> {
+    ) -> PyResult<Vec<Reservation>> {
         let hashes = to_hashes(hashes)?;
         let out = py
             .detach(|| self.0.reserve_write(&scope.0, &hashes, size, writer, all_or_nothing))
@@ -532,10 +603,10 @@ impl L1Index {
         Ok(out
             .into_iter()
             .map(|r| match r {
-                Reserve::Reserved(a) => ("reserved", a.offset, a.size),
-                Reserve::AlreadyResident => ("resident", 0, 0),
-                Reserve::InFlight => ("in_flight", 0, 0),
-                Reserve::OutOfMemory => ("oom", 0, 0),
+                Reserve::Reserved(a) => Reservation { status: "reserved", offset: a.offset, size: a.size },
+                Reserve::AlreadyResident => Reservation { status: "resident", offset: 0, size: 0 },
+                Reserve::InFlight => Reservation { status: "in_flight", offset: 0, size: 0 },
+                Reserve::OutOfMemory => Reservation { status: "oom", offset: 0, size: 0 },
             })
             .collect())
     }
@@ -639,18 +710,20 @@ impl L1Index {
         Ok(py.detach(|| self.0.peek(&scope.0, &hashes)))
     }
 
-    /// One `(offset, size, read_locks, temporary)` per hash, or None when not resident.
-    fn resolve(
-        &self,
-        py: Python<'_>,
-        scope: &KeyScope,
-        hashes: Hashes<'_>,
-    ) -> PyResult<Vec<Option<SlotTuple>>> {
+    /// One `Slot` per hash, or None when not resident.
+    fn resolve(&self, py: Python<'_>, scope: &KeyScope, hashes: Hashes<'_>) -> PyResult<Vec<Option<Slot>>> {
         let hashes = to_hashes(hashes)?;
         let out = py.detach(|| self.0.resolve(&scope.0, &hashes));
         Ok(out
             .into_iter()
-            .map(|s| s.map(|s| (s.alloc.offset, s.alloc.size, s.read_locks, s.temporary)))
+            .map(|s| {
+                s.map(|s| Slot {
+                    offset: s.alloc.offset,
+                    size: s.alloc.size,
+                    read_locks: s.read_locks,
+                    temporary: s.temporary,
+                })
+            })
             .collect())
     }
 
@@ -680,20 +753,25 @@ impl L1Index {
 
     /// Up to `limit` resident objects whose key sorts after `after` (the previous page's last
     /// `(hash, model, kv_rank, object_group, salt)`), in key order, as
-    /// `(hash, model, kv_rank, object_group, salt, size, locked)`; only `model_name`'s if given.
+    /// `ListedObject`s; only `model_name`'s if given.
     #[pyo3(signature = (after = None, limit = 500, model_name = None))]
-    fn list_objects<'py>(
+    fn list_objects(
         &self,
-        py: Python<'py>,
+        py: Python<'_>,
         after: Option<(Vec<u8>, String, u32, u32, String)>,
         limit: usize,
         model_name: Option<String>,
-    ) -> Vec<ListedTuple<'py>> {
+    ) -> Vec<ListedObject> {
         let rows = py.detach(|| self.0.list(after.as_ref(), limit, model_name.as_deref()));
         rows.into_iter()
-            .map(|l| {
-                let h = PyBytes::new(py, l.hash.as_bytes());
-                (h, l.model_name, l.kv_rank, l.object_group, l.cache_salt, l.size, l.locked)
+            .map(|l| ListedObject {
+                chunk_hash: PyBytes::new(py, l.hash.as_bytes()).unbind(),
+                model_name: l.model_name,
+                kv_rank: l.kv_rank,
+                object_group: l.object_group,
+                cache_salt: l.cache_salt,
+                size: l.size,
+                locked: l.locked,
             })
             .collect()
     }
@@ -773,6 +851,11 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ReadGrant>()?;
     m.add_class::<WriteDone>()?;
     m.add_class::<Whereabouts>()?;
+    m.add_class::<DecodedKey>()?;
+    m.add_class::<MemoStats>()?;
+    m.add_class::<Reservation>()?;
+    m.add_class::<Slot>()?;
+    m.add_class::<ListedObject>()?;
     control::register(m)?;
     Ok(())
 }

@@ -112,22 +112,27 @@ def test_chain_memo_answers_what_blake3_does(prompts: list[list[int]], capacity:
         assert lm.chunk_hashes(np.array(p, dtype=np.int64), 16, 32, 150, memo) == lm.chunk_hashes(
             p, 16, start=32, end=150
         )
-        entries, key_bytes, cap, _hits, _misses = memo.stats()
-        assert entries <= cap
-        assert cap >= capacity
-        assert key_bytes >= entries * (32 + 16 * 4)
+        st = memo.stats()
+        assert st.entries <= st.capacity
+        assert st.capacity >= capacity
+        assert st.key_bytes >= st.entries * (32 + 16 * 4)
+
+
+def stats(memo: lm.ChainMemo) -> tuple[int, int, int, int, int]:
+    s = memo.stats()
+    return (s.entries, s.key_bytes, s.capacity, s.hits, s.misses)
 
 
 def test_chain_memo_counts_and_clears() -> None:
     memo = lm.ChainMemo(64)
     t = list(range(1000))
     lm.chunk_hashes(t, 256, memo=memo)
-    assert memo.stats() == (3, 3 * (32 + 1024), 64, 0, 3)
+    assert stats(memo) == (3, 3 * (32 + 1024), 64, 0, 3)
     lm.chunk_hashes(t, 256, memo=memo)
     lm.chunk_hashes(t[:600] + [7] * 400, 256, memo=memo)  # shares 2 chunks, then a new third
-    assert memo.stats() == (4, 4 * (32 + 1024), 64, 5, 4)
+    assert stats(memo) == (4, 4 * (32 + 1024), 64, 5, 4)
     memo.clear()
-    assert memo.stats()[:2] == (0, 0)
+    assert stats(memo)[:2] == (0, 0)
     with pytest.raises(lm.LmcacheCoreError):
         lm.chunk_hashes([1, -1, 2], 1, memo=memo)
 

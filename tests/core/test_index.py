@@ -21,10 +21,10 @@ def hashes(n: int, base: int = 0) -> list[bytes]:
 
 def store(idx: lm.L1Index, s: lm.KeyScope, hs: list[bytes], writer: int = 1) -> list[str]:
     res = idx.reserve_write(s, hs, OBJ, writer)
-    staged = [h for h, (status, _, _) in zip(hs, res, strict=True) if status == "reserved"]
+    staged = [h for h, r in zip(hs, res, strict=True) if r.status == "reserved"]
     idx.finish_write(s, staged, writer)
     idx.check_invariants()
-    return [status for status, _, _ in res]
+    return [r.status for r in res]
 
 
 def test_write_read_lifecycle() -> None:
@@ -32,17 +32,19 @@ def test_write_read_lifecycle() -> None:
     idx = lm.L1Index(8 * OBJ, clock=clock)
     s, hs = scope(), hashes(3)
     res = idx.reserve_write(s, hs, 1000, writer=7)
-    assert [r[0] for r in res] == ["reserved"] * 3
-    assert [r[2] for r in res] == [OBJ] * 3
-    assert len({r[1] for r in res}) == 3
+    assert [r.status for r in res] == ["reserved"] * 3
+    assert [r.size for r in res] == [OBJ] * 3
+    assert len({r.offset for r in res}) == 3
+    assert 'Reservation(status="reserved"' in repr(res[0])
     assert idx.peek(s, hs) == 0, "staging objects are invisible"
-    assert idx.reserve_write(s, hs[:1], 1000, writer=7)[0][0] == "in_flight"
+    assert idx.reserve_write(s, hs[:1], 1000, writer=7)[0].status == "in_flight"
     assert idx.finish_write(s, hs, writer=7).statuses == ["admitted"] * 3
     assert idx.finish_write(s, hs, writer=7).statuses == ["not_staged"] * 3
     grant = idx.lease_read(s, hs + hashes(1, 99), shares=2)
-    assert (grant.hit, grant.offsets, grant.sizes) == (3, [r[1] for r in res], [OBJ] * 3)
+    assert (grant.hit, grant.offsets, grant.sizes) == (3, [r.offset for r in res], [OBJ] * 3)
     slot = idx.resolve(s, hs[:1])[0]
-    assert slot == (res[0][1], OBJ, 2, False)
+    assert slot is not None
+    assert (slot.offset, slot.size, slot.read_locks, slot.temporary) == (res[0].offset, OBJ, 2, False)
     assert idx.resolve(s, hashes(1, 99)) == [None]
     assert idx.release(grant.lease, n=1) == 3
     assert idx.stats()["read_locked_objects"] == 3
@@ -90,7 +92,8 @@ def test_full_of_locked_objects_fails_fast() -> None:
     idx.lease_read(s, hashes(2))
     assert store(idx, s, hashes(1, 9)) == ["oom"]
     assert idx.stats()["counters"]["allocation_failures"] == 1
-    assert idx.reserve_write(s, hashes(3, 20), OBJ, 1, all_or_nothing=True) == [("oom", 0, 0)] * 3
+    res = idx.reserve_write(s, hashes(3, 20), OBJ, 1, all_or_nothing=True)
+    assert [(r.status, r.offset, r.size) for r in res] == [("oom", 0, 0)] * 3
 
 
 def test_isolated_lru_quotas() -> None:
@@ -182,7 +185,7 @@ def test_threads_hammering_while_one_evicts() -> None:
                 base = (r * 7 + t) % 40
                 hs = hashes(4, base)
                 res = idx.reserve_write(s, hs, OBJ, t)
-                staged = [h for h, x in zip(hs, res, strict=True) if x[0] == "reserved"]
+                staged = [h for h, x in zip(hs, res, strict=True) if x.status == "reserved"]
                 if r % 5 == 0:
                     idx.abort_write(s, staged, t)
                 else:
@@ -217,3 +220,19 @@ def test_threads_hammering_while_one_evicts() -> None:
     assert sum(s["bytes"] for s in stats["salts"]) == stats["used_bytes"]
     idx.evict_cycle()
     assert idx.salt_usage("t3") == 0  # no quota: wiped
+
+
+def test_list_objects_pages_in_key_order() -> None:
+    idx = lm.L1Index(8 * OBJ)
+    s, hs = scope("tenant"), hashes(3)
+    store(idx, s, hs)
+    idx.lease_read(s, hs[:1])
+    page = idx.list_objects(limit=2)
+    assert [(o.chunk_hash, o.model_name, o.kv_rank, o.object_group, o.cache_salt) for o in page] == [
+        (h, "model", s.kv_rank, 0, "tenant") for h in hs[:2]
+    ]
+    assert [(o.size, o.locked) for o in page] == [(OBJ, True), (OBJ, False)]
+    last = page[-1]
+    after = (last.chunk_hash, last.model_name, last.kv_rank, last.object_group, last.cache_salt)
+    assert [o.chunk_hash for o in idx.list_objects(after, limit=2)] == hs[2:]
+    assert idx.list_objects(model_name="other") == []

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 
 @get("/metrics", sync_to_thread=True, media_type=CONTENT_TYPE_LATEST)
-def metrics(runtime: NamedDependency[Runtime]) -> Response[str]:
+def metrics(runtime: NamedDependency[Runtime]) -> Response[bytes]:
     """Every metric of this server in the Prometheus text format."""
     return Response(runtime.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

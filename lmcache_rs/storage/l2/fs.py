@@ -172,7 +172,8 @@ class FsAdapter(L2Adapter):
         with self._lock:
             out: list[int | None] = []
             for k in keys:
-                e = self._salts.get(k.cache_salt, {}).get(k.object_id)
+                bucket = self._salts.get(k.cache_salt)
+                e = None if bucket is None else bucket.get(k.object_id)
                 out.append(None if e is None else e.payload)
             return out
 

@@ -76,6 +76,18 @@ return freed
 """
 
 
+def _b(reply: bytes | str) -> bytes:
+    """A reply of our client as bytes: redis-py types replies `bytes | str` (its choice depends on
+    `decode_responses`, which we leave off, so they are bytes)."""
+    assert isinstance(reply, bytes), type(reply)
+    return reply
+
+
+def _s(reply: bytes | str) -> str:
+    """A reply that holds text (a salt, an object id), decoded."""
+    return _b(reply).decode()
+
+
 def _unavailable(fn: Callable[P, R]) -> Callable[P, R]:
     """Connection and server errors become L2Unavailable (the tier pauses the adapter)."""
 
@@ -176,6 +188,7 @@ class RedisAdapter(L2Adapter):
             self._forget(key.cache_salt, [oid])  # expired (TTL) or deleted by another server
             return None
         try:
+            blob = _b(blob)
             _, payload, digest, header_len = parse_header(blob, key)
             if payload != out.nbytes or len(blob) != header_len + payload:
                 raise IntegrityError(
@@ -223,29 +236,30 @@ class RedisAdapter(L2Adapter):
 
     @_unavailable
     def oldest(self, salt: str | None, limit: int) -> list[tuple[str, str, int, float]]:
-        salts = [s.decode() for s in self.r.hvals(self._k_salts)] if salt is None else [salt]
+        salts = [_s(s) for s in self.r.hvals(self._k_salts)] if salt is None else [salt]
         found: list[tuple[str, str, int, float]] = []
         for s in salts:
             zset, sizes = self._rkeys(s)
-            members = self.r.zrange(zset, 0, limit - 1, withscores=True)
+            # redis-py types every zrange reply alike; withscores=True gives (member, score) pairs.
+            members: list[tuple[bytes, float]] = self.r.zrange(zset, 0, limit - 1, withscores=True)  # type: ignore[assignment]
             if not members:
                 continue
             raw = self.r.hmget(sizes, [m for m, _ in members])
             for (m, score), v in zip(members, raw, strict=True):
-                size = int(v.split(b":")[0]) if v else 0
+                size = int(_b(v).split(b":")[0]) if v else 0
                 found.append((s, m.decode(), size, float(score)))
         found.sort(key=lambda t: t[3])
         return found[:limit]
 
     @_unavailable
     def object_ids(self, after: str, limit: int) -> list[tuple[str, str, int]]:
-        salts = [s.decode() for s in self.r.hvals(self._k_salts)]
+        salts = [_s(s) for s in self.r.hvals(self._k_salts)]
         found: list[tuple[str, str, int]] = []
         for s in salts:
             for oid, v in self.r.hgetall(self._rkeys(s)[1]).items():
-                o = oid.decode()
+                o = _s(oid)
                 if o > after:
-                    found.append((o, s, int(v.split(b":")[1])))
+                    found.append((o, s, int(_b(v).split(b":")[1])))
         return [(salt, oid, n) for oid, salt, n in heapq.nsmallest(limit, found)]
 
     @_unavailable
@@ -259,7 +273,7 @@ class RedisAdapter(L2Adapter):
             head = first
             if len(first) >= HEADER.size and len(first) < HEADER.size + HEADER.unpack_from(first)[1]:
                 head = self.r.getrange(self._okey(oid), 0, HEADER.size + HEADER.unpack_from(first)[1] - 1)
-            out.append(key_of_header(head) if head else None)
+            out.append(key_of_header(_b(head)) if head else None)
         return out
 
     @_unavailable
@@ -280,9 +294,11 @@ class RedisAdapter(L2Adapter):
             return 0
         cutoff = time.time() - self.ttl_ms / 1000
         n = 0
-        for s in [s.decode() for s in self.r.hvals(self._k_salts)]:
+        for s in [_s(s) for s in self.r.hvals(self._k_salts)]:
             zset, _ = self._rkeys(s)
-            stale = [m.decode() for m in self.r.zrangebyscore(zset, "-inf", cutoff, start=0, num=1024)]
+            # redis-py types every zrangebyscore reply alike; without scores it is the members.
+            members: list[bytes] = self.r.zrangebyscore(zset, "-inf", cutoff, start=0, num=1024)  # type: ignore[assignment]
+            stale = [m.decode() for m in members]
             if not stale:
                 continue
             pipe = self.r.pipeline(transaction=False)

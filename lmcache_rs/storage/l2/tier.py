@@ -151,7 +151,7 @@ class L2Tier:
         all_stored = True
         try:
             offset, size = grant.offsets[0], grant.sizes[0]
-            payload = memoryview(self.l1.view(offset, size).numpy())
+            payload = self.l1.view(offset, size).numpy().data
             key = L2Key.of(scope, h)
             for a in self.adapters:
                 if not a.available():
@@ -295,7 +295,8 @@ class L2Tier:
     ) -> tuple[bool, int]:
         """Loads one chunk into L1 (or finds it there) and adds it to `lease` (0: a new one).
         Returns whether it is held, and the lease."""
-        status, off, alloc = self.index.reserve_write(scope, [h], size, writer)[0]
+        r = self.index.reserve_write(scope, [h], size, writer)[0]
+        status, off, alloc = r.status, r.offset, r.size
         if status == "resident":  # stored meanwhile (or by another lookup): lease it
             grant = self.index.lease_read(scope, [h], readers, lease)
             return grant.hit == 1, grant.lease
@@ -304,7 +305,7 @@ class L2Tier:
             return False, lease
         self.l1.journal_reserved([(off, alloc)])
         try:
-            digest = a.get_into(L2Key.of(scope, h), memoryview(self.l1.view(off, size).numpy()))
+            digest = a.get_into(L2Key.of(scope, h), self.l1.view(off, size).numpy().data)
             a.succeeded()
         except IntegrityError as e:
             log.warning("L2 %s: corrupt object dropped (%s)", a.name, e)
