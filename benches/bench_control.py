@@ -291,8 +291,9 @@ def stream_tokens(mib: int) -> int:
     return max(CHUNK, (mib << 20) // per_token // CHUNK * CHUNK)
 
 
-def streamer(url: str, mib: int, ready: Any, stop: Any, q: Any) -> None:
-    """Stores `mib` of new tokens, retrieves them, repeats until `stop`; puts its latencies."""
+def streamer(url: str, mib: int, ready: Any, rounds: Any, stop: Any, q: Any) -> None:
+    """Stores `mib` of new tokens, retrieves them, repeats until `stop`; puts its latencies.
+    `rounds`: a shared counter of measured rounds."""
     n_tok = stream_tokens(mib)
     blocks = n_tok // 16
     layers, heads, dim = STREAM_SHAPE
@@ -323,6 +324,7 @@ def streamer(url: str, mib: int, ready: Any, stop: Any, q: Any) -> None:
             if i >= 1:  # the first round touches the destination pages
                 stores.append(ts)
                 retrieves.append(tr)
+                rounds.value += 1
                 ready.set()
             i += 1
         c.unregister_kv_cache(STREAM_ID)
@@ -330,12 +332,18 @@ def streamer(url: str, mib: int, ready: Any, stop: Any, q: Any) -> None:
     q.put({"bytes": n_tok * 2 * layers * heads * dim * 2, "store": stores, "retrieve": retrieves})
 
 
-def lookups_for(side: Side, seconds: float) -> tuple[list[float], float]:
-    """Hit lookups back to back for `seconds`: (latencies, full-hit ratio)."""
+def lookups_for(
+    side: Side, seconds: float, rounds: Any = None, min_rounds: int = 0
+) -> tuple[list[float], float]:
+    """Hit lookups back to back for `seconds`, and on until the shared counter `rounds` grew by
+    `min_rounds` (at most 20 times as long): (latencies, full-hit ratio)."""
     samples: list[float] = []
     hits = 0
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
+    start = time.monotonic()
+    first = rounds.value if rounds is not None else 0
+    while (now := time.monotonic()) < start + seconds or (
+        rounds is not None and rounds.value - first < min_rounds and now < start + 20 * seconds
+    ):
         dt, got = timed_lookup(side.c, side.base, side.rid())
         samples.append(dt)
         hits += got == LOOKUP_TOKENS // CHUNK
@@ -348,6 +356,7 @@ def lat(samples: list[float]) -> dict[str, float]:
 
 def section_tail(sides: list[Side], a: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"stream_mib": a.stream_mib, "seconds_per_phase": a.seconds}
+    out["min_stream_rounds"] = a.stream_rounds
     for s in sides:
         others = [o for o in sides if o is not s]
         for o in others:
@@ -356,13 +365,13 @@ def section_tail(sides: list[Side], a: argparse.Namespace, ctx: Any) -> dict[str
             s.fill()
             lookups_for(s, 0.5)
             idle, idle_hits = lookups_for(s, a.seconds)
-            ready, stop, q = ctx.Event(), ctx.Event(), ctx.Queue()
-            p = ctx.Process(target=streamer, args=(s.server.url, a.stream_mib, ready, stop, q))
+            ready, rounds, stop, q = ctx.Event(), ctx.Value("i", 0), ctx.Event(), ctx.Queue()
+            p = ctx.Process(target=streamer, args=(s.server.url, a.stream_mib, ready, rounds, stop, q))
             p.start()
             try:
                 if not ready.wait(300):
                     raise RuntimeError(f"{s.name}: the streamer did not finish a round in 300 s")
-                loaded, loaded_hits = lookups_for(s, a.seconds)
+                loaded, loaded_hits = lookups_for(s, a.seconds, rounds, a.stream_rounds)
             finally:
                 stop.set()
                 st = None
@@ -650,13 +659,19 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=15.0, help="tail: per phase; clients: per round")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--stream-mib", type=int, default=256, help="tail: bytes per streamed store")
+    ap.add_argument(
+        "--stream-rounds",
+        type=int,
+        default=10,
+        help="tail: the loaded phase lasts at least this many streamer rounds",
+    )
     ap.add_argument("--data-mib", type=int, default=8, help="data: bytes per store/retrieve")
     ap.add_argument("--criterion", action="store_true", help="run the criterion bench in --b-root first")
     ap.add_argument("--server-args", default="", help="extra flags for both servers")
     ap.add_argument("--out", default="bench-results/control.json")
     a = ap.parse_args()
     if a.quick:
-        a.n, a.n_noop, a.n_data, a.rounds, a.seconds = 100, 500, 5, 2, 3.0
+        a.n, a.n_noop, a.n_data, a.rounds, a.seconds, a.stream_rounds = 100, 500, 5, 2, 3.0, 3
     sections = [x for x in a.sections.split(",") if x]
     if unknown := set(sections) - set(SECTIONS):
         ap.error(f"unknown sections {sorted(unknown)}")
