@@ -10,7 +10,7 @@ use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 
-use super::{hashes_of, to_hashes, ChainMemo, Hashes, L1Index, ManualClock};
+use super::{hashes_of, ChainMemo, L1Index, ManualClock};
 use crate::clock::{Clock, MonotonicClock};
 use crate::control::server::{self, Fault, Native, OpRow, Route, ServerConfig};
 use crate::control::workers::{GroupSpec, Layout};
@@ -205,10 +205,6 @@ impl ControlPlane {
         py.detach(|| self.0.prefetch_done(&job.0, loaded, &leases))
     }
 
-    fn end_session(&self, py: Python<'_>, request_id: &str) {
-        py.detach(|| self.0.end_session(request_id));
-    }
-
     /// Closes sessions idle for more than `ttl` seconds; returns how many.
     fn expire_sessions(&self, py: Python<'_>, ttl: f64) -> usize {
         py.detach(|| self.0.expire_sessions(ttl))
@@ -308,12 +304,6 @@ impl ControlPlane {
 
     fn reset_counters(&self, py: Python<'_>) {
         py.detach(|| self.0.counters.reset());
-    }
-
-    /// For tests: the resident prefix of `hashes` in a scope (index `peek`).
-    fn peek(&self, py: Python<'_>, scope: &super::KeyScope, hashes: Hashes<'_>) -> PyResult<usize> {
-        let hs = to_hashes(hashes)?;
-        Ok(py.detach(|| self.0.index.peek(&scope.0, &hs)))
     }
 }
 
@@ -440,16 +430,6 @@ impl NativeServer {
     #[getter]
     fn normal_lane(&self) -> usize {
         self.srv.normal_lane()
-    }
-
-    /// The operations the I/O thread answers itself.
-    fn native_ops(&self) -> Vec<String> {
-        self.srv
-            .ops()
-            .iter()
-            .filter(|r| matches!(r.route, Route::Native(_)))
-            .map(|r| r.name.clone())
-            .collect()
     }
 
     fn start(&self) -> PyResult<()> {
