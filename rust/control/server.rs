@@ -249,6 +249,12 @@ impl Shared {
         let _ = self.wake_tx.send(&[1]);
     }
 
+    /// An error reply goes out (built here or by a Python worker): counted by code, logged.
+    fn note_error(&self, op: &str, code: &str, message: &str) {
+        self.cp.counters.add(&["request_errors", code], 1);
+        self.log(WARNING, format!("request {op} failed: {code}: {message}"));
+    }
+
     fn error_frames(
         &self,
         identity: &[u8],
@@ -258,16 +264,7 @@ impl Shared {
         err: &OpError,
     ) -> Vec<Vec<u8>> {
         let name = row.map_or("", |r| r.name.as_str());
-        self.cp.counters.add(&["request_errors", err.code], 1);
-        self.log(
-            WARNING,
-            format!(
-                "request {} failed: {}: {}",
-                if name.is_empty() { "?" } else { name },
-                err.code,
-                err.message
-            ),
-        );
+        self.note_error(if name.is_empty() { "?" } else { name }, err.code, &err.message);
         let fallback = row.map_or_else(codec::nil, |r| r.fallback.clone());
         vec![
             identity.to_vec(),
@@ -517,8 +514,7 @@ impl Server {
         }
         let sh = &self.shared;
         if let Some((code, message)) = error {
-            sh.cp.counters.add(&["request_errors", code], 1);
-            sh.log(WARNING, format!("request {} failed: {code}: {message}", sh.ops[req.row].name));
+            sh.note_error(&sh.ops[req.row].name, code, message);
         }
         let mut out = Vec::with_capacity(frames.len() + 1);
         out.push(req.identity.clone());
