@@ -95,6 +95,34 @@ fn bench_hashing(c: &mut Criterion) {
     g.bench_function("msgpack_32k_tokens_parse_and_memo_hit", |b| {
         b.iter(|| memo.prefix_hashes(&msgpack_tokens(black_box(&raw)).unwrap(), 256, 0, None))
     });
+    // The lookup's path: chunks found by their msgpack bytes, no id parsed (a prompt seen
+    // before, `ChainMemo::msgpack_chain`). Encoded as msgspec does (smallest widths: only
+    // those arrays are recorded by their bytes).
+    let mut canonical = Vec::new();
+    rmp::encode::write_array_len(&mut canonical, tokens_u32.len() as u32).unwrap();
+    for &t in &tokens_u32 {
+        rmp::encode::write_uint(&mut canonical, u64::from(t)).unwrap();
+    }
+    memo.msgpack_chain(&canonical, 256).unwrap();
+    assert_eq!(memo.msgpack_chain(&canonical, 256).unwrap().reused, 128);
+    g.bench_function("msgpack_32k_tokens_memo_bytes_hit", |b| {
+        b.iter(|| memo.msgpack_chain(black_box(&canonical), 256).unwrap())
+    });
+    // A new prompt through the same path: parsed, hashed, recorded in both tables.
+    // Its first three ids are fixints, varied each time (header: 3 bytes).
+    let mut fresh = Vec::new();
+    rmp::encode::write_array_len(&mut fresh, tokens_u32.len() as u32).unwrap();
+    for (i, &t) in tokens_u32.iter().enumerate() {
+        rmp::encode::write_uint(&mut fresh, if i < 3 { 0 } else { u64::from(t) }).unwrap();
+    }
+    let mut n = 0u32;
+    g.bench_function("msgpack_32k_tokens_memo_bytes_miss", |b| {
+        b.iter(|| {
+            n += 1;
+            fresh[3..6].copy_from_slice(&[(n % 128) as u8, (n / 128 % 128) as u8, (n / 16384 % 128) as u8]);
+            memo.msgpack_chain(black_box(&fresh), 256).unwrap()
+        })
+    });
     g.bench_function("msgpack_32k_tokens_parse_only", |b| {
         b.iter(|| msgpack_tokens(black_box(&raw)).unwrap())
     });
@@ -229,5 +257,94 @@ fn bench_evict(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_hashing, bench_lookup, bench_write, bench_evict);
+/// A whole native lookup as the I/O thread runs it, minus the socket: decode the key frame
+/// (ids through the byte-keyed memo), hash, lease the prefix on every rank, answer the query,
+/// end the session. 32k tokens, every chunk resident (issue #15's "hit, seen before").
+fn bench_control(c: &mut Criterion) {
+    use lmcache_rs_core::control::{workers::Layout, ControlConfig, ControlPlane, KeyView};
+    use lmcache_rs_core::MonotonicClock;
+    use std::sync::Arc;
+    let mut g = c.benchmark_group("control");
+    let tokens: Vec<u32> = (0..32_768u32).map(|i| i.wrapping_mul(2_654_435_761) % 128_000).collect();
+    let model = "meta-llama/Llama-3.1-8B";
+    for world in [1u32, 8] {
+        let index = Arc::new(L1Index::new(L1Config::new(4096 * OBJ)).unwrap());
+        let memo = Arc::new(ChainMemo::new(1 << 14));
+        let cfg = ControlConfig { chunk_size: 256, l2_prefetch: false, prefetch_queue: 64 };
+        let cp = ControlPlane::new(cfg, index.clone(), memo.clone(), Arc::new(MonotonicClock::new()));
+        cp.workers.set_layout(model, world, Layout::plain());
+        let hs: Vec<ChunkHash> = memo
+            .prefix_hashes(&tokens, 256, 0, None)
+            .unwrap()
+            .iter()
+            .map(|h| ChunkHash::new(h).unwrap())
+            .collect();
+        for r in 0..world {
+            store(&index, &cp.scope(model, world, r, 0, "").unwrap(), &hs);
+        }
+        let frame = key_frame(model, world, &tokens);
+        let once = || {
+            let k = lmcache_rs_core::decode_key_hashed(black_box(&frame), &memo, 256).unwrap();
+            cp.lookup(&KeyView::of(&k).unwrap()).unwrap();
+            assert_eq!(cp.query("bench"), Some(128));
+            cp.end_session("bench");
+        };
+        once();
+        g.bench_function(format!("lookup_32k_hit_seen_before/world_{world}"), |b| b.iter(once));
+        if world == 1 {
+            // A new prompt each time (its first id differs): every chunk parsed, hashed,
+            // recorded in both memo tables, missed in L1.
+            let mut n = 0u32;
+            g.bench_function("lookup_32k_miss_new_prompt/world_1", |b| {
+                b.iter_batched(
+                    || {
+                        n += 1;
+                        let mut t = tokens.clone();
+                        t[0] = 100_000 + n % 20_000;
+                        key_frame(model, world, &t)
+                    },
+                    |frame| {
+                        let k = lmcache_rs_core::decode_key_hashed(&frame, &memo, 256).unwrap();
+                        cp.lookup(&KeyView::of(&k).unwrap()).unwrap();
+                        assert_eq!(cp.query("bench"), Some(0));
+                        cp.end_session("bench");
+                    },
+                    BatchSize::SmallInput,
+                )
+            });
+        }
+    }
+    g.finish();
+}
+
+/// An `IPCCacheServerKey` frame as LMCache's client sends it (msgspec: smallest int encodings).
+fn key_frame(model: &str, world: u32, tokens: &[u32]) -> Vec<u8> {
+    use rmp::encode::{write_array_len, write_map_len, write_nil, write_str, write_uint};
+    let mut out = Vec::new();
+    write_map_len(&mut out, 9).unwrap();
+    write_str(&mut out, "model_name").unwrap();
+    write_str(&mut out, model).unwrap();
+    write_str(&mut out, "world_size").unwrap();
+    write_uint(&mut out, u64::from(world)).unwrap();
+    write_str(&mut out, "worker_id").unwrap();
+    write_nil(&mut out).unwrap();
+    write_str(&mut out, "token_ids").unwrap();
+    write_array_len(&mut out, tokens.len() as u32).unwrap();
+    for &t in tokens {
+        write_uint(&mut out, u64::from(t)).unwrap();
+    }
+    for (name, v) in [("start", 0u64), ("end", tokens.len() as u64)] {
+        write_str(&mut out, name).unwrap();
+        write_uint(&mut out, v).unwrap();
+    }
+    for (name, v) in [("request_id", "bench"), ("cache_salt", "")] {
+        write_str(&mut out, name).unwrap();
+        write_str(&mut out, v).unwrap();
+    }
+    write_str(&mut out, "num_kv_readers").unwrap();
+    write_uint(&mut out, 1).unwrap();
+    out
+}
+
+criterion_group!(benches, bench_hashing, bench_lookup, bench_write, bench_evict, bench_control);
 criterion_main!(benches);

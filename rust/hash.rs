@@ -174,14 +174,17 @@ fn prefix_chain<T: TokenId>(
 /// still holds them turns each blake3 into one table probe and a 1 KiB compare.
 ///
 /// Two generations approximate LRU in O(1): inserts go to `young`; when it holds half the
-/// capacity it becomes `old` (the previous `old` is dropped, outside the lock); a hit in `old`
-/// moves back to `young`. Keys live in one byte arena per generation, so a rotation frees two
+/// capacity it becomes `old` (the previous `old` is emptied and reused); a hit in `old`
+/// moves back to `young`. Keys live in one byte arena per generation, so a rotation resets two
 /// allocations, not thousands. At most `capacity` entries are held; 0 disables the memo.
 #[derive(Debug)]
 pub struct ChainMemo {
     half: usize,
     hasher: RandomState,
     maps: Mutex<MemoMaps>,
+    /// The same hashes keyed by the chunk's msgpack bytes as a client sent them
+    /// ([`ChainMemo::msgpack_chain`]); bounded like `maps`, by its own `half`.
+    raw: Mutex<MemoMaps>,
 }
 
 /// One entry: its key is `bytes[at..at + len]` of its generation's arena.
@@ -235,14 +238,17 @@ struct MemoMaps {
 }
 
 impl MemoMaps {
-    /// Inserts into `young`, rotating first when it is full; returns the dropped generation.
-    fn push(&mut self, half: usize, hash: u64, key: &[u8], value: Blake3Hash) -> Option<Generation> {
-        let mut dropped = None;
+    /// Inserts into `young`, rotating first when it is full: `young` becomes `old`, and the
+    /// previous `old` is emptied and reused as `young`. Its table and arena keep their
+    /// capacity, so a busy memo neither frees nor faults in memory at each rotation (clearing
+    /// resets the table's control bytes: a few KiB).
+    fn push(&mut self, half: usize, hash: u64, key: &[u8], value: Blake3Hash) {
         if self.young.table.len() >= half {
-            dropped = Some(std::mem::replace(&mut self.old, std::mem::take(&mut self.young)));
+            std::mem::swap(&mut self.old, &mut self.young);
+            self.young.table.clear();
+            self.young.bytes.clear();
         }
         self.young.push(hash, key, value);
-        dropped
     }
 }
 
@@ -252,6 +258,7 @@ pub struct MemoStats {
     pub entries: usize,
     /// Bytes of the arenas that hold the keys (the tables add about 64 bytes an entry).
     pub key_bytes: usize,
+    /// Entries each of the two tables (by ids, by msgpack bytes) holds at most.
     pub capacity: usize,
     pub hits: u64,
     pub misses: u64,
@@ -260,7 +267,12 @@ pub struct MemoStats {
 impl ChainMemo {
     /// A memo holding at most `capacity` chunk hashes (0: disabled, every call hashes).
     pub fn new(capacity: usize) -> Self {
-        Self { half: capacity.div_ceil(2), hasher: RandomState::default(), maps: Mutex::default() }
+        Self {
+            half: capacity.div_ceil(2),
+            hasher: RandomState::default(),
+            maps: Mutex::default(),
+            raw: Mutex::default(),
+        }
     }
 
     /// The hash of `key` if held (a hit in `old` moves it to `young`).
@@ -277,24 +289,20 @@ impl ChainMemo {
             maps.misses += 1;
             return None;
         };
-        // Its arena bytes stay in `old` (freed with it); the entry moves to `young`.
+        // Its arena bytes stay in `old` (until it is reused); the entry moves to `young`.
         let value = entry.remove().0.value;
         maps.hits += 1;
-        let dropped = maps.push(self.half, hash, key, value);
+        maps.push(self.half, hash, key, value);
         drop(m);
-        drop(dropped);
         Some(value)
     }
 
     fn insert(&self, batch: MemoBatch) {
-        let mut dropped = Vec::new();
         let mut m = self.maps.lock();
         m.misses += batch.slots.len() as u64 - 1; // the first was counted by its probe
         for s in &batch.slots {
-            dropped.extend(m.push(self.half, s.hash, &batch.bytes[s.at..s.at + s.len], s.value));
+            m.push(self.half, s.hash, &batch.bytes[s.at..s.at + s.len], s.value);
         }
-        drop(m);
-        drop(dropped); // a rotation frees up to half the capacity: never under the lock
     }
 
     /// [`hash_chunks`] through the memo.
@@ -318,25 +326,237 @@ impl ChainMemo {
         prefix_chain(tokens, chunk_size, start, end, Some(self))
     }
 
+    /// Both tables together: a hit is a chunk not hashed (found by its ids or its msgpack
+    /// bytes), a miss one hashed with blake3.
     pub fn stats(&self) -> MemoStats {
-        let m = self.maps.lock();
+        let (entries, key_bytes, hits, misses) = {
+            let m = self.maps.lock();
+            (
+                m.young.table.len() + m.old.table.len(),
+                m.young.bytes.len() + m.old.bytes.len(),
+                m.hits,
+                m.misses,
+            )
+        };
+        let r = self.raw.lock();
         MemoStats {
-            entries: m.young.table.len() + m.old.table.len(),
-            key_bytes: m.young.bytes.len() + m.old.bytes.len(),
-            capacity: 2 * self.half,
-            hits: m.hits,
-            misses: m.misses,
+            entries: entries + r.young.table.len() + r.old.table.len(),
+            key_bytes: key_bytes + r.young.bytes.len() + r.old.bytes.len(),
+            capacity: 2 * self.half, // of each table
+            hits: hits + r.hits,
+            misses: misses + r.misses,
         }
     }
 
     /// Forgets every entry (the counters stay).
     pub fn clear(&self) {
-        let (young, old) = {
-            let mut m = self.maps.lock();
-            (std::mem::take(&mut m.young), std::mem::take(&mut m.old))
-        };
-        drop((young, old));
+        for maps in [&self.maps, &self.raw] {
+            let (young, old) = {
+                let mut m = maps.lock();
+                (std::mem::take(&mut m.young), std::mem::take(&mut m.old))
+            };
+            drop((young, old));
+        }
     }
+
+    /// Hashes of every complete chunk of a msgpack token array (`raw` starts at the array's
+    /// header and may continue past it), without parsing the ids of chunks seen before.
+    ///
+    /// Why: parsing a 32k-token array is serial and costs more than everything else a lookup
+    /// does (each element's width decides where the next starts). A prompt seen before comes
+    /// back as the same bytes, so each chunk is found by its msgpack bytes: the probe for
+    /// chunk `i` is the chain hash before it, the chunk size and the chunk's first bytes, and
+    /// an entry matches when the array continues with exactly its bytes. That is exact: a run
+    /// of bytes that encodes `C` elements decodes to those elements whatever follows it, and
+    /// the chain hash before it names every earlier token. From the first chunk not held on,
+    /// the ids are parsed and hashed; the new chunks are recorded by their bytes when every
+    /// element had its smallest encoding (as msgspec writes), else they go through the
+    /// id-keyed table (they still hash right, they are only not found by their bytes).
+    ///
+    /// Errors are those of [`msgpack_tokens`] on the same bytes.
+    pub fn msgpack_chain(&self, raw: &[u8], chunk_size: usize) -> CoreResult<MsgpackChain> {
+        if chunk_size == 0 {
+            return Err(CoreError::InvalidArgument("chunk_size must be > 0".into()));
+        }
+        let parsed = || -> CoreResult<MsgpackChain> {
+            let (ids, used) = msgpack_tokens_prefix(raw)?;
+            let hashes = self.prefix_hashes(&ids, chunk_size, 0, None)?;
+            Ok(MsgpackChain { count: ids.len(), used, hashes, reused: 0 })
+        };
+        let Some((count, header)) = array_header(raw) else { return parsed() };
+        let body = &raw[header..];
+        let (mut hashes, at) = self.raw_walk(body, count / chunk_size, chunk_size);
+        let reused = hashes.len();
+        let rest = count - reused * chunk_size;
+        let Some((ids, used)) = elements(&body[at..], rest) else { return parsed() };
+        let prev = hashes.last().copied().unwrap_or_else(none_hash);
+        let new = if let Some(lens) = chunk_lens(&ids, used, chunk_size).filter(|_| self.half > 0) {
+            // New chunks: hashed, and recorded by their bytes only (what a later request
+            // carrying these ids finds them by).
+            let new = chain(&prev, &ids, chunk_size, None)?;
+            self.raw_record(&prev, &body[at..at + used], &lens, &new, chunk_size);
+            new
+        } else {
+            chain(&prev, &ids, chunk_size, Some(self))?
+        };
+        hashes.extend(new);
+        Ok(MsgpackChain { count, used: header + at + used, hashes, reused })
+    }
+
+    /// Bytes of a chunk's encoding that pick its bucket (every chunk has at least this many).
+    fn probe_len(chunk_size: usize) -> usize {
+        chunk_size.min(16)
+    }
+
+    /// The head of a byte-keyed entry: the chain hash before the chunk and the chunk size
+    /// (the same bytes make chunks of other lengths for another size).
+    fn raw_head(prev: &Blake3Hash, chunk_size: usize) -> [u8; RAW_HEAD] {
+        let mut head = [0u8; RAW_HEAD];
+        head[..HASH_LEN].copy_from_slice(prev);
+        head[HASH_LEN..].copy_from_slice(&(chunk_size as u64).to_le_bytes());
+        head
+    }
+
+    fn raw_bucket(&self, head: &[u8; RAW_HEAD], probe: &[u8]) -> u64 {
+        let mut key = [0u8; RAW_HEAD + 16];
+        key[..RAW_HEAD].copy_from_slice(head);
+        key[RAW_HEAD..RAW_HEAD + probe.len()].copy_from_slice(probe);
+        self.hasher.hash_one(&key[..RAW_HEAD + probe.len()])
+    }
+
+    /// The held chunks `body` starts with (at most `chunks`): their hashes and the bytes they
+    /// take.
+    fn raw_walk(&self, body: &[u8], chunks: usize, chunk_size: usize) -> (Vec<Blake3Hash>, usize) {
+        let mut out = Vec::with_capacity(chunks);
+        if self.half == 0 {
+            return (out, 0);
+        }
+        let p = Self::probe_len(chunk_size);
+        let mut at = 0;
+        let mut prev = none_hash();
+        let mut m = self.raw.lock();
+        while out.len() < chunks {
+            let Some(probe) = body.get(at..at + p) else { break };
+            let head = Self::raw_head(&prev, chunk_size);
+            let bucket = self.raw_bucket(&head, probe);
+            let rest = &body[at..];
+            let matches = |bytes: &[u8], s: &MemoSlot| {
+                let key = &bytes[s.at..s.at + s.len];
+                key[..RAW_HEAD] == head && rest.starts_with(&key[RAW_HEAD..])
+            };
+            let found = match m.young.table.find(bucket, |s| matches(&m.young.bytes, s)) {
+                Some(s) => Some((s.value, s.len - RAW_HEAD)),
+                None => {
+                    let maps = &mut *m;
+                    let Generation { table, bytes } = &mut maps.old;
+                    match table.find_entry(bucket, |s| matches(bytes, s)) {
+                        Ok(entry) => {
+                            // Back into `young` (its bytes stay in `old`'s arena).
+                            let (s, _) = entry.remove();
+                            let key = bytes[s.at..s.at + s.len].to_vec();
+                            maps.push(self.half, s.hash, &key, s.value);
+                            Some((s.value, s.len - RAW_HEAD))
+                        }
+                        Err(_) => None,
+                    }
+                }
+            };
+            let Some((value, len)) = found else { break };
+            m.hits += 1;
+            out.push(value);
+            prev = value;
+            at += len;
+        }
+        (out, at)
+    }
+
+    /// Records chunks by their bytes: chunk `i` is the next `lens[i]` bytes of `bytes` and
+    /// hashes to `hashes[i]` (chained from `prev`). Counted as misses: they were hashed.
+    fn raw_record(
+        &self,
+        prev: &Blake3Hash,
+        bytes: &[u8],
+        lens: &[usize],
+        hashes: &[Blake3Hash],
+        chunk_size: usize,
+    ) {
+        if hashes.is_empty() {
+            return;
+        }
+        let p = Self::probe_len(chunk_size);
+        let (mut at, mut last) = (0, *prev);
+        let mut m = self.raw.lock();
+        m.misses += hashes.len() as u64;
+        let mut key = Vec::with_capacity(RAW_HEAD + 5 * chunk_size);
+        for (&len, &h) in lens.iter().zip(hashes) {
+            let head = Self::raw_head(&last, chunk_size);
+            key.clear();
+            key.extend_from_slice(&head);
+            key.extend_from_slice(&bytes[at..at + len]);
+            m.push(self.half, self.raw_bucket(&head, &bytes[at..at + p]), &key, h);
+            at += len;
+            last = h;
+        }
+    }
+}
+
+/// Bytes before a byte-keyed entry's chunk bytes ([`ChainMemo::raw_head`]).
+const RAW_HEAD: usize = HASH_LEN + 8;
+
+/// A token array's chunk hashes ([`ChainMemo::msgpack_chain`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MsgpackChain {
+    /// Elements of the array.
+    pub count: usize,
+    /// Bytes the array takes, header included.
+    pub used: usize,
+    /// Hashes of every complete chunk.
+    pub hashes: Vec<Blake3Hash>,
+    /// How many of them were found by their bytes (their ids not parsed).
+    pub reused: usize,
+}
+
+/// Bytes of the smallest msgpack encoding of `v`.
+#[inline]
+fn width(v: u32) -> usize {
+    match v {
+        0..=0x7f => 1,
+        0x80..=0xff => 2,
+        0x100..=0xffff => 3,
+        _ => 5,
+    }
+}
+
+/// The byte length of each complete chunk of `ids`, if `used` bytes encoded them with every
+/// element in its smallest encoding (as msgspec writes): each element takes at least that, so
+/// equal totals mean each has it, and the lengths follow from the ids. None otherwise.
+fn chunk_lens(ids: &[u32], used: usize, chunk_size: usize) -> Option<Vec<usize>> {
+    let mut lens = Vec::with_capacity(ids.len() / chunk_size);
+    let mut total = 0;
+    for chunk in ids.chunks(chunk_size) {
+        let len = chunk.iter().map(|&v| width(v)).sum::<usize>();
+        if chunk.len() == chunk_size {
+            lens.push(len);
+        }
+        total += len;
+    }
+    (total == used).then_some(lens)
+}
+
+/// `n` elements at the start of `body` (which may continue): the ids and the bytes they take.
+/// None for anything the fast parsers do not read (wider or signed encodings, errors).
+fn elements(body: &[u8], n: usize) -> Option<(Vec<u32>, usize)> {
+    if n >= FAST_MIN_TOKENS {
+        return fast_tokens(body, n);
+    }
+    let mut ids = Vec::with_capacity(n);
+    let mut p = 0;
+    for _ in 0..n {
+        let (w, v) = checked_step(body, p)?;
+        ids.push(v);
+        p += w;
+    }
+    Some((ids, p))
 }
 
 /// Token ids from a msgpack array of non-negative integers, as LMCache clients send
@@ -898,6 +1118,135 @@ mod tests {
                 assert_eq!(fast_tokens(&raw[5..], n), Some((tokens.clone(), array_len - 5)), "round {round}");
                 assert_eq!(fast.unwrap(), (tokens, array_len));
             }
+        }
+    }
+
+    /// `msgpack_chain` against the reference (parse everything, hash everything) on `raw`.
+    fn check_chain(memo: &ChainMemo, raw: &[u8], chunk: usize) -> Option<MsgpackChain> {
+        let want = msgpack_tokens_prefix_serial(raw)
+            .and_then(|(ids, used)| Ok((ids.len(), used, prefix_hashes(&ids, chunk, 0, None)?)));
+        let got = memo.msgpack_chain(raw, chunk);
+        match (&want, &got) {
+            (Ok((count, used, hashes)), Ok(c)) => {
+                assert_eq!((c.count, c.used, &c.hashes), (*count, *used, hashes));
+                got.ok()
+            }
+            (Err(w), Err(g)) => {
+                assert_eq!(w, g);
+                None
+            }
+            _ => panic!("reference {want:?}, memo {got:?}"),
+        }
+    }
+
+    #[test]
+    fn msgpack_chain_reuses_chunks_by_their_bytes() {
+        let memo = ChainMemo::new(1024);
+        let a: Vec<u32> = (0..4096u32).map(|i| i.wrapping_mul(2_654_435_761) % 128_000).collect();
+        let raw = encode(&a, &[]);
+        assert_eq!(check_chain(&memo, &raw, 256).unwrap().reused, 0);
+        let misses = memo.stats().misses;
+        let again = check_chain(&memo, &raw, 256).unwrap();
+        assert_eq!(again.reused, 16, "every chunk found by its bytes");
+        assert_eq!(memo.stats().misses, misses, "nothing hashed again");
+        // Followed by other bytes (the key's next fields): `used` stops at the array's end.
+        let mut more = raw.clone();
+        more.extend_from_slice(&[0xa3, b'e', b'n', b'd', 0x05]);
+        assert_eq!(check_chain(&memo, &more, 256).unwrap().reused, 16);
+        // A longer prompt with the same start: the old chunks by bytes, the new ones parsed.
+        let mut b = a.clone();
+        b.extend((0..1000u32).map(|i| i * 7));
+        let cb = check_chain(&memo, &encode(&b, &[]), 256).unwrap();
+        assert_eq!(cb.reused, 16);
+        // One id changed in chunk 5 (same width, and another width): chunks 0..5 reused.
+        for v in [a[5 * 256 + 9] ^ 1, 70_000, 3] {
+            let mut c = a.clone();
+            c[5 * 256 + 9] = v;
+            assert_eq!(check_chain(&memo, &encode(&c, &[]), 256).unwrap().reused, 5);
+        }
+        // The same ids in wider encodings: the same hashes, never a false byte match.
+        let mut wide = vec![0u8; a.len()];
+        wide[2 * 256] = 1;
+        let cw = check_chain(&memo, &encode(&a, &wide), 256).unwrap();
+        assert_eq!(cw.reused, 0, "a non-canonical array is parsed whole");
+        // Fewer elements than a chunk, an empty array, a shorter prompt.
+        check_chain(&memo, &encode(&a[..100], &[]), 256);
+        check_chain(&memo, &encode(&[], &[]), 256);
+        assert_eq!(check_chain(&memo, &encode(&a[..3 * 256 + 5], &[]), 256).unwrap().reused, 3);
+        // Bad arrays: the parser's errors, also after a reused prefix.
+        for w in [2u8, 3, 4] {
+            let mut bad = vec![0u8; a.len()];
+            bad[3000] = w;
+            check_chain(&memo, &encode(&a, &bad), 256);
+        }
+        let mut cut = raw.clone();
+        cut.truncate(raw.len() - 3);
+        assert!(check_chain(&memo, &cut, 256).is_none());
+        assert!(check_chain(&memo, &[0xc0], 256).is_none());
+        assert!(memo.msgpack_chain(&raw, 0).is_err());
+    }
+
+    #[test]
+    fn msgpack_chain_small_chunks_and_off() {
+        // Chunks shorter than the probe, and a disabled memo.
+        for cap in [0, 8, 4096] {
+            let memo = ChainMemo::new(cap);
+            for round in 0..3u32 {
+                let ids: Vec<u32> = (0..301u32).map(|i| (i * (round + 1)) % 300).collect();
+                for chunk in [1, 3, 16, 17, 256] {
+                    check_chain(&memo, &encode(&ids, &[]), chunk);
+                    check_chain(&memo, &encode(&ids, &[]), chunk);
+                }
+            }
+            assert!(memo.stats().entries <= 2 * cap.div_ceil(2) * 2);
+        }
+    }
+
+    #[test]
+    fn msgpack_chain_shared_by_threads_answers_exactly() {
+        // A small memo (generations rotate all the time), prompts sharing prefixes.
+        let memo = ChainMemo::new(16);
+        let prompts: Vec<Vec<u8>> = (0..8u32)
+            .map(|p| {
+                encode(
+                    &(0..1500u32).map(|i| if i < 700 { i * 3 } else { i * (p + 1) }).collect::<Vec<_>>(),
+                    &[],
+                )
+            })
+            .collect();
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let (memo, prompts) = (&memo, &prompts);
+                s.spawn(move || {
+                    for round in 0..100 {
+                        check_chain(memo, &prompts[(round * 5 + t * 3) % prompts.len()], 64);
+                        assert!(memo.stats().entries <= 32);
+                    }
+                });
+            }
+        });
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn msgpack_chain_matches_parsing(
+            base in proptest::collection::vec(0u32..200_000, 0..700),
+            edits in proptest::collection::vec((0usize..700, 0u32..200_000), 0..4),
+            cut in 0usize..700,
+            chunk in 1usize..80,
+        ) {
+            let memo = ChainMemo::new(64);
+            check_chain(&memo, &encode(&base, &[]), chunk);
+            let mut other = base.clone();
+            for (at, v) in edits {
+                if at < other.len() {
+                    other[at] = v;
+                }
+            }
+            other.truncate(cut.max(other.len() / 2));
+            other.extend(base.iter().take(50));
+            check_chain(&memo, &encode(&other, &[]), chunk);
+            check_chain(&memo, &encode(&base, &[]), chunk);
         }
     }
 

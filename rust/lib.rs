@@ -36,11 +36,11 @@ pub use droplog::DropReason;
 pub use error::{CoreError, CoreResult};
 pub use hash::{
     checksum, hash_chunks, msgpack_tokens, msgpack_tokens_prefix, msgpack_tokens_prefix_serial, none_hash,
-    prefix_hashes, Blake3Hash, ChainMemo, MemoStats, TokenId, HASH_LEN,
+    prefix_hashes, Blake3Hash, ChainMemo, MemoStats, MsgpackChain, TokenId, HASH_LEN,
 };
 pub use index::{
     AdoptItem, Adopted, ClearReport, Counters, CycleReport, EvictionPolicy, Finish, L1Config, L1Index,
     L1Stats, LeaseId, ListCursor, Listed, ReadGrant, Reserve, SaltStats, Slot, Whereabouts, WriteDone,
 };
 pub use key::{kv_rank, mp_kv_rank, validate_model, validate_salt, ChunkHash, KeyScope, ObjectKey};
-pub use wire::{decode_key, WireKey};
+pub use wire::{decode_key, decode_key_hashed, WireKey};

@@ -14,7 +14,7 @@
 use rmp::Marker;
 
 use crate::error::{CoreError, CoreResult};
-use crate::hash::msgpack_tokens_prefix;
+use crate::hash::{msgpack_tokens_prefix, ChainMemo, MsgpackChain};
 
 /// A decoded key; strings and raw spans borrow from the frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,7 +24,10 @@ pub struct WireKey<'a> {
     pub worker_id: Option<i128>,
     /// The msgpack bytes of `token_ids`, as sent.
     pub token_span: &'a [u8],
+    /// The ids, parsed (empty when the key was decoded with [`decode_key_hashed`]).
     pub token_ids: Vec<u32>,
+    /// The ids' chunk hashes, when decoded with [`decode_key_hashed`].
+    pub chain: Option<MsgpackChain>,
     pub start: i128,
     pub end: i128,
     pub request_id: &'a str,
@@ -156,6 +159,20 @@ impl<'a> Reader<'a> {
 
 /// Decodes one key frame (exactly one msgpack map, nothing after it).
 pub fn decode_key(frame: &[u8]) -> CoreResult<WireKey<'_>> {
+    decode(frame, None)
+}
+
+/// Like [`decode_key`], but `token_ids` comes out as its chunk hashes
+/// ([`ChainMemo::msgpack_chain`]): the ids of chunks the memo holds are not parsed.
+pub fn decode_key_hashed<'a>(
+    frame: &'a [u8],
+    memo: &ChainMemo,
+    chunk_size: usize,
+) -> CoreResult<WireKey<'a>> {
+    decode(frame, Some((memo, chunk_size)))
+}
+
+fn decode<'a>(frame: &'a [u8], hashed: Option<(&ChainMemo, usize)>) -> CoreResult<WireKey<'a>> {
     let mut r = Reader { buf: frame, at: 0 };
     let fields = match r.marker()? {
         Marker::FixMap(n) => usize::from(n),
@@ -180,8 +197,16 @@ pub fn decode_key(frame: &[u8]) -> CoreResult<WireKey<'_>> {
             "world_size" => world_size = Some(r.int(name)?),
             "worker_id" => worker_id = Some(r.opt_int(name)?),
             "token_ids" => {
-                let (ids, used) = msgpack_tokens_prefix(&frame[r.at..])?;
-                tokens = Some((r.take(used)?, ids));
+                tokens = Some(match hashed {
+                    None => {
+                        let (ids, used) = msgpack_tokens_prefix(&frame[r.at..])?;
+                        (r.take(used)?, ids, None)
+                    }
+                    Some((memo, chunk)) => {
+                        let c = memo.msgpack_chain(&frame[r.at..], chunk)?;
+                        (r.take(c.used)?, Vec::new(), Some(c))
+                    }
+                });
             }
             "start" => start = Some(r.int(name)?),
             "end" => end = Some(r.int(name)?),
@@ -207,13 +232,14 @@ pub fn decode_key(frame: &[u8]) -> CoreResult<WireKey<'_>> {
         return Err(bad("trailing bytes after the map"));
     }
     let missing = |f: &str| bad(format!("missing required field `{f}`"));
-    let (token_span, token_ids) = tokens.ok_or_else(|| missing("token_ids"))?;
+    let (token_span, token_ids, chain) = tokens.ok_or_else(|| missing("token_ids"))?;
     Ok(WireKey {
         model_name: model_name.ok_or_else(|| missing("model_name"))?,
         world_size: world_size.ok_or_else(|| missing("world_size"))?,
         worker_id: worker_id.ok_or_else(|| missing("worker_id"))?,
         token_span,
         token_ids,
+        chain,
         start: start.ok_or_else(|| missing("start"))?,
         end: end.ok_or_else(|| missing("end"))?,
         request_id: request_id.ok_or_else(|| missing("request_id"))?,

@@ -30,7 +30,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use parking_lot::Mutex;
 
 use crate::clock::Clock;
-use crate::hash::ChainMemo;
+use crate::hash::{ChainMemo, MsgpackChain};
 use crate::index::{L1Index, LeaseId, ReadGrant, Whereabouts, MAX_READERS};
 use crate::key::{mp_kv_rank, ChunkHash, KeyScope};
 use crate::wire::WireKey;
@@ -113,6 +113,8 @@ pub struct KeyView<'a> {
     pub world_size: u32,
     pub worker_id: Option<u32>,
     pub tokens: &'a [u32],
+    /// The ids' chunk hashes instead of `tokens` (a key decoded by `wire::decode_key_hashed`).
+    pub hashed: Option<&'a MsgpackChain>,
     pub start: usize,
     pub end: usize,
     pub request_id: &'a str,
@@ -145,6 +147,7 @@ impl<'a> KeyView<'a> {
             world_size,
             worker_id,
             tokens: &k.token_ids,
+            hashed: k.chain.as_ref(),
             start: clamp(k.start),
             end: clamp(k.end),
             request_id: k.request_id,
@@ -231,7 +234,11 @@ impl ControlPlane {
     }
 
     fn prefix(&self, s: &mut sessions::Session, k: &KeyView<'_>) -> OpResult<Vec<ChunkHash>> {
-        s.prefix(k.tokens, k.end, self.chunk(), &self.memo).map_err(|e| bad_request(e.to_string()))
+        match k.hashed {
+            Some(chain) => s.prefix_hashed(chain, k.end, self.chunk()),
+            None => s.prefix(k.tokens, k.end, self.chunk(), &self.memo),
+        }
+        .map_err(|e| bad_request(e.to_string()))
     }
 
     fn readers(k: &KeyView<'_>) -> OpResult<u32> {
@@ -260,7 +267,7 @@ impl ControlPlane {
         s.drop_locks(&self.index);
         s.generation += 1;
         s.set_result(0); // what a lookup that fails from here answers (never nil)
-        s.scopes = self.request_scopes(k, layout.as_ref())?;
+        s.scopes = self.request_scopes(k, layout.as_deref())?;
         let hashes = self.prefix(s, k)?;
         self.counters.add(
             &["lookup_requested_tokens", k.model_name, k.cache_salt],
@@ -271,7 +278,7 @@ impl ControlPlane {
             self.counters.add(&["lookup_early_exit", k.model_name, k.cache_salt, reason], 1);
             return Ok(());
         };
-        let (hit, locks, short) = self.lease_prefix(k, &layout, &hashes, readers)?;
+        let (hit, locks, short) = self.lease_prefix(k, &layout, &s.scopes, &hashes, readers);
         s.locks = Some(locks);
         self.count_hit(k.model_name, k.cache_salt, hit, "l1");
         if hit < hashes.len() {
@@ -313,13 +320,22 @@ impl ControlPlane {
     /// ([`groups::lock_fold`]). Returns the prefix, its leases, and a full-attention scope
     /// whose resident prefix ends there (None when only a window falls short), for the miss's
     /// reason.
+    /// `scopes`: the request's ([`Self::request_scopes`] of `layout`).
     fn lease_prefix(
         &self,
         k: &KeyView<'_>,
         layout: &Layout,
+        scopes: &[KeyScope],
         hashes: &[ChunkHash],
         readers: u32,
-    ) -> OpResult<(usize, LookupLocks, Option<KeyScope>)> {
+    ) -> (usize, LookupLocks, Option<KeyScope>) {
+        let world = k.world_size;
+        // Group-major, ranks in order within each group (`request_scopes`).
+        let groups = layout.object_groups();
+        let scope = |group: u32, rank: u32| -> &KeyScope {
+            let g = groups.binary_search(&group).expect("a group of the layout");
+            &scopes[g * world as usize + rank as usize]
+        };
         let lease = |scope: &KeyScope, hs: &[ChunkHash]| -> ReadGrant {
             // Fails only for 0 shares, which `readers` excludes.
             self.index.lease_read(scope, hs, readers, 0).unwrap_or(ReadGrant {
@@ -328,22 +344,18 @@ impl ControlPlane {
                 slots: vec![],
             })
         };
-        let mut full: Vec<(u32, KeyScope, ReadGrant)> = Vec::new();
+        let mut full: Vec<(u32, &KeyScope, ReadGrant)> = Vec::new();
         // (rank, whole scope, tail scope) of each windowed row, and its row.
-        let mut windowed: Vec<(u32, KeyScope, Option<KeyScope>)> = Vec::new();
+        let mut windowed: Vec<(u32, &KeyScope, Option<&KeyScope>)> = Vec::new();
         for g in &layout.groups {
-            for r in 0..k.world_size {
-                let scope = self.scope(k.model_name, k.world_size, r, g.id, k.cache_salt)?;
+            for r in 0..world {
+                let whole = scope(g.id, r);
                 if g.span == 0 {
                     // Lease its resident prefix at once: it bounds the fold.
-                    let grant = lease(&scope, hashes);
-                    full.push((r, scope, grant));
+                    let grant = lease(whole, hashes);
+                    full.push((r, whole, grant));
                 } else {
-                    let tail = g
-                        .tail_id
-                        .map(|t| self.scope(k.model_name, k.world_size, r, t, k.cache_salt))
-                        .transpose()?;
-                    windowed.push((r, scope, tail));
+                    windowed.push((r, whole, g.tail_id.map(|t| scope(t, r))));
                 }
             }
         }
@@ -358,7 +370,7 @@ impl ControlPlane {
             .flat_map(|g| std::iter::repeat_n(g.span, k.world_size as usize))
             .zip(&windowed)
             .map(|(span, (_, whole, tail))| {
-                Row::new(span, present(whole), tail.as_ref().map(&present).unwrap_or_default())
+                Row::new(span, present(whole), tail.map(present).unwrap_or_default())
             })
             .collect();
         let leases: RefCell<HashMap<(usize, bool, usize), LeaseId>> = RefCell::default();
@@ -370,8 +382,7 @@ impl ControlPlane {
                 &mut rows,
                 |(i, tail, lo, hi)| {
                     let (_, whole, tail_scope) = &windowed[i];
-                    let scope =
-                        if tail { tail_scope.as_ref().expect("tail rows have a tail scope") } else { whole };
+                    let scope = if tail { tail_scope.expect("tail rows have a tail scope") } else { *whole };
                     let g = lease(scope, &hashes[lo..hi]);
                     leases.borrow_mut().insert((i, tail, lo), g.lease);
                     g.hit
@@ -395,11 +406,11 @@ impl ControlPlane {
             if g.hit > hit {
                 self.index.release(g.lease, hit, g.hit, None);
             } else if short.is_none() {
-                short = Some(scope);
+                short = Some(scope.clone());
             }
             held.push((r, Run { lease: g.lease, first: 0, count: hit }));
         }
-        Ok((hit, LookupLocks::of(held), short))
+        (hit, LookupLocks::of(held), short)
     }
 
     fn count_hit(&self, model: &str, salt: &str, chunks: usize, tier: &str) {
@@ -487,7 +498,7 @@ impl ControlPlane {
         let mut s = session.lock();
         let hashes = self.prefix(&mut s, k)?;
         if record_scopes {
-            s.scopes = self.request_scopes(k, layout.as_ref())?;
+            s.scopes = self.request_scopes(k, layout.as_deref())?;
         }
         Ok(hashes)
     }

@@ -845,12 +845,21 @@ fn arg_err(name: &str, i: usize) -> impl Fn(String) -> OpError + '_ {
     move |e| OpError::new("bad_request", format!("{name} argument {i}: {e}"))
 }
 
+/// Decodes a key and runs `f` on it; `hashed`: the ids come as their chunk hashes, through the
+/// memo (a lookup), else parsed.
 fn with_key<T>(
+    cp: &ControlPlane,
+    hashed: bool,
     name: &str,
     frame: &[u8],
     f: impl FnOnce(&KeyView<'_>) -> Result<T, OpError>,
 ) -> Result<T, OpError> {
-    let key = wire::decode_key(frame).map_err(|e| arg_err(name, 0)(e.to_string()))?;
+    let key = if hashed {
+        wire::decode_key_hashed(frame, &cp.memo, cp.config.chunk_size)
+    } else {
+        wire::decode_key(frame)
+    }
+    .map_err(|e| arg_err(name, 0)(e.to_string()))?;
     let view = KeyView::of(&key)?;
     f(&view)
 }
@@ -876,7 +885,7 @@ fn native(sh: &Shared, op: Native, name: &str, args: &[Vec<u8>]) -> Result<Outco
         }
         Native::Lookup => {
             codec::arg_int(&args[1]).map_err(arg_err(name, 1))?;
-            with_key(name, &args[0], |k| cp.lookup(k))?;
+            with_key(cp, true, name, &args[0], |k| cp.lookup(k))?;
             Outcome::Reply(None)
         }
         Native::QueryPrefetchStatus => {
@@ -898,7 +907,7 @@ fn native(sh: &Shared, op: Native, name: &str, args: &[Vec<u8>]) -> Result<Outco
         }
         Native::FreeLookupLocks => {
             codec::arg_int(&args[1]).map_err(arg_err(name, 1))?;
-            with_key(name, &args[0], |k| cp.free_lookup_locks(k))?;
+            with_key(cp, false, name, &args[0], |k| cp.free_lookup_locks(k))?;
             Outcome::Reply(None)
         }
         Native::Clear => {

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 
 use crate::clock::{secs_to_ns, Clock};
 use crate::error::CoreResult;
-use crate::hash::ChainMemo;
+use crate::hash::{ChainMemo, MsgpackChain};
 use crate::index::{L1Index, LeaseId};
 use crate::key::{ChunkHash, KeyScope};
 
@@ -141,6 +141,20 @@ impl Session {
         let n = end.min(tokens.len()) / chunk_size;
         let all = self.chain(tokens, chunk_size, memo)?;
         Ok(all[..n.min(all.len())].to_vec())
+    }
+
+    /// [`Session::prefix`] for ids that came as their chain ([`ChainMemo::msgpack_chain`]).
+    pub fn prefix_hashed(
+        &mut self,
+        chain: &MsgpackChain,
+        end: usize,
+        chunk_size: usize,
+    ) -> CoreResult<Vec<ChunkHash>> {
+        self.hashes = chain.hashes.iter().map(|h| ChunkHash::new(h)).collect::<CoreResult<_>>()?;
+        self.n_tokens = chain.count;
+        self.tokens = None; // not parsed: a later call with ids hashes them again
+        let n = end.min(chain.count) / chunk_size;
+        Ok(self.hashes[..n.min(self.hashes.len())].to_vec())
     }
 
     /// Releases every lease the last lookup still holds.

@@ -33,6 +33,7 @@ fn key<'a>(tokens: &'a [u32], rid: &'a str, world: i128, readers: i128) -> WireK
         worker_id: None,
         token_span: &[],
         token_ids: tokens.to_vec(),
+        chain: None,
         start: 0,
         end: tokens.len() as i128,
         request_id: rid,
@@ -245,5 +246,73 @@ fn hybrid_lookups_fold_the_windows_and_lease_only_what_they_need() {
     assert_eq!(f.cp.counters.get(&["lookup_misses", "m", "sliding_window"]), 1);
     f.cp.end_session("r");
     assert_eq!(f.cp.index.stats().read_locked_objects, 0);
+    f.cp.index.check_invariants();
+}
+
+/// A key frame as LMCache's client encodes it (a map; `token_ids` before the other fields).
+fn frame(t: &[u32], rid: &str, end: usize) -> Vec<u8> {
+    use rmp::encode::{write_array_len, write_map_len, write_nil, write_str, write_uint};
+    let mut out = Vec::new();
+    write_map_len(&mut out, 8).unwrap();
+    write_str(&mut out, "model_name").unwrap();
+    write_str(&mut out, "m").unwrap();
+    write_str(&mut out, "world_size").unwrap();
+    write_uint(&mut out, 1).unwrap();
+    write_str(&mut out, "worker_id").unwrap();
+    write_nil(&mut out).unwrap();
+    write_str(&mut out, "token_ids").unwrap();
+    write_array_len(&mut out, t.len() as u32).unwrap();
+    for &v in t {
+        write_uint(&mut out, u64::from(v)).unwrap();
+    }
+    write_str(&mut out, "start").unwrap();
+    write_uint(&mut out, 0).unwrap();
+    write_str(&mut out, "end").unwrap();
+    write_uint(&mut out, end as u64).unwrap();
+    write_str(&mut out, "request_id").unwrap();
+    write_str(&mut out, rid).unwrap();
+    write_str(&mut out, "num_kv_readers").unwrap();
+    write_uint(&mut out, 1).unwrap();
+    out
+}
+
+#[test]
+fn hashed_keys_look_up_exactly_as_parsed_ones() {
+    // The native lookup decodes keys through the byte-keyed memo: a prompt seen before, one
+    // that extends it, one that differs inside a chunk, and an `end` inside the array must
+    // hit exactly what the parsed key hits.
+    let f = fx(false);
+    f.layout(1);
+    let t: Vec<u32> = (0..6 * CHUNK as u32).map(|i| i * 977 % 70_000).collect();
+    f.store(&t, 1, 0, 4);
+    let mut longer = t.clone();
+    longer.extend(0..40);
+    let mut other = t.clone();
+    other[2 * CHUNK + 5] += 1;
+    let cases: [(&[u32], usize, u64); 5] = [
+        (&t, t.len(), 4),
+        (&t, t.len(), 4),
+        (&longer, longer.len(), 4),
+        (&other, other.len(), 2),
+        (&t, 3 * CHUNK + 1, 3),
+    ];
+    for (i, (toks, end, want)) in cases.into_iter().enumerate() {
+        let raw = frame(toks, "h", end);
+        let hashed = crate::wire::decode_key_hashed(&raw, &f.cp.memo, CHUNK).unwrap();
+        let parsed = crate::wire::decode_key(&raw).unwrap();
+        assert_eq!(hashed.token_span, parsed.token_span);
+        let full = f.hashes(toks);
+        let chain = hashed.chain.as_ref().unwrap();
+        assert_eq!(
+            chain.hashes.iter().map(|h| ChunkHash::new(h).unwrap()).collect::<Vec<_>>(),
+            full,
+            "case {i}"
+        );
+        f.cp.lookup(&KeyView::of(&hashed).unwrap()).unwrap();
+        assert_eq!(f.cp.query("h"), Some(want), "case {i}");
+        f.cp.end_session("h");
+    }
+    assert!(f.cp.memo.stats().hits > 0);
+    assert_eq!(f.leases(), 0);
     f.cp.index.check_invariants();
 }

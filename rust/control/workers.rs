@@ -73,7 +73,7 @@ struct Told {
 #[derive(Debug, Default)]
 struct Inner {
     workers: HashMap<u64, Worker>,
-    layouts: HashMap<(String, u32), Layout>,
+    layouts: HashMap<(String, u32), Arc<Layout>>,
     told: HashMap<u64, Told>,
     /// (instance, when told), oldest first.
     told_order: VecDeque<(u64, u64)>,
@@ -179,15 +179,16 @@ impl Workers {
     }
 
     pub fn set_layout(&self, model: &str, world_size: u32, layout: Layout) {
-        self.inner.lock().layouts.insert((model.to_owned(), world_size), layout);
+        self.inner.lock().layouts.insert((model.to_owned(), world_size), Arc::new(layout));
     }
 
     pub fn drop_layout(&self, model: &str, world_size: u32) {
         self.inner.lock().layouts.remove(&(model.to_owned(), world_size));
     }
 
-    pub fn layout(&self, model: &str, world_size: u32) -> Option<Layout> {
-        // A lookup asks on every request: probe without building a String key.
+    pub fn layout(&self, model: &str, world_size: u32) -> Option<Arc<Layout>> {
+        // A lookup asks on every request: probe without building a String key, share the
+        // layout instead of copying it.
         let g = self.inner.lock();
         g.layouts.iter().find(|((m, w), _)| *w == world_size && m == model).map(|(_, l)| l.clone())
     }
@@ -254,7 +255,7 @@ mod tests {
         assert_eq!(w.layout("m", 2), None);
         let l = Layout::plain();
         w.set_layout("m", 2, l.clone());
-        assert_eq!(w.layout("m", 2), Some(l));
+        assert_eq!(w.layout("m", 2).as_deref(), Some(&l));
         assert_eq!(w.layout("m", 1), None);
         w.drop_layout("m", 2);
         assert_eq!(w.layout("m", 2), None);
