@@ -106,8 +106,9 @@ def _parser() -> argparse.ArgumentParser:
         "--hash-memo-mib",
         type=float,
         default=mp.hash_memo_mib,
-        help="memory for chunk hashes remembered across requests (about 1.1 KiB each at 256 "
-        "tokens a chunk), so a prompt seen before is not hashed again; 0: off",
+        help="memory for chunk hashes remembered across requests, by token ids and by their "
+        "msgpack bytes (about 2.4 KiB a chunk at 256 tokens a chunk), so a prompt seen before is "
+        "neither parsed nor hashed again; 0: off",
     )
     g.add_argument(
         "--supported-transfer-mode",

@@ -119,9 +119,11 @@ class MPConfig(msgspec.Struct, kw_only=True):
 
     @property
     def hash_memo_chunks(self) -> int:
-        """Chunk hashes `hash_memo_mib` holds: input (32 + 4 bytes a token) plus ~64 bytes of
-        table per entry."""
-        return int(self.hash_memo_mib * (1 << 20)) // (32 + 4 * self.chunk_size + 64)
+        """Chunk hashes each of the memo's two tables holds within `hash_memo_mib`: keyed by
+        the ids (32 + 4 bytes a token) and by their msgpack bytes (40 + at most 5 bytes a
+        token), each entry with ~64 bytes of table."""
+        per_chunk = (32 + 4 * self.chunk_size + 64) + (40 + 5 * self.chunk_size + 64)
+        return int(self.hash_memo_mib * (1 << 20)) // per_chunk
 
     @property
     def engine_driven(self) -> bool:

@@ -51,8 +51,11 @@ def decode_op(frame: bytes) -> ops.OpSpec:
     return spec
 
 
-def decode_args(spec: ops.OpSpec, frames: list[bytes]) -> tuple[Any, ...]:
-    """Decodes the payload frames with the op's types (the count must match exactly)."""
+def decode_args(
+    spec: ops.OpSpec, frames: list[bytes], hashing: ops.KeyHashing | None = None
+) -> tuple[Any, ...]:
+    """Decodes the payload frames with the op's types (the count must match exactly); keys
+    come with their chunk hashes when `hashing` is given (`ops.KeyDecoder`)."""
     if len(frames) != len(spec.decoders):
         raise ProtocolError(
             "bad_request",
@@ -61,7 +64,7 @@ def decode_args(spec: ops.OpSpec, frames: list[bytes]) -> tuple[Any, ...]:
     out = []
     for i, (dec, frame) in enumerate(zip(spec.decoders, frames, strict=True)):
         try:
-            out.append(dec.decode(frame))
+            out.append(dec.decode(frame, hashing) if isinstance(dec, ops.KeyDecoder) else dec.decode(frame))
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
             raise ProtocolError("bad_request", f"{spec.name} argument {i}: {e}") from None
     return tuple(out)

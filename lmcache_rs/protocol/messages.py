@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from lmcache_rs._core import TokenChain
+
 #: msgpack ext code of a `DeviceIPCWrapper` (a KV tensor handle).
 IPC_WRAPPER_EXT = 1
 
@@ -37,9 +39,11 @@ class IPCCacheServerKey(msgspec.Struct, kw_only=True):
 
 class ServerKey(IPCCacheServerKey, kw_only=True):
     """A key as the server decodes it (`protocol.ops.KeyDecoder`, one pass in Rust): also its
-    token ids, parsed once, as native-endian uint32 bytes. Never sent."""
+    token ids, parsed once, as native-endian uint32 bytes, or instead (decoded with the
+    engine's hash memo) their chunk hashes, `token_chain`. Never sent."""
 
     token_u32: bytes = b""
+    token_chain: TokenChain | None = None
 
 
 class EngineGroupInfo(msgspec.Struct, kw_only=True):

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from lmcache_rs import decode_key
+from lmcache_rs import ChainMemo, decode_key
 from lmcache_rs.protocol.messages import (
     BlockAllocationRecord,
     EngineDrivenRegistered,
@@ -67,6 +67,14 @@ class OpSpec:
     decoders: tuple[ArgDecoder, ...] = field(default=(), compare=False)
 
 
+@dataclass(frozen=True)
+class KeyHashing:
+    """How a server hashes the keys it decodes: its memo and chunk size."""
+
+    memo: ChainMemo
+    chunk_size: int
+
+
 class KeyDecoder:
     """Decodes an `IPCCacheServerKey` frame in one pass in Rust (`_core.decode_key`): msgspec
     would skip the token array and the hasher parse it again, each a serial walk over ~135 KB
@@ -74,8 +82,10 @@ class KeyDecoder:
 
     _configs = msgspec.msgpack.Decoder(dict[str, Any] | None)
 
-    def decode(self, frame: bytes) -> ServerKey:
-        k = decode_key(frame)
+    def decode(self, frame: bytes, hashing: KeyHashing | None = None) -> ServerKey:
+        """With `hashing`, the ids come as their chunk hashes (`ServerKey.token_chain`), through
+        the memo's byte-keyed table: a prompt seen before is neither parsed nor hashed."""
+        k = decode_key(frame) if hashing is None else decode_key(frame, hashing.memo, hashing.chunk_size)
         configs = k.request_configs
         return ServerKey(
             model_name=k.model_name,
@@ -90,6 +100,7 @@ class KeyDecoder:
             request_configs=None if configs is None else self._configs.decode(configs),
             num_kv_readers=k.num_kv_readers,
             token_u32=k.token_ids,
+            token_chain=k.token_chain,
         )
 
 

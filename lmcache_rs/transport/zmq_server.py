@@ -72,6 +72,9 @@ class ZmqServer:
         assert cfg.max_gpu_workers is not None
         self.cfg = cfg
         self.engine = engine
+        # Data ops' keys come with their chunk hashes from the engine's memo: a prompt seen
+        # before is neither parsed nor hashed again (`ChainMemo` byte-keyed table).
+        self._hashing = ops.KeyHashing(engine.chain_memo, engine.chunk_size)
         self._native = NativeServer(
             engine.control,
             bind_url(cfg.host, cfg.port),
@@ -167,7 +170,7 @@ class ZmqServer:
         spec = ops.BY_NAME[req.op]
         uid, op = req.uid, req.op_frame
         try:
-            args = codec.decode_args(spec, req.args)
+            args = codec.decode_args(spec, req.args, self._hashing)
             result: Any = self.engine.handlers[spec.name](*args)
             return codec.reply_frames(uid, op, result, result is not None), None
         except ProtocolError as e:

@@ -35,6 +35,8 @@ struct OwnedKey {
     world_size: i128,
     worker_id: Option<i128>,
     tokens: Vec<u32>,
+    /// The ids' chunk hashes when the key was decoded with the memo (`tokens` is empty then).
+    chain: Option<Arc<hash::MsgpackChain>>,
     start: i128,
     end: i128,
     request_id: String,
@@ -43,10 +45,19 @@ struct OwnedKey {
 }
 
 impl OwnedKey {
-    fn read(key: &Bound<'_, PyAny>) -> PyResult<Self> {
+    /// The key's fields; its ids as `chunk_size` hashes from `token_chain` when the decoder
+    /// made them with this chunk size, else parsed.
+    fn read(key: &Bound<'_, PyAny>, chunk_size: usize) -> PyResult<Self> {
         let py = key.py();
+        let chain = key
+            .getattr("token_chain")
+            .ok()
+            .and_then(|c| c.cast_into::<super::TokenChain>().ok())
+            .filter(|c| c.get().chunk_size == chunk_size)
+            .map(|c| c.get().chain.clone());
         let u32s = key.getattr("token_u32").ok().and_then(|b| b.cast_into::<PyBytes>().ok());
         let tokens = match u32s.filter(|b| !b.as_bytes().is_empty()) {
+            _ if chain.is_some() => Vec::new(),
             Some(b) => {
                 let raw = b.as_bytes();
                 raw.chunks_exact(4).map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect()
@@ -66,6 +77,7 @@ impl OwnedKey {
             world_size: key.getattr("world_size")?.extract()?,
             worker_id: key.getattr("worker_id")?.extract()?,
             tokens,
+            chain,
             start: key.getattr("start")?.extract()?,
             end: key.getattr("end")?.extract()?,
             request_id: key.getattr("request_id")?.extract()?,
@@ -81,6 +93,7 @@ impl OwnedKey {
             worker_id: self.worker_id,
             token_span: &[],
             token_ids: Vec::new(),
+            chain: None,
             start: self.start,
             end: self.end,
             request_id: &self.request_id,
@@ -90,6 +103,7 @@ impl OwnedKey {
         };
         let mut v = KeyView::of(&wire)?;
         v.tokens = &self.tokens;
+        v.hashed = self.chain.as_deref();
         f(&v)
     }
 }
@@ -184,7 +198,7 @@ impl ControlPlane {
         key: &Bound<'py, PyAny>,
         record_scopes: bool,
     ) -> PyResult<Bound<'py, PyList>> {
-        let k = OwnedKey::read(key)?;
+        let k = OwnedKey::read(key, self.0.config.chunk_size)?;
         let hashes = py.detach(|| k.view(|v| self.0.prefix_hashes(v, record_scopes))).map_err(op_err)?;
         hashes_of(py, &hashes)
     }

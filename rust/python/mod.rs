@@ -206,9 +206,50 @@ fn chunk_hashes_msgpack<'py>(
     Ok((hashes_to_list(py, &hashes)?, n))
 }
 
+/// A request's token ids as their chunk hashes (`decode_key` with a memo): what
+/// `ControlPlane` calls take instead of parsing the ids.
+#[pyclass(frozen, module = "lmcache_rs._core")]
+pub(super) struct TokenChain {
+    pub(super) chain: Arc<hash::MsgpackChain>,
+    pub(super) chunk_size: usize,
+}
+
+#[pymethods]
+impl TokenChain {
+    /// Token ids in the array.
+    #[getter]
+    fn count(&self) -> usize {
+        self.chain.count
+    }
+    #[getter]
+    fn chunk_size(&self) -> usize {
+        self.chunk_size
+    }
+    /// Hashes of every complete chunk.
+    #[getter]
+    fn hashes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        hashes_to_list(py, &self.chain.hashes)
+    }
+    /// How many chunks were found by their msgpack bytes (their ids not parsed).
+    #[getter]
+    fn reused(&self) -> usize {
+        self.chain.reused
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "TokenChain(count={}, chunk_size={}, chunks={}, reused={})",
+            self.chain.count,
+            self.chunk_size,
+            self.chain.hashes.len(),
+            self.chain.reused
+        )
+    }
+}
+
 /// A request key's fields from its msgpack frame (`decode_key`). `token_start..token_end` is
 /// where the `token_ids` array lies in the frame (not copied: ~150 KB at 32k tokens),
-/// `token_ids` the ids as native-endian u32 bytes, `request_configs` raw msgpack or None.
+/// `token_ids` the ids as native-endian u32 bytes (empty when decoded with a memo: then
+/// `token_chain` holds their chunk hashes instead), `request_configs` raw msgpack or None.
 /// Integers are as sent (the caller validates their ranges).
 #[pyclass(frozen, get_all, module = "lmcache_rs._core")]
 struct DecodedKey {
@@ -218,6 +259,7 @@ struct DecodedKey {
     token_start: usize,
     token_end: usize,
     token_ids: Py<PyBytes>,
+    token_chain: Option<Py<TokenChain>>,
     start: i128,
     end: i128,
     request_id: String,
@@ -226,10 +268,23 @@ struct DecodedKey {
     num_kv_readers: i128,
 }
 
-/// A request key's fields from its msgpack frame, in one pass (see `wire`).
+/// A request key's fields from its msgpack frame, in one pass (see `wire`). With `memo`, the
+/// ids come as their chunk hashes of `chunk_size` tokens, through the memo's byte-keyed table
+/// (`ChainMemo.msgpack_chain`: a prompt seen before is neither parsed nor hashed).
 #[pyfunction]
-fn decode_key(py: Python<'_>, frame: &[u8]) -> PyResult<DecodedKey> {
-    let k = py.detach(|| wire::decode_key(frame)).map_err(to_py_err)?;
+#[pyo3(signature = (frame, memo = None, chunk_size = 256))]
+fn decode_key(
+    py: Python<'_>,
+    frame: &[u8],
+    memo: Option<&ChainMemo>,
+    chunk_size: usize,
+) -> PyResult<DecodedKey> {
+    let k = py
+        .detach(|| match memo {
+            Some(m) => wire::decode_key_hashed(frame, &m.0, chunk_size),
+            None => wire::decode_key(frame),
+        })
+        .map_err(to_py_err)?;
     let ids = PyBytes::new_with(py, 4 * k.token_ids.len(), |buf| {
         for (out, t) in buf.chunks_exact_mut(4).zip(&k.token_ids) {
             out.copy_from_slice(&t.to_ne_bytes());
@@ -237,6 +292,10 @@ fn decode_key(py: Python<'_>, frame: &[u8]) -> PyResult<DecodedKey> {
         Ok(())
     })?;
     let token_start = k.token_span.as_ptr() as usize - frame.as_ptr() as usize;
+    let token_chain = match k.chain {
+        Some(chain) => Some(Py::new(py, TokenChain { chain: Arc::new(chain), chunk_size })?),
+        None => None,
+    };
     Ok(DecodedKey {
         model_name: k.model_name.to_owned(),
         world_size: k.world_size,
@@ -244,6 +303,7 @@ fn decode_key(py: Python<'_>, frame: &[u8]) -> PyResult<DecodedKey> {
         token_start,
         token_end: token_start + k.token_span.len(),
         token_ids: ids.unbind(),
+        token_chain,
         start: k.start,
         end: k.end,
         request_id: k.request_id.to_owned(),
@@ -839,6 +899,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(extend_chain, m)?)?;
     m.add_function(wrap_pyfunction!(chunk_hashes_msgpack, m)?)?;
     m.add_function(wrap_pyfunction!(decode_key, m)?)?;
+    m.add_class::<TokenChain>()?;
     m.add_function(wrap_pyfunction!(kv_rank, m)?)?;
     m.add_function(wrap_pyfunction!(mp_kv_rank, m)?)?;
     m.add_function(wrap_pyfunction!(validate_salt, m)?)?;

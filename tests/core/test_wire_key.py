@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from lmcache_rs import ChainMemo, chunk_hashes, chunk_hashes_msgpack
 from lmcache_rs.protocol.messages import IPCCacheServerKey, encode_tokens
-from lmcache_rs.protocol.ops import KeyDecoder
+from lmcache_rs.protocol.ops import KeyDecoder, KeyHashing
 
 REFERENCE = msgspec.msgpack.Decoder(IPCCacheServerKey)
 DECODER = KeyDecoder()
@@ -70,6 +70,59 @@ def test_same_fields_as_msgspec(m: dict[str, Any]) -> None:
     assert (chunk_hashes(parsed, 16, memo=MEMO), len(parsed)) == chunk_hashes_msgpack(
         bytes(want.token_ids), 16
     )
+
+
+HASHING = KeyHashing(ChainMemo(256), 16)
+
+
+@settings(max_examples=300, deadline=None)
+@given(key_maps(), st.integers(0, 3))
+def test_hashed_keys_carry_the_chain_of_their_ids(m: dict[str, Any], repeat: int) -> None:
+    """Decoded with a memo (as the server decodes data ops' keys), a key carries its ids'
+    chunk hashes instead of the ids: the same fields, and the chain of exactly the ids sent,
+    whether its chunks were found by their bytes (seen before) or parsed."""
+    frame = msgspec.msgpack.encode(m)
+    want = REFERENCE.decode(frame)
+    for _ in range(1 + repeat):
+        got = DECODER.decode(frame, HASHING)
+        assert fields(got) == fields(want)
+        assert got.token_u32 == b""
+        chain = got.token_chain
+        assert chain is not None
+        assert (chain.count, chain.chunk_size) == (len(m["token_ids"]), 16)
+        assert chain.hashes == chunk_hashes(m["token_ids"], 16)
+    if repeat and len(m["token_ids"]) >= 16:
+        assert chain.reused == len(m["token_ids"]) // 16
+
+
+def test_hashed_keys_never_reuse_across_other_bytes() -> None:
+    """Adversarial neighbours of a prompt seen before: one id changed (same and other widths),
+    one inserted, the same ids in wider encodings, a longer and a shorter array. Each gets the
+    chain of its own ids."""
+    base = [(i * 7919) % 70_000 for i in range(40 * 16 + 5)]
+    hashing = KeyHashing(ChainMemo(4096), 16)
+
+    def decode(ids: list[int], raw: bytes | None = None) -> list[bytes]:
+        m = {"model_name": "m", "world_size": 1, "worker_id": None, "token_ids": ids, "start": 0}
+        frame = msgspec.msgpack.encode(m | {"end": len(ids), "request_id": "r"})
+        if raw is not None:
+            frame = frame.replace(msgspec.msgpack.encode(ids), raw)
+        chain = DECODER.decode(frame, hashing).token_chain
+        assert chain is not None
+        return chain.hashes
+
+    assert decode(base) == chunk_hashes(base, 16)
+    variants = [base[:i] + [v] + base[i + 1 :] for i, v in ((300, base[300] ^ 1), (301, 5), (17, 90_000))]
+    variants += [base[:100] + [3] + base[100:], base + [1, 2, 3] * 20, base[:200]]
+    for ids in variants:
+        assert decode(ids) == chunk_hashes(ids, 16)
+    # The same ids with one element as uint32 instead of its smallest encoding.
+    wide = bytearray(msgspec.msgpack.encode(base))
+    at = 3 + sum(1 if v < 128 else 2 if v < 256 else 3 if v < 65536 else 5 for v in base[:50])
+    assert base[50] < 65536 and base[50] >= 256
+    wide[at : at + 3] = b"\xce" + base[50].to_bytes(4, "big")
+    assert decode(base, bytes(wide)) == chunk_hashes(base, 16)
+    assert decode(base) == chunk_hashes(base, 16)
 
 
 @settings(max_examples=40, deadline=None)

@@ -80,7 +80,7 @@ def test_a_prompt_seen_before_is_hashed_from_the_memo(server) -> None:
         assert after["hits"] - before["hits"] == 3 + 2, after
         assert after["misses"] - before["misses"] == 3 + 1, after
         assert after["entries"] >= 4
-        assert after["key_bytes"] >= 4 * (32 + 4 * C)
+        assert after["key_bytes"] >= 4 * (40 + C)  # keyed by msgpack bytes: 1 to 5 a token
         metrics = httpx.get(server.http + "/metrics").text
         assert 'lmcache_rs_hash_memo_chunks_total{result="hit"}' in metrics
         for r in ("first", "second"):
@@ -93,8 +93,9 @@ def test_the_hash_memo_can_be_sized_and_turned_off(server_factory) -> None:
 
     small = server_factory("--hash-memo-mib", "1")
     off = server_factory("--hash-memo-mib", "0")
-    # 1 MiB of (32 + 4 * 256 + 64)-byte entries; reported as two equal generations.
-    assert httpx.get(small.http + "/status").json()["hash_memo"]["capacity"] == 936
+    # 1 MiB of entries in two tables, (32 + 4 * 256 + 64) + (40 + 5 * 256 + 64) bytes a chunk:
+    # 418 chunks a table (two equal generations).
+    assert httpx.get(small.http + "/status").json()["hash_memo"]["capacity"] == 2 * 209
     with off.client() as c:
         w = Worker(c)
         t = tokens(2 * C, seed=13)
