@@ -530,6 +530,33 @@ impl Whereabouts {
     }
 }
 
+/// A registered quota (`L1Index.list_quotas`): its limit and the bytes the salt holds in L1
+/// (staging included, as `salt_usage`), read in one snapshot.
+#[pyclass(frozen, module = "lmcache_rs._core")]
+struct Quota(index::QuotaInfo);
+
+#[pymethods]
+impl Quota {
+    #[getter]
+    fn cache_salt(&self) -> &str {
+        &self.0.cache_salt
+    }
+    #[getter]
+    fn limit_bytes(&self) -> u64 {
+        self.0.limit_bytes
+    }
+    #[getter]
+    fn usage_bytes(&self) -> u64 {
+        self.0.usage_bytes
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "Quota(cache_salt={:?}, limit_bytes={}, usage_bytes={})",
+            self.0.cache_salt, self.0.limit_bytes, self.0.usage_bytes
+        )
+    }
+}
+
 /// The L1 index. Every method takes the index lock with the GIL released.
 #[pyclass(frozen, module = "lmcache_rs._core")]
 struct L1Index(Arc<index::L1Index>);
@@ -805,8 +832,9 @@ impl L1Index {
     fn get_quota(&self, py: Python<'_>, cache_salt: &str) -> Option<u64> {
         py.detach(|| self.0.get_quota(cache_salt))
     }
-    fn list_quotas(&self, py: Python<'_>) -> Vec<(String, u64)> {
-        py.detach(|| self.0.list_quotas())
+    /// Every registered quota, sorted by salt.
+    fn list_quotas(&self, py: Python<'_>) -> Vec<Quota> {
+        py.detach(|| self.0.list_quotas()).into_iter().map(Quota).collect()
     }
     fn salt_usage(&self, py: Python<'_>, cache_salt: &str) -> u64 {
         py.detach(|| self.0.salt_usage(cache_salt))
@@ -848,6 +876,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ManualClock>()?;
     m.add_class::<ChainMemo>()?;
     m.add_class::<L1Index>()?;
+    m.add_class::<Quota>()?;
     m.add_class::<ReadGrant>()?;
     m.add_class::<WriteDone>()?;
     m.add_class::<Whereabouts>()?;
