@@ -123,7 +123,7 @@ def _hashes(runtime: Runtime, body: ExplainRequest) -> list[bytes]:
     if body.token_ids is not None:
         try:
             raw = msgspec.msgpack.encode(body.token_ids)
-            return chunk_hashes_msgpack(raw, engine.chunk_size)[0]
+            return chunk_hashes_msgpack(raw, engine.chunk_size).hashes
         except (LmcacheCoreError, OverflowError, ValueError) as e:
             raise ApiError(400, {"error": f"token_ids: {e}"}) from None
     assert body.request_id is not None

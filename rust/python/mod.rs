@@ -188,22 +188,40 @@ fn extend_chain<'py>(
     hashes_to_list(py, &hashes)
 }
 
+/// What `chunk_hashes_msgpack` computed: the hashes of every complete chunk and the number
+/// of tokens (a trailing partial chunk has no hash).
+#[pyclass(frozen, module = "lmcache_rs._core")]
+struct ChunkHashes {
+    hashes: Vec<Blake3Hash>,
+    n_tokens: usize,
+}
+
+#[pymethods]
+impl ChunkHashes {
+    #[getter]
+    fn hashes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        hashes_to_list(py, &self.hashes)
+    }
+    #[getter]
+    fn n_tokens(&self) -> usize {
+        self.n_tokens
+    }
+    fn __repr__(&self) -> String {
+        format!("ChunkHashes(chunks={}, n_tokens={})", self.hashes.len(), self.n_tokens)
+    }
+}
+
 /// Chunk hashes of a msgpack-encoded token array (the wire form of `token_ids`), without a
-/// Python list in between. Returns `(hashes of every complete chunk, number of tokens)`.
+/// Python list in between.
 #[pyfunction]
 #[pyo3(signature = (raw, chunk_size = 256))]
-fn chunk_hashes_msgpack<'py>(
-    py: Python<'py>,
-    raw: &[u8],
-    chunk_size: usize,
-) -> PyResult<(Bound<'py, PyList>, usize)> {
-    let (hashes, n) = py
-        .detach(|| {
-            let tokens = hash::msgpack_tokens(raw)?;
-            Ok::<_, CoreError>((hash::prefix_hashes(&tokens, chunk_size, 0, None)?, tokens.len()))
-        })
-        .map_err(to_py_err)?;
-    Ok((hashes_to_list(py, &hashes)?, n))
+fn chunk_hashes_msgpack(py: Python<'_>, raw: &[u8], chunk_size: usize) -> PyResult<ChunkHashes> {
+    py.detach(|| {
+        let tokens = hash::msgpack_tokens(raw)?;
+        let hashes = hash::prefix_hashes(&tokens, chunk_size, 0, None)?;
+        Ok(ChunkHashes { hashes, n_tokens: tokens.len() })
+    })
+    .map_err(to_py_err)
 }
 
 /// A request key's fields from its msgpack frame (`decode_key`). `token_start..token_end` is
@@ -881,6 +899,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<WriteDone>()?;
     m.add_class::<Whereabouts>()?;
     m.add_class::<DecodedKey>()?;
+    m.add_class::<ChunkHashes>()?;
     m.add_class::<MemoStats>()?;
     m.add_class::<Reservation>()?;
     m.add_class::<Slot>()?;
