@@ -131,10 +131,10 @@ def _hashes(runtime: Runtime, body: ExplainRequest) -> list[bytes]:
     unknown = ApiError(404, {"error": f"unknown request_id {body.request_id!r} (for this model and salt)"})
     if session is None:
         raise unknown
-    hashes, scopes = session
+    scopes = session.scopes
     if not scopes or any((s.model_name, s.cache_salt) != (body.model_name, body.cache_salt) for s in scopes):
         raise unknown  # another tenant's (or model's) request: indistinguishable from none
-    return hashes
+    return session.hashes
 
 
 def _scopes(runtime: Runtime, body: ExplainRequest) -> tuple[bool, list[tuple[ScopeInfo, KeyScope]]]:
