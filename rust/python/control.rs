@@ -379,6 +379,21 @@ struct RequestTiming {
     buckets: Vec<u64>,
 }
 
+/// One log line of the I/O thread (`NativeServer.next_log`). `level` is a `logging` level
+/// number: 10 DEBUG, 20 INFO, 30 WARNING, 40 ERROR, 50 CRITICAL (`crate::control::server`).
+#[pyclass(frozen, get_all, module = "lmcache_rs._core")]
+struct LogLine {
+    level: u8,
+    message: String,
+}
+
+#[pymethods]
+impl LogLine {
+    fn __repr__(&self) -> String {
+        format!("LogLine(level={}, message={:?})", self.level, self.message)
+    }
+}
+
 /// The native request server: the ZMQ ROUTER socket and its I/O thread (crate::control::server).
 #[pyclass(frozen, module = "lmcache_rs._core")]
 struct NativeServer {
@@ -488,10 +503,10 @@ impl NativeServer {
         })
     }
 
-    /// The I/O thread's next log line `(level, message)` (None after `timeout` seconds).
-    fn next_log(&self, py: Python<'_>, timeout: f64) -> Option<(u8, String)> {
+    /// The I/O thread's next log line (None after `timeout` seconds).
+    fn next_log(&self, py: Python<'_>, timeout: f64) -> Option<LogLine> {
         let t = Duration::from_secs_f64(timeout.max(0.0));
-        py.detach(|| self.srv.next_log(t))
+        py.detach(|| self.srv.next_log(t)).map(|(level, message)| LogLine { level, message })
     }
 
     fn io_status(&self) -> IoStatus {
@@ -556,5 +571,6 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PrefetchJob>()?;
     m.add_class::<IoStatus>()?;
     m.add_class::<RequestTiming>()?;
+    m.add_class::<LogLine>()?;
     Ok(())
 }
