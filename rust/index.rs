@@ -239,6 +239,15 @@ pub struct ClearReport {
     pub pending_bytes: u64,
 }
 
+/// A registered quota ([`L1Index::list_quotas`]): its limit and the bytes the salt holds in L1
+/// now (staging included, as [`L1Index::salt_usage`]).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct QuotaInfo {
+    pub cache_salt: String,
+    pub limit_bytes: u64,
+    pub usage_bytes: u64,
+}
+
 /// Per-salt view in a [`L1Stats`] snapshot. Counters restart when a salt holds nothing and has
 /// no quota (its entry is dropped to keep memory bounded).
 #[cfg_attr(feature = "python", derive(pyo3::IntoPyObject))]
@@ -797,11 +806,20 @@ impl L1Index {
         g.salts.find(cache_salt).and_then(|id| g.salts.get(id)).and_then(|s| s.quota)
     }
 
-    /// Every registered quota, sorted by salt.
-    pub fn list_quotas(&self) -> Vec<(String, u64)> {
+    /// Every registered quota with its salt's usage (one snapshot), sorted by salt.
+    pub fn list_quotas(&self) -> Vec<QuotaInfo> {
         let g = self.locked();
-        let mut out: Vec<_> =
-            g.salts.iter().filter_map(|(_, s)| s.quota.map(|q| (s.name.to_string(), q))).collect();
+        let mut out: Vec<_> = g
+            .salts
+            .iter()
+            .filter_map(|(_, s)| {
+                s.quota.map(|q| QuotaInfo {
+                    cache_salt: s.name.to_string(),
+                    limit_bytes: q,
+                    usage_bytes: s.bytes,
+                })
+            })
+            .collect();
         out.sort();
         out
     }

@@ -292,7 +292,12 @@ fn isolated_lru_cycle_trims_salts_to_quota_and_wipes_unregistered() {
     let st = f.ok().stats();
     assert_eq!(st.counters.evicted_quota_objects, 7);
     assert!(st.salts.iter().all(|s| s.cache_salt != "carol"), "empty salt without quota is dropped");
-    assert_eq!(f.idx.list_quotas(), [("".to_string(), 10 * OBJ), ("alice".to_string(), 2 * OBJ + 1)]);
+    let quota = |salt: &str, limit_bytes, usage_bytes| QuotaInfo {
+        cache_salt: salt.into(),
+        limit_bytes,
+        usage_bytes,
+    };
+    assert_eq!(f.idx.list_quotas(), [quota("", 10 * OBJ, 4 * OBJ), quota("alice", 2 * OBJ + 1, 2 * OBJ)]);
     // Quotas are ignored under plain LRU.
     let g = Fixture::new(100, EvictionPolicy::Lru);
     g.store(&scope("carol"), &hs(0..4));

@@ -123,7 +123,7 @@ def _hashes(runtime: Runtime, body: ExplainRequest) -> list[bytes]:
     if body.token_ids is not None:
         try:
             raw = msgspec.msgpack.encode(body.token_ids)
-            return chunk_hashes_msgpack(raw, engine.chunk_size)[0]
+            return chunk_hashes_msgpack(raw, engine.chunk_size).hashes
         except (LmcacheCoreError, OverflowError, ValueError) as e:
             raise ApiError(400, {"error": f"token_ids: {e}"}) from None
     assert body.request_id is not None
@@ -131,10 +131,10 @@ def _hashes(runtime: Runtime, body: ExplainRequest) -> list[bytes]:
     unknown = ApiError(404, {"error": f"unknown request_id {body.request_id!r} (for this model and salt)"})
     if session is None:
         raise unknown
-    hashes, scopes = session
+    scopes = session.scopes
     if not scopes or any((s.model_name, s.cache_salt) != (body.model_name, body.cache_salt) for s in scopes):
         raise unknown  # another tenant's (or model's) request: indistinguishable from none
-    return hashes
+    return session.hashes
 
 
 def _scopes(runtime: Runtime, body: ExplainRequest) -> tuple[bool, list[tuple[ScopeInfo, KeyScope]]]:

@@ -102,13 +102,12 @@ def l2_usage(runtime: Runtime) -> dict[str, int]:
 @get("/quota", sync_to_thread=True)
 def list_quotas(runtime: NamedDependency[Runtime]) -> QuotaList:
     """Every registered quota with the salt's live L1 + L2 usage."""
-    idx = runtime.l1.index
     l2 = l2_usage(runtime)
     users = {}
-    for salt, limit in idx.list_quotas():
-        l1_bytes, l2_bytes = idx.salt_usage(salt), l2.get(salt, 0)
-        users[to_path(salt)] = QuotaEntry(
-            limit_gb=limit / GiB,
+    for q in runtime.l1.index.list_quotas():
+        l1_bytes, l2_bytes = q.usage_bytes, l2.get(q.cache_salt, 0)
+        users[to_path(q.cache_salt)] = QuotaEntry(
+            limit_gb=q.limit_bytes / GiB,
             current_usage_gb=(l1_bytes + l2_bytes) / GiB,
             l1_usage_gb=l1_bytes / GiB,
             l2_usage_gb=l2_bytes / GiB,

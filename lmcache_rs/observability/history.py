@@ -457,7 +457,7 @@ class StatsHistory:
             for salt, b in a.bytes_by_cache_salt.items():
                 l2_bytes[salt] = l2_bytes.get(salt, 0) + b
         by_salt = {s["cache_salt"]: s for s in stats["salts"]}
-        quotas = dict(self.runtime.l1.index.list_quotas())
+        quotas = {q.cache_salt: q.limit_bytes for q in self.runtime.l1.index.list_quotas()}
         out = []
         for salt in by_salt.keys() | lookups.keys() | l2_bytes.keys() | quotas.keys():
             s = by_salt.get(salt)

@@ -184,6 +184,6 @@ class ZmqServer:
         while not self._stopping.is_set() or self._native.io_status().alive:
             line = self._native.next_log(NEXT_TIMEOUT_S)
             if line is not None:
-                native_log.log(line[0], "%s", line[1])
+                native_log.log(line.level, "%s", line.message)
             elif self._stopping.is_set():
                 return

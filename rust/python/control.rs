@@ -16,6 +16,7 @@ use crate::control::server::{self, Fault, Native, OpRow, Route, ServerConfig};
 use crate::control::workers::{GroupSpec, Layout};
 use crate::control::{self, ControlConfig, KeyView, OpError};
 use crate::hash;
+use crate::key::{self, ChunkHash};
 
 fn op_err(e: OpError) -> PyErr {
     ControlError::new_err((e.code, e.message))
@@ -158,6 +159,30 @@ impl PrefetchJob {
     }
 }
 
+/// A request's session (`ControlPlane.session_view`): the chain of its last tokens and the
+/// scopes (every rank and object group) of the keys it touched.
+#[pyclass(frozen, module = "lmcache_rs._core")]
+struct SessionView {
+    hashes: Vec<ChunkHash>,
+    scopes: Vec<key::KeyScope>,
+}
+
+#[pymethods]
+impl SessionView {
+    /// Hashes of every complete chunk of the request's last tokens.
+    #[getter]
+    fn hashes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        hashes_of(py, &self.hashes)
+    }
+    #[getter]
+    fn scopes(&self) -> Vec<super::KeyScope> {
+        self.scopes.iter().cloned().map(super::KeyScope).collect()
+    }
+    fn __repr__(&self) -> String {
+        format!("SessionView(chunks={}, scopes={})", self.hashes.len(), self.scopes.len())
+    }
+}
+
 /// The state the control operations share with the Python data path: sessions, worker
 /// liveness and layouts, and the one stats registry.
 #[pyclass(frozen, module = "lmcache_rs._core")]
@@ -229,22 +254,14 @@ impl ControlPlane {
         py.detach(|| self.0.sessions.len())
     }
 
-    /// A request's session: `(hashes, scopes)` of its last tokens' chain and the scopes it
-    /// touched (for /cache/explain), or None.
-    #[allow(clippy::type_complexity)]
-    fn session_view<'py>(
-        &self,
-        py: Python<'py>,
-        request_id: &str,
-    ) -> PyResult<Option<(Bound<'py, PyList>, Vec<super::KeyScope>)>> {
-        let view = py.detach(|| {
+    /// A request's session (for /cache/explain), or None; not counted as a use.
+    fn session_view(&self, py: Python<'_>, request_id: &str) -> Option<SessionView> {
+        py.detach(|| {
             self.0.sessions.peek(request_id).map(|s| {
                 let g = s.lock();
-                (g.hashes.clone(), g.scopes.clone())
+                SessionView { hashes: g.hashes.clone(), scopes: g.scopes.clone() }
             })
-        });
-        let Some((hashes, scopes)) = view else { return Ok(None) };
-        Ok(Some((hashes_of(py, &hashes)?, scopes.into_iter().map(super::KeyScope).collect())))
+        })
     }
 
     // ---- workers ---------------------------------------------------------------------------
@@ -376,6 +393,21 @@ struct RequestTiming {
     buckets: Vec<u64>,
 }
 
+/// One log line of the I/O thread (`NativeServer.next_log`). `level` is a `logging` level
+/// number: 10 DEBUG, 20 INFO, 30 WARNING, 40 ERROR, 50 CRITICAL (`crate::control::server`).
+#[pyclass(frozen, get_all, module = "lmcache_rs._core")]
+struct LogLine {
+    level: u8,
+    message: String,
+}
+
+#[pymethods]
+impl LogLine {
+    fn __repr__(&self) -> String {
+        format!("LogLine(level={}, message={:?})", self.level, self.message)
+    }
+}
+
 /// The native request server: the ZMQ ROUTER socket and its I/O thread (crate::control::server).
 #[pyclass(frozen, module = "lmcache_rs._core")]
 struct NativeServer {
@@ -485,10 +517,10 @@ impl NativeServer {
         })
     }
 
-    /// The I/O thread's next log line `(level, message)` (None after `timeout` seconds).
-    fn next_log(&self, py: Python<'_>, timeout: f64) -> Option<(u8, String)> {
+    /// The I/O thread's next log line (None after `timeout` seconds).
+    fn next_log(&self, py: Python<'_>, timeout: f64) -> Option<LogLine> {
         let t = Duration::from_secs_f64(timeout.max(0.0));
-        py.detach(|| self.srv.next_log(t))
+        py.detach(|| self.srv.next_log(t)).map(|(level, message)| LogLine { level, message })
     }
 
     fn io_status(&self) -> IoStatus {
@@ -547,10 +579,12 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("POLL_MS", server::POLL_MS)?;
     m.add("PING_RETELL_SECONDS", control::workers::RETELL_SECS)?;
     m.add_class::<ControlPlane>()?;
+    m.add_class::<SessionView>()?;
     m.add_class::<NativeServer>()?;
     m.add_class::<Request>()?;
     m.add_class::<PrefetchJob>()?;
     m.add_class::<IoStatus>()?;
     m.add_class::<RequestTiming>()?;
+    m.add_class::<LogLine>()?;
     Ok(())
 }

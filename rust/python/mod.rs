@@ -188,22 +188,40 @@ fn extend_chain<'py>(
     hashes_to_list(py, &hashes)
 }
 
+/// What `chunk_hashes_msgpack` computed: the hashes of every complete chunk and the number
+/// of tokens (a trailing partial chunk has no hash).
+#[pyclass(frozen, module = "lmcache_rs._core")]
+struct ChunkHashes {
+    hashes: Vec<Blake3Hash>,
+    n_tokens: usize,
+}
+
+#[pymethods]
+impl ChunkHashes {
+    #[getter]
+    fn hashes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        hashes_to_list(py, &self.hashes)
+    }
+    #[getter]
+    fn n_tokens(&self) -> usize {
+        self.n_tokens
+    }
+    fn __repr__(&self) -> String {
+        format!("ChunkHashes(chunks={}, n_tokens={})", self.hashes.len(), self.n_tokens)
+    }
+}
+
 /// Chunk hashes of a msgpack-encoded token array (the wire form of `token_ids`), without a
-/// Python list in between. Returns `(hashes of every complete chunk, number of tokens)`.
+/// Python list in between.
 #[pyfunction]
 #[pyo3(signature = (raw, chunk_size = 256))]
-fn chunk_hashes_msgpack<'py>(
-    py: Python<'py>,
-    raw: &[u8],
-    chunk_size: usize,
-) -> PyResult<(Bound<'py, PyList>, usize)> {
-    let (hashes, n) = py
-        .detach(|| {
-            let tokens = hash::msgpack_tokens(raw)?;
-            Ok::<_, CoreError>((hash::prefix_hashes(&tokens, chunk_size, 0, None)?, tokens.len()))
-        })
-        .map_err(to_py_err)?;
-    Ok((hashes_to_list(py, &hashes)?, n))
+fn chunk_hashes_msgpack(py: Python<'_>, raw: &[u8], chunk_size: usize) -> PyResult<ChunkHashes> {
+    py.detach(|| {
+        let tokens = hash::msgpack_tokens(raw)?;
+        let hashes = hash::prefix_hashes(&tokens, chunk_size, 0, None)?;
+        Ok(ChunkHashes { hashes, n_tokens: tokens.len() })
+    })
+    .map_err(to_py_err)
 }
 
 /// A request's token ids as their chunk hashes (`decode_key` with a memo): what
@@ -590,6 +608,33 @@ impl Whereabouts {
     }
 }
 
+/// A registered quota (`L1Index.list_quotas`): its limit and the bytes the salt holds in L1
+/// (staging included, as `salt_usage`), read in one snapshot.
+#[pyclass(frozen, module = "lmcache_rs._core")]
+struct Quota(index::QuotaInfo);
+
+#[pymethods]
+impl Quota {
+    #[getter]
+    fn cache_salt(&self) -> &str {
+        &self.0.cache_salt
+    }
+    #[getter]
+    fn limit_bytes(&self) -> u64 {
+        self.0.limit_bytes
+    }
+    #[getter]
+    fn usage_bytes(&self) -> u64 {
+        self.0.usage_bytes
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "Quota(cache_salt={:?}, limit_bytes={}, usage_bytes={})",
+            self.0.cache_salt, self.0.limit_bytes, self.0.usage_bytes
+        )
+    }
+}
+
 /// The L1 index. Every method takes the index lock with the GIL released.
 #[pyclass(frozen, module = "lmcache_rs._core")]
 struct L1Index(Arc<index::L1Index>);
@@ -865,8 +910,9 @@ impl L1Index {
     fn get_quota(&self, py: Python<'_>, cache_salt: &str) -> Option<u64> {
         py.detach(|| self.0.get_quota(cache_salt))
     }
-    fn list_quotas(&self, py: Python<'_>) -> Vec<(String, u64)> {
-        py.detach(|| self.0.list_quotas())
+    /// Every registered quota, sorted by salt.
+    fn list_quotas(&self, py: Python<'_>) -> Vec<Quota> {
+        py.detach(|| self.0.list_quotas()).into_iter().map(Quota).collect()
     }
     fn salt_usage(&self, py: Python<'_>, cache_salt: &str) -> u64 {
         py.detach(|| self.0.salt_usage(cache_salt))
@@ -909,10 +955,12 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ManualClock>()?;
     m.add_class::<ChainMemo>()?;
     m.add_class::<L1Index>()?;
+    m.add_class::<Quota>()?;
     m.add_class::<ReadGrant>()?;
     m.add_class::<WriteDone>()?;
     m.add_class::<Whereabouts>()?;
     m.add_class::<DecodedKey>()?;
+    m.add_class::<ChunkHashes>()?;
     m.add_class::<MemoStats>()?;
     m.add_class::<Reservation>()?;
     m.add_class::<Slot>()?;

@@ -143,9 +143,11 @@ def test_msgpack_token_arrays_hash_like_lists(tokens: list[int]) -> None:
     """The server hashes `token_ids` straight from their wire encoding."""
     import msgspec  # noqa: PLC0415
 
-    hashes, n = lm.chunk_hashes_msgpack(msgspec.msgpack.encode(tokens), chunk_size=16)
-    assert n == len(tokens)
-    assert hashes == lm.chunk_hashes(tokens, chunk_size=16)
+    got = lm.chunk_hashes_msgpack(msgspec.msgpack.encode(tokens), chunk_size=16)
+    assert isinstance(got, lm.ChunkHashes)
+    assert got.n_tokens == len(tokens)
+    assert got.hashes == lm.chunk_hashes(tokens, chunk_size=16)
+    assert repr(got) == f"ChunkHashes(chunks={len(tokens) // 16}, n_tokens={len(tokens)})"
 
 
 def test_msgpack_token_errors() -> None:

@@ -111,7 +111,12 @@ def test_isolated_lru_quotas() -> None:
     assert idx.peek(scope("alice"), hashes(5)) == 2
     assert idx.salt_usage("mallory") == 0
     assert idx.salt_usage("") == 3 * OBJ
-    assert idx.list_quotas() == [("", 50 * OBJ), ("alice", 2 * OBJ)]
+    quotas = idx.list_quotas()
+    assert [(q.cache_salt, q.limit_bytes, q.usage_bytes) for q in quotas] == [
+        ("", 50 * OBJ, 3 * OBJ),
+        ("alice", 2 * OBJ, 2 * OBJ),
+    ]
+    assert repr(quotas[1]) == f'Quota(cache_salt="alice", limit_bytes={2 * OBJ}, usage_bytes={2 * OBJ})'
     assert idx.get_quota("alice") == 2 * OBJ
     assert idx.remove_quota("alice") is True
     assert idx.remove_quota("alice") is False

@@ -218,6 +218,13 @@ def test_bad_requests_get_error_replies_and_the_server_keeps_serving(server) -> 
             with pytest.raises(ServerError) as e:
                 c.call(*args)
             assert e.value.code == code, (args[0], e.value)
+        # Each error reply is logged by the I/O thread; its lines reach Python's logging
+        # (NativeServer.next_log's LogLine) with their level. A bound, not a timing assertion.
+        line = "WARNING lmcache_rs.transport.io_thread: request cb_register_rope failed: unsupported_op"
+        deadline = time.monotonic() + 30
+        while line not in server.log():
+            assert time.monotonic() < deadline, server.log()[-2000:]
+            time.sleep(0.05)
         assert w.store(t, blocks(1, 2))
         assert lookup(c, t, "ok") == 2
         c.end_session("ok")
