@@ -111,14 +111,15 @@ def test_hashed_keys_never_reuse_across_other_bytes() -> None:
         return chain.hashes
 
     assert decode(base) == chunk_hashes(base, 16)
-    variants = [base[:i] + [v] + base[i + 1 :] for i, v in ((300, base[300] ^ 1), (301, 5), (17, 90_000))]
-    variants += [base[:100] + [3] + base[100:], base + [1, 2, 3] * 20, base[:200]]
+    variants = [[*base[:i], v, *base[i + 1 :]] for i, v in ((300, base[300] ^ 1), (301, 5), (17, 90_000))]
+    variants += [[*base[:100], 3, *base[100:]], base + [1, 2, 3] * 20, base[:200]]
     for ids in variants:
         assert decode(ids) == chunk_hashes(ids, 16)
     # The same ids with one element as uint32 instead of its smallest encoding.
     wide = bytearray(msgspec.msgpack.encode(base))
     at = 3 + sum(1 if v < 128 else 2 if v < 256 else 3 if v < 65536 else 5 for v in base[:50])
-    assert base[50] < 65536 and base[50] >= 256
+    assert base[50] < 65536
+    assert base[50] >= 256
     wide[at : at + 3] = b"\xce" + base[50].to_bytes(4, "big")
     assert decode(base, bytes(wide)) == chunk_hashes(base, 16)
     assert decode(base) == chunk_hashes(base, 16)
