@@ -284,7 +284,7 @@ fn bench_control(c: &mut Criterion) {
         }
         let frame = key_frame(model, world, &tokens);
         let once = || {
-            let k = lmcache_rs_core::decode_key_hashed(black_box(&frame), &memo, 256).unwrap();
+            let k = lmcache_rs_core::decode_key_hashed(black_box(&frame), &memo, 256, false).unwrap();
             cp.lookup(&KeyView::of(&k).unwrap()).unwrap();
             assert_eq!(cp.query("bench"), Some(128));
             cp.end_session("bench");
@@ -304,7 +304,7 @@ fn bench_control(c: &mut Criterion) {
                         key_frame(model, world, &t)
                     },
                     |frame| {
-                        let k = lmcache_rs_core::decode_key_hashed(&frame, &memo, 256).unwrap();
+                        let k = lmcache_rs_core::decode_key_hashed(&frame, &memo, 256, false).unwrap();
                         cp.lookup(&KeyView::of(&k).unwrap()).unwrap();
                         assert_eq!(cp.query("bench"), Some(0));
                         cp.end_session("bench");

@@ -163,16 +163,18 @@ pub fn decode_key(frame: &[u8]) -> CoreResult<WireKey<'_>> {
 }
 
 /// Like [`decode_key`], but `token_ids` comes out as its chunk hashes
-/// ([`ChainMemo::msgpack_chain`]): the ids of chunks the memo holds are not parsed.
+/// ([`ChainMemo::msgpack_chain`]): the ids of chunks the memo holds are not parsed. With
+/// `record` false the new chunks are not recorded ([`ChainMemo::record`] is the caller's).
 pub fn decode_key_hashed<'a>(
     frame: &'a [u8],
     memo: &ChainMemo,
     chunk_size: usize,
+    record: bool,
 ) -> CoreResult<WireKey<'a>> {
-    decode(frame, Some((memo, chunk_size)))
+    decode(frame, Some((memo, chunk_size, record)))
 }
 
-fn decode<'a>(frame: &'a [u8], hashed: Option<(&ChainMemo, usize)>) -> CoreResult<WireKey<'a>> {
+fn decode<'a>(frame: &'a [u8], hashed: Option<(&ChainMemo, usize, bool)>) -> CoreResult<WireKey<'a>> {
     let mut r = Reader { buf: frame, at: 0 };
     let fields = match r.marker()? {
         Marker::FixMap(n) => usize::from(n),
@@ -202,8 +204,12 @@ fn decode<'a>(frame: &'a [u8], hashed: Option<(&ChainMemo, usize)>) -> CoreResul
                         let (ids, used) = msgpack_tokens_prefix(&frame[r.at..])?;
                         (r.take(used)?, ids, None)
                     }
-                    Some((memo, chunk)) => {
-                        let c = memo.msgpack_chain(&frame[r.at..], chunk)?;
+                    Some((memo, chunk, record)) => {
+                        let c = if record {
+                            memo.msgpack_chain(&frame[r.at..], chunk)?
+                        } else {
+                            memo.msgpack_chain_unrecorded(&frame[r.at..], chunk)?
+                        };
                         (r.take(c.used)?, Vec::new(), Some(c))
                     }
                 });

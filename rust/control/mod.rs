@@ -115,6 +115,8 @@ pub struct KeyView<'a> {
     pub tokens: &'a [u32],
     /// The ids' chunk hashes instead of `tokens` (a key decoded by `wire::decode_key_hashed`).
     pub hashed: Option<&'a MsgpackChain>,
+    /// The msgpack bytes of the ids (for [`ChainMemo::record`]).
+    pub token_span: &'a [u8],
     pub start: usize,
     pub end: usize,
     pub request_id: &'a str,
@@ -148,6 +150,7 @@ impl<'a> KeyView<'a> {
             worker_id,
             tokens: &k.token_ids,
             hashed: k.chain.as_ref(),
+            token_span: k.token_span,
             start: clamp(k.start),
             end: clamp(k.end),
             request_id: k.request_id,
@@ -280,6 +283,11 @@ impl ControlPlane {
         };
         let (hit, locks, short) = self.lease_prefix(k, &layout, &s.scopes, &hashes, readers);
         s.locks = Some(locks);
+        if let Some(chain) = k.hashed {
+            // What L1 holds, a later lookup finds by its bytes; a new prompt is recorded by
+            // its store.
+            self.memo.record(k.token_span, chain, self.chunk(), hit);
+        }
         self.count_hit(k.model_name, k.cache_salt, hit, "l1");
         if hit < hashes.len() {
             let reason = match &short {

@@ -855,7 +855,8 @@ fn with_key<T>(
     f: impl FnOnce(&KeyView<'_>) -> Result<T, OpError>,
 ) -> Result<T, OpError> {
     let key = if hashed {
-        wire::decode_key_hashed(frame, &cp.memo, cp.config.chunk_size)
+        // The lookup records what it finds in L1 (`ControlPlane::lookup`).
+        wire::decode_key_hashed(frame, &cp.memo, cp.config.chunk_size, false)
     } else {
         wire::decode_key(frame)
     }

@@ -298,7 +298,7 @@ fn hashed_keys_look_up_exactly_as_parsed_ones() {
     ];
     for (i, (toks, end, want)) in cases.into_iter().enumerate() {
         let raw = frame(toks, "h", end);
-        let hashed = crate::wire::decode_key_hashed(&raw, &f.cp.memo, CHUNK).unwrap();
+        let hashed = crate::wire::decode_key_hashed(&raw, &f.cp.memo, CHUNK, false).unwrap();
         let parsed = crate::wire::decode_key(&raw).unwrap();
         assert_eq!(hashed.token_span, parsed.token_span);
         let full = f.hashes(toks);
@@ -311,6 +311,11 @@ fn hashed_keys_look_up_exactly_as_parsed_ones() {
         f.cp.lookup(&KeyView::of(&hashed).unwrap()).unwrap();
         assert_eq!(f.cp.query("h"), Some(want), "case {i}");
         f.cp.end_session("h");
+        if i == 0 {
+            // The lookup recorded by their bytes only the chunks L1 holds.
+            let again = crate::wire::decode_key_hashed(&raw, &f.cp.memo, CHUNK, false).unwrap();
+            assert_eq!(again.chain.unwrap().reused, 4);
+        }
     }
     assert!(f.cp.memo.stats().hits > 0);
     assert_eq!(f.leases(), 0);

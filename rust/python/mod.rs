@@ -299,7 +299,7 @@ fn decode_key(
 ) -> PyResult<DecodedKey> {
     let k = py
         .detach(|| match memo {
-            Some(m) => wire::decode_key_hashed(frame, &m.0, chunk_size),
+            Some(m) => wire::decode_key_hashed(frame, &m.0, chunk_size, true),
             None => wire::decode_key(frame),
         })
         .map_err(to_py_err)?;

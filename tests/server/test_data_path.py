@@ -62,7 +62,8 @@ def test_partial_store_and_prefix_lookup(server) -> None:
 
 def test_a_prompt_seen_before_is_hashed_from_the_memo(server) -> None:
     """Every request hashes its prompt (the chain is per request), but chunks hashed by an
-    earlier request come from the server's memo: /status and /metrics count them."""
+    earlier request come from the server's memo, found by their msgpack bytes: /status and
+    /metrics count them. A store records its chunks; a lookup only those L1 holds."""
     import httpx  # noqa: PLC0415
 
     def memo() -> dict[str, int]:
@@ -79,11 +80,13 @@ def test_a_prompt_seen_before_is_hashed_from_the_memo(server) -> None:
         after = memo()
         assert after["hits"] - before["hits"] == 3 + 2, after
         assert after["misses"] - before["misses"] == 3 + 1, after
-        assert after["entries"] >= 4
-        assert after["key_bytes"] >= 4 * (40 + C)  # keyed by msgpack bytes: 1 to 5 a token
+        assert after["entries"] == 3, "the second lookup's new chunk is not in L1: not recorded"
+        assert after["key_bytes"] >= 3 * (40 + C)  # keyed by msgpack bytes: 1 to 5 a token
+        assert lookup(c, t[: 2 * C] + tokens(C, seed=12), "third") == 2
+        assert memo()["misses"] - after["misses"] == 1
         metrics = httpx.get(server.http + "/metrics").text
         assert 'lmcache_rs_hash_memo_chunks_total{result="hit"}' in metrics
-        for r in ("first", "second"):
+        for r in ("first", "second", "third"):
             c.end_session(r)
         w.close()
 
