@@ -19,7 +19,9 @@ Sections (`--sections`, default all):
            retrieves through the same server; the streamer's own store/retrieve p50/p99. One build
            at a time: the other build's server is paused (SIGSTOP) meanwhile.
 * clients: 32k-token hit lookups/s from 8 client processes (persistent, started once), A and B
-           back to back in alternating order (A B, B A, ...), `--rounds` rounds.
+           back to back in alternating order (A B, B A, ...), `--rounds` rounds; also each
+           server's CPU time per lookup (lookup + query + end_session, from /proc), the CPU the
+           other build's idle server used meanwhile, and how busy the machine was.
 * noop:    `noop` round trip p50/p99 of A, B and a bare pyzmq ROUTER echo server (a subprocess),
            interleaved sample by sample.
 * data:    lmcache-driven store (after a forced clear) and retrieve of `--data-mib`, each paired
@@ -442,6 +444,10 @@ def section_clients(sides: list[Side], a: argparse.Namespace, ctx: Any) -> dict[
         p.start()
     per: dict[str, list[float]] = {s.name: [] for s in sides}
     hits: dict[str, list[float]] = {s.name: [] for s in sides}
+    # CPU seconds each server used while `name`'s clients ran, and the machine's busy share.
+    used = {(s.name, x.name): 0.0 for s in sides for x in sides}
+    machine: dict[str, list[float]] = {s.name: [] for s in sides}
+    lookups = {s.name: 0 for s in sides}
     try:
         for s in sides:
             s.fill()
@@ -452,7 +458,14 @@ def section_clients(sides: list[Side], a: argparse.Namespace, ctx: Any) -> dict[
                 start_at = time.time() + 1.0  # connect and warm up first
                 for q in cmds:
                     q.put((s.server.url, start_at, a.seconds))
+                cpu0 = {x.name: proc_cpu_s(x.server.proc.pid) for x in sides}
+                busy0 = machine_busy()
                 res = [results.get(timeout=600) for _ in range(k)]
+                busy1 = machine_busy()
+                for x in sides:
+                    used[(s.name, x.name)] += proc_cpu_s(x.server.proc.pid) - cpu0[x.name]
+                machine[s.name].append((busy1[0] - busy0[0]) / max(1e-9, busy1[1] - busy0[1]))
+                lookups[s.name] += sum(n for n, _, _ in res)
                 per[s.name].append(sum(n / t for n, t, _ in res))
                 hits[s.name].append(sum(h for _, _, h in res) / sum(n for n, _, _ in res))
     finally:
@@ -465,7 +478,27 @@ def section_clients(sides: list[Side], a: argparse.Namespace, ctx: Any) -> dict[
         v = sorted(per[s.name])
         out[s.name] = {"lookups_per_s_rounds": per[s.name], "lookups_per_s_median": v[len(v) // 2]}
         out[s.name]["full_hit_ratio"] = min(hits[s.name])
+        # Server CPU per lookup (lookup + query_prefetch_status + end_session, all its threads)
+        # and what the other build's idle server burned meanwhile: where the 2 cores went.
+        out[s.name]["server_cpu_us_per_lookup"] = used[(s.name, s.name)] / max(1, lookups[s.name]) * 1e6
+        out[s.name]["other_server_cpu_s"] = sum(
+            v for (run, x), v in used.items() if run == s.name and x != s.name
+        )
+        out[s.name]["machine_busy_share"] = sorted(machine[s.name])[len(machine[s.name]) // 2]
     return out
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs since boot (/proc/stat)."""
+    v = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = v[3] + v[4]
+    return float(sum(v) - idle), float(sum(v))
 
 
 # ---- noop: next to a bare pyzmq echo ------------------------------------------------------------
@@ -622,6 +655,13 @@ def rows_of(data: dict[str, Any], names: list[str]) -> list[tuple[str, str]]:
         rows.append(
             (f"32k hit lookups/s, {c['clients']} clients (median of {c['rounds']})", "  ".join(cells))
         )
+        cpu = [
+            f"{n} {c[n]['server_cpu_us_per_lookup']:6.1f} us"
+            f" (other server {c[n]['other_server_cpu_s']:.1f} s,"
+            f" machine busy {c[n]['machine_busy_share']:.0%})"
+            for n in names
+        ]
+        rows.append(("  server CPU per lookup+query+end_session", "  ".join(cpu)))
     if "noop" in data:
         o = data["noop"]
         for n in [*names, "pyzmq echo"]:
