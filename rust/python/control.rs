@@ -410,9 +410,7 @@ impl ControlPlane {
         let k = OwnedKey::read(key)?;
         let plan = plan_of(plan);
         let inner = &start.inner;
-        py.detach(|| k.view(|v| self.0.store_reserve(v, &mut inner.lock(), &plan))).map_err(op_err)?;
-        *start.batches.lock() = None;
-        Ok(())
+        py.detach(|| k.view(|v| self.0.store_reserve(v, &mut inner.lock(), &plan))).map_err(op_err)
     }
 
     /// Drops a started store's reservations.
@@ -520,12 +518,11 @@ struct StagedBatch {
 #[pyclass(frozen, module = "lmcache_rs._core")]
 struct StoreStart {
     inner: parking_lot::Mutex<data::StoreStart>,
-    batches: parking_lot::Mutex<Option<Py<PyList>>>,
 }
 
 impl StoreStart {
     fn new(s: data::StoreStart) -> Self {
-        Self { inner: parking_lot::Mutex::new(s), batches: parking_lot::Mutex::new(None) }
+        Self { inner: parking_lot::Mutex::new(s) }
     }
 }
 
@@ -550,11 +547,9 @@ impl StoreStart {
     fn reserved(&self) -> usize {
         self.inner.lock().reserved()
     }
+    /// One per batch of the plan, in plan order (a new list each read: read it once).
     #[getter]
     fn batches<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        if let Some(b) = self.batches.lock().as_ref() {
-            return Ok(b.bind(py).clone());
-        }
         let staged = self.inner.lock().batches.clone();
         let list = PyList::empty(py);
         for b in staged {
@@ -567,7 +562,6 @@ impl StoreStart {
                 sizes: b.sizes,
             })?;
         }
-        *self.batches.lock() = Some(list.clone().unbind());
         Ok(list)
     }
     /// The reserved hashes of batch `i`.
