@@ -17,8 +17,10 @@ workers, split into services with one job each, every one holding the same small
 
 `Engine` builds them, keeps the handler table the transport serves (`handlers`, `refusal`)
 and the entry points the runtime, HTTP API and tests use. A handler returns the reply payload
-(None: no payload frame) or raises `ProtocolError` with a code for the error frame. All index
-calls go to the Rust core with the GIL released; byte copies are torch ops.
+(None: no payload frame) or raises `ProtocolError` with a code for the error frame. A store or
+retrieve calls into the Rust core once where it starts (hashes, leases or reservations of its
+whole plan) and once where it ends (release or admission, counters): rust/control/data.rs,
+always with the GIL released; byte copies are torch ops.
 """
 
 from __future__ import annotations

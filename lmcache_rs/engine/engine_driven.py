@@ -18,13 +18,15 @@ from lmcache_rs.engine.contexts import (
     PrepareKey,
 )
 from lmcache_rs.engine.shared import (
+    PLAIN_GROUPS,
     Shared,
     engine_context,
-    lock_for_read,
-    release_share,
-    scope,
-    start_read,
-    write_range,
+    first_chunk,
+    range_chunks,
+    read_context,
+    read_failure,
+    read_start,
+    store_start,
 )
 from lmcache_rs.protocol.codec import ProtocolError
 from lmcache_rs.protocol.messages import (
@@ -45,12 +47,11 @@ def _slot(ctx: EngineDrivenContext, offset: int) -> ShmSlot:
     return ShmSlot(offset=offset, length=ctx.chunk_bytes, shape=ctx.chunk_shape, dtype=ctx.dtype_str)
 
 
-def _check_prepared(ctx: EngineDrivenContext) -> None:
+def _overloaded(ctx: EngineDrivenContext) -> str | None:
+    """Why a prepare is refused `overloaded` once its range is known to be non-empty."""
     if ctx.prepared() >= MAX_PREPARED:
-        raise ProtocolError(
-            "overloaded",
-            f"instance {ctx.instance_id} holds {MAX_PREPARED} prepared operations without a commit",
-        )
+        return f"instance {ctx.instance_id} holds {MAX_PREPARED} prepared operations without a commit"
+    return None
 
 
 class EngineDriven:
@@ -60,49 +61,50 @@ class EngineDriven:
     def prepare_store(self, key: IPCCacheServerKey, instance_id: int) -> PrepareStoreReply:
         """Slots for the chunks of the range to write; `slots: []` only when there is nothing
         to write. Every failure (raised) is answered `PrepareStoreFailed`, which an LMCache
-        client follows with an empty commit_store, answered false (spec J.7)."""
-        sh, index = self.sh, self.sh.index
-        ctx = engine_context(sh, key, instance_id)
+        client follows with an empty commit_store, answered false (spec J.7). Into Rust once
+        (`store_start`); the commit ends it."""
+        sh, control = self.sh, self.sh.control
+        ctx = engine_context(sh, key, instance_id, touch=False)
         # An earlier prepare of this very range that was never committed was abandoned (LMCache's
         # worker commits each prepare before its next one): drop its slots. Left waiting, the
         # commit that follows this prepare, or the empty commit after this prepare fails, would
         # admit those never-written slots.
         for p in ctx.take_key(ctx.stores, _prepare_key(key)):
-            index.abort_write(p.scope, p.hashes, instance_id)
+            control.store_abort(p.start)
             sh.stats.add("stores_finished", ctx.device)
-        hashes = write_range(sh, key)
-        if not hashes:
+        try:
+            first_chunk(sh, key)
+        except ProtocolError:
+            sh.contexts.touch(instance_id, pinged=False)
+            raise
+        want = range_chunks(sh, key)
+        plan = [(0, list(range(want)), ctx.chunk_bytes)]
+        start = store_start(sh, key, instance_id, ctx, "engine", plan, overloaded=_overloaded(ctx))
+        if start.n == 0:
             return PrepareStoreReply(context=StoreSlots(slots=[], chunk_indices=[]))
-        _check_prepared(ctx)
-        sh.stats.add("stores_submitted", ctx.device)
-        sc = scope(key, key.worker_id or 0)
-        res = index.reserve_write(sc, hashes, ctx.chunk_bytes, instance_id)
-        todo = [i for i, r in enumerate(res) if r.status == "reserved"]
-        sh.l1.journal_reserved([(res[i].offset, res[i].size) for i in todo])  # before the worker has them
-        oom = sum(r.status == "oom" for r in res)
-        if oom:
-            sh.stats.add("l1_allocation_failure_chunks", "l1_store", key.model_name, n=oom)
-        if not todo:
-            sh.stats.add("stores_finished", ctx.device)
-            if oom:
+        st = start.batches[0]
+        sh.l1.journal_reserved(list(zip(st.offsets, st.sizes, strict=True)))  # before the worker has them
+        if not st.chunks:
+            if start.oom:
                 raise ProtocolError(
-                    "not_stored", f"none of {len(hashes)} chunk(s) stored: L1 is full of locked objects"
+                    "not_stored", f"none of {start.n} chunk(s) stored: L1 is full of locked objects"
                 )
             return PrepareStoreReply(context=StoreSlots(slots=[], chunk_indices=[]))
         reply = PrepareStoreReply(
-            context=StoreSlots(slots=[_slot(ctx, res[i].offset) for i in todo], chunk_indices=todo)
+            context=StoreSlots(slots=[_slot(ctx, off) for off in st.offsets], chunk_indices=st.chunks)
         )
-        offsets = [res[i].offset for i in todo]
-        ctx.push(ctx.stores, _prepare_key(key), PreparedStore(sc, [hashes[i] for i in todo], offsets, oom))
+        ctx.push(ctx.stores, _prepare_key(key), PreparedStore(start))
         return reply
 
     def commit_store(self, key: IPCCacheServerKey, instance_id: int, data: bytes) -> bool:
-        sh, l1, index = self.sh, self.sh.l1, self.sh.index
+        """Admits what the worker wrote into its prepared slots: into Rust to find its worker
+        and once to end the store (`store_finish`)."""
+        sh, l1, control = self.sh, self.sh.l1, self.sh.control
         ctx = engine_context(sh, key, instance_id)
         p: PreparedStore | None = ctx.pop(ctx.stores, _prepare_key(key))
         if data:
             if p is not None:
-                index.abort_write(p.scope, p.hashes, instance_id)
+                control.store_abort(p.start)
                 sh.stats.add("stores_finished", ctx.device)
             sh.stats.add("pickle_refused_requests", "commit_store")
             raise ProtocolError(
@@ -117,47 +119,45 @@ class EngineDriven:
                 "no prepare_store of this key is waiting for a commit (none was made, it was "
                 "committed already, or its reservation expired)",
             )
-        digests = [l1.seal(off, ctx.chunk_bytes) for off in p.offsets]
-        l1.journal_sealed(p.scope, p.hashes, [(o, ctx.chunk_bytes) for o in p.offsets], digests)
-        done = index.finish_write(p.scope, p.hashes, instance_id).statuses
-        admitted = [h for h, st in zip(p.hashes, done, strict=True) if st == "admitted"]
-        l1.journal_admitted(p.scope, admitted, ctx.chunk_bytes)
+        st = p.start.batches[0]
+        size = ctx.chunk_bytes
+        digests = [l1.seal(off, size) for off in st.offsets]
+        if l1.journal is not None:
+            l1.journal_sealed(st.scope, p.start.hashes(0), [(o, size) for o in st.offsets], digests)
+        done = control.store_finish(p.start)
+        admitted = done.admitted[0]
+        l1.journal_admitted(st.scope, admitted, size)
         if sh.l2 is not None:
-            sh.l2.enqueue(p.scope, admitted)
-        sh.stats.add("l1_write_chunks", key.cache_salt, n=len(admitted))
-        sh.stats.add("stores_finished", ctx.device)
-        expired = sum(st == "not_staged" for st in done)
-        dropped = sum(st == "dropped" for st in done)
-        if p.oom or expired or dropped:
+            sh.l2.enqueue(st.scope, admitted)
+        oom, expired, dropped = p.start.oom, done.expired, done.dropped
+        if oom or expired or dropped:
             raise ProtocolError(
                 "not_stored",
-                f"{p.oom + expired + dropped} chunk(s) of this range not stored: {p.oom} found L1 full "
+                f"{oom + expired + dropped} chunk(s) of this range not stored: {oom} found L1 full "
                 f"of locked objects, {expired} reservation(s) expired before the commit, {dropped} "
                 "dropped by a clear while being written",
             )
         return True
 
     def prepare_retrieve(self, key: IPCCacheServerKey, instance_id: int) -> PrepareRetrieveReply:
+        """Leases the range's chunks for the worker to copy out of: into Rust at the start
+        (`read_start`) and once to give the lookup's share back (`read_finish`); the commit
+        ends the lease."""
         sh = self.sh
-        ctx, hashes, c0 = start_read(sh, key, instance_id, engine_context)
-        sc = scope(key, key.worker_id or 0)
-        try:
-            _check_prepared(ctx)
-            sh.stats.add("retrieves_submitted", ctx.device)
-            try:
-                lease, offsets = lock_for_read(
-                    sh, key, sc, hashes, lambda: PrepareRetrieveReply(success=False)
-                )
-            except ProtocolError:
-                sh.stats.add("retrieves_finished", ctx.device)
-                raise
-            # The lease lasts until commit_retrieve: the worker copies out of these slots.
-            ctx.push(ctx.reads, _prepare_key(key), PreparedRetrieve(sc, hashes, lease))
-            return PrepareRetrieveReply(
-                success=True, context=RetrieveSlots(slots=[_slot(ctx, off) for off in offsets])
-            )
-        finally:
-            release_share(sh, key, c0, c0 + len(hashes))
+        ctx, _ = read_context(sh, key, instance_id, engine_context)
+        start = read_start(sh, key, instance_id, ctx, PLAIN_GROUPS, overloaded=_overloaded(ctx))
+        failure = read_failure(sh, key, start, lambda: PrepareRetrieveReply(success=False))
+        if failure is not None:
+            err, corrupt, missing = failure
+            sh.control.read_finish(start, "failed", corrupt=corrupt, missing=missing)
+            raise err
+        # The lease lasts until commit_retrieve: the worker copies out of these slots.
+        ctx.push(ctx.reads, _prepare_key(key), PreparedRetrieve(start))
+        sh.control.read_finish(start, "prepared")
+        offsets = start.reads[0].offsets if start.reads else []
+        return PrepareRetrieveReply(
+            success=True, context=RetrieveSlots(slots=[_slot(ctx, off) for off in offsets])
+        )
 
     def commit_retrieve(self, key: IPCCacheServerKey, instance_id: int) -> bool:
         """Unlocks what prepare_retrieve locked. False (not an error) when nothing is waiting:
@@ -167,10 +167,7 @@ class EngineDriven:
         p: PreparedRetrieve | None = ctx.pop(ctx.reads, _prepare_key(key))
         if p is None:
             return False
-        sh.index.release(p.lease)
-        sh.stats.add("l1_read_chunks", key.cache_salt, n=len(p.hashes))
-        sh.stats.add("num_chunks_loaded", str(key.worker_id), key.model_name, key.cache_salt, n=len(p.hashes))
-        sh.stats.add("retrieves_finished", ctx.device)
+        sh.control.read_finish(p.start, "done")
         return True
 
     def expire_prepared(self) -> tuple[int, int]:
@@ -183,7 +180,7 @@ class EngineDriven:
             if isinstance(ctx, EngineDrivenContext):
                 stores, reads = ctx.take_older(now - st.l1_write_ttl_seconds, now - st.l1_read_ttl_seconds)
                 for p in stores:
-                    self.sh.index.abort_write(p.scope, p.hashes, ctx.instance_id)
+                    self.sh.control.store_abort(p.start)
                 for r in reads:  # their leases expired in the core already: a no-op there
                     self.sh.index.release(r.lease)
                 n_stores += len(stores)

@@ -3,9 +3,12 @@
 `Shared` is the small typed context every service gets instead of a back reference to the
 engine: the config, L1 (store and index), the control plane (sessions, workers, the one stats
 registry; rust/control/), the registered worker contexts and the L2 tier once the runtime set
-it. The functions below are the request checks the services have in common: a key's scope and
-first chunk, the worker context a key may use, and the done event of a reply that copied
-nothing. They raise `ProtocolError` with the code of the error reply.
+it. The functions below are what the services have in common: a key's first chunk, the worker
+context a key may use, the done event of a reply that copied nothing, and the two calls into
+the core that start a data operation (`read_start`, `store_start`: rust/control/data.rs). A
+store or retrieve crosses into Rust where it starts and where it ends (`read_finish`,
+`store_finish`), with only torch copies in between. They raise `ProtocolError` with the code
+of the error reply.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 from lmcache_rs import ChainMemo, ControlError, ControlPlane, InvalidKeyError, KeyScope, L1Index, mp_kv_rank
 from lmcache_rs.config import ServerConfig
@@ -23,12 +26,16 @@ from lmcache_rs.protocol.messages import STUB_EVENT, IPCCacheServerKey
 from lmcache_rs.storage.l1 import L1Store
 from lmcache_rs.storage.l2.tier import L2Tier
 
+if TYPE_CHECKING:
+    from lmcache_rs._core import ReadStart, StoreStart
+
 log = logging.getLogger(__name__)
 
 Ctx = TypeVar("Ctx", KVContext, EngineDrivenContext)
 
-#: Picks and checks the worker context of a request (`worker_context` or `engine_context`).
-ContextOf = Callable[["Shared", IPCCacheServerKey, int], Ctx]
+#: Picks and checks the worker context of a request (`worker_context` or `engine_context`;
+#: called with `touch=False`).
+ContextOf = Callable[..., Ctx]
 
 
 class EngineStats:
@@ -91,27 +98,37 @@ def first_chunk(sh: Shared, key: IPCCacheServerKey) -> int:
     return key.start // sh.chunk_size
 
 
-def registered(sh: Shared, key: IPCCacheServerKey, instance_id: int) -> AnyContext:
-    ctx = sh.contexts.get(instance_id)
+def registered(sh: Shared, key: IPCCacheServerKey, instance_id: int, *, touch: bool = True) -> AnyContext:
+    """The worker's context. A request of the worker counts as hearing from it: at once with
+    `touch`, else through the data operation's start call (`ControlPlane.read_start`,
+    `store_start`), or here when the request fails before it."""
+    ctx = sh.contexts.get(instance_id) if touch else sh.contexts.find(instance_id)
     if ctx is None:
         raise ProtocolError(
             "unknown_instance", f"instance {instance_id} is not registered (register its KV cache first)"
         )
-    if key.worker_id is None or not 0 <= key.worker_id < key.world_size:
-        raise ProtocolError("bad_request", f"worker_id {key.worker_id} not in [0, {key.world_size})")
-    if (key.model_name, key.world_size) != ctx.layout_key:
-        raise ProtocolError(
-            "bad_request",
-            f"key is for {key.model_name!r} world {key.world_size}, instance {instance_id} registered "
-            f"{ctx.model_name!r} world {ctx.world_size}",
-        )
+    try:
+        if key.worker_id is None or not 0 <= key.worker_id < key.world_size:
+            raise ProtocolError("bad_request", f"worker_id {key.worker_id} not in [0, {key.world_size})")
+        if (key.model_name, key.world_size) != ctx.layout_key:
+            raise ProtocolError(
+                "bad_request",
+                f"key is for {key.model_name!r} world {key.world_size}, instance {instance_id} "
+                f"registered {ctx.model_name!r} world {ctx.world_size}",
+            )
+    except ProtocolError:
+        if not touch:
+            sh.contexts.touch(instance_id, pinged=False)
+        raise
     return ctx
 
 
-def worker_context(sh: Shared, key: IPCCacheServerKey, instance_id: int) -> KVContext:
+def worker_context(sh: Shared, key: IPCCacheServerKey, instance_id: int, *, touch: bool = True) -> KVContext:
     """The context of an lmcache-driven worker (store/retrieve)."""
-    ctx = registered(sh, key, instance_id)
+    ctx = registered(sh, key, instance_id, touch=touch)
     if not isinstance(ctx, KVContext):
+        if not touch:
+            sh.contexts.touch(instance_id, pinged=False)
         raise ProtocolError(
             "wrong_transfer_mode",
             f"instance {instance_id} registered engine-driven: it uses prepare/commit, not store/retrieve",
@@ -119,10 +136,14 @@ def worker_context(sh: Shared, key: IPCCacheServerKey, instance_id: int) -> KVCo
     return ctx
 
 
-def engine_context(sh: Shared, key: IPCCacheServerKey, instance_id: int) -> EngineDrivenContext:
+def engine_context(
+    sh: Shared, key: IPCCacheServerKey, instance_id: int, *, touch: bool = True
+) -> EngineDrivenContext:
     """The context of an engine-driven worker (prepare/commit)."""
-    ctx = registered(sh, key, instance_id)
+    ctx = registered(sh, key, instance_id, touch=touch)
     if not isinstance(ctx, EngineDrivenContext):
+        if not touch:
+            sh.contexts.touch(instance_id, pinged=False)
         raise ProtocolError(
             "wrong_transfer_mode",
             f"instance {instance_id} registered its KV cache (lmcache-driven): it uses store/retrieve",
@@ -136,20 +157,11 @@ def done_event(ctx: KVContext, wait: bytes) -> bytes:
     return ctx.mover.idle(wait) if ctx.mover is not None else STUB_EVENT
 
 
-def prefix(sh: Shared, key: IPCCacheServerKey, record_scopes: bool = False) -> list[bytes]:
-    """Hashes of the request's complete chunks up to `key.end`, from its session's cached
-    chain; `record_scopes` keeps the request's scopes for end_session's LRU touch."""
-    try:
-        return sh.control.prefix_hashes(key, record_scopes)
-    except ControlError as e:
-        raise ProtocolError(*e.args) from None
-
-
-def write_range(sh: Shared, key: IPCCacheServerKey) -> list[bytes]:
-    """The hashes of the chunks a store covers (`[start, end)`); records the request's
-    scopes (every rank) for end_session's LRU touch."""
-    c0 = first_chunk(sh, key)
-    return prefix(sh, key, record_scopes=True)[c0:]
+def range_chunks(sh: Shared, key: IPCCacheServerKey) -> int:
+    """Complete chunks of the key's range (0 for a range `first_chunk` refuses)."""
+    if key.start < 0 or key.end < key.start or key.start % sh.chunk_size:
+        return 0
+    return (key.end - key.start) // sh.chunk_size
 
 
 def release_share(sh: Shared, key: IPCCacheServerKey, c0: int, c1: int) -> None:
@@ -158,51 +170,82 @@ def release_share(sh: Shared, key: IPCCacheServerKey, c0: int, c1: int) -> None:
         sh.control.release_share(key.request_id, key.worker_id, c0, c1)
 
 
-def start_read(
+def read_context(
     sh: Shared, key: IPCCacheServerKey, instance_id: int, context: ContextOf[Ctx]
-) -> tuple[Ctx, list[bytes], int]:
-    """The common start of retrieve and prepare_retrieve: the worker's context, the hashes
-    of the key's range, and its first chunk. When the worker cannot be served, its share of
-    the lookup's locks on the range is released before the error."""
+) -> tuple[Ctx, int]:
+    """The common start of retrieve and prepare_retrieve before the core's: the worker's
+    context and the range's first chunk. When the worker cannot be served, its share of the
+    lookup's locks on the range is released before the error."""
     c0 = first_chunk(sh, key)
     try:
-        ctx = context(sh, key, instance_id)
+        ctx = context(sh, key, instance_id, touch=False)
     except ProtocolError:
         release_share(sh, key, c0, key.end // sh.chunk_size)
         raise
-    hashes = prefix(sh, key)[c0:]
-    want = (key.end - key.start) // sh.chunk_size  # complete chunks of the range
-    if len(hashes) < want:  # LMCache's client would report the missing chunks loaded (J.7)
-        release_share(sh, key, c0, c0 + len(hashes))
-        raise ProtocolError(
-            "not_found",
-            f"[{key.start}, {key.end}) holds {want} complete chunk(s); the request's tokens "
-            f"give {len(hashes)}",
-        )
-    return ctx, hashes, c0
+    return ctx, c0
 
 
-def lock_for_read(
-    sh: Shared, key: IPCCacheServerKey, scope: KeyScope, hashes: list[bytes], fallback: Callable[[], Any]
-) -> tuple[int, list[int]]:
-    """Takes a read lease on every chunk for one copy out (the lookup's leases may expire;
-    nothing frees a leased range, not even a forced clear) and returns the lease and the
-    chunks' L1 offsets. If any chunk is missing or fails checksum verification, ends the
-    lease and raises not_found / corrupt (`fallback()` gives the failure payload)."""
-    n = len(hashes)
-    grant = sh.index.lease_read(scope, hashes, 1)
-    hit = grant.hit
-    bad = sum(not sh.l1.intact(o, z) for o, z in zip(grant.offsets, grant.sizes, strict=True))
-    if hit == n and not bad:
-        return grant.lease, grant.offsets
-    sh.index.release(grant.lease)
-    if bad:
-        sh.stats.add("l1_checksum_mismatch_chunks", key.model_name, n=bad)
-        log.error("retrieve %s: %d chunk(s) failed L1 checksum verification", key.request_id, bad)
-        raise ProtocolError(
-            "corrupt",
-            f"{bad} of {n} chunk(s) failed checksum verification; nothing was copied",
-            fallback=fallback(),
-        )
-    sh.stats.add("l1_read_failure_chunks", "retrieve", "not_found", key.model_name, n=n - hit)
-    raise ProtocolError("not_found", f"{n - hit} of {n} chunk(s) are no longer in L1", fallback=fallback())
+#: The read plan of an engine-driven worker: one full-attention object group.
+PLAIN_GROUPS: Final[list[tuple[int, int | None, int]]] = [(0, None, 0)]
+
+
+def read_start(
+    sh: Shared,
+    key: IPCCacheServerKey,
+    instance_id: int,
+    ctx: AnyContext,
+    groups: list[tuple[int, int | None, int]],
+    *,
+    overloaded: str | None = None,
+    lease: bool = True,
+) -> ReadStart:
+    """`ControlPlane.read_start`: the one call into the core where a retrieve starts (the
+    range's hashes, not_found when its tokens fall short, the plan's read leases)."""
+    try:
+        return sh.control.read_start(key, instance_id, ctx.device, groups, overloaded=overloaded, lease=lease)
+    except ControlError as e:
+        raise ProtocolError(*e.args) from None
+
+
+def read_failure(
+    sh: Shared, key: IPCCacheServerKey, start: ReadStart, fallback: Callable[[], Any]
+) -> tuple[ProtocolError, int, int] | None:
+    """Why a started retrieve cannot copy, if it cannot: a read whose chunks fail checksum
+    verification (with --verify-checksums) or the read that fell short, in plan order; with
+    the chunks that failed verification and that are missing, for `read_finish`."""
+    verify = sh.l1.digests is not None
+    for r in start.reads:
+        bad = sum(not sh.l1.intact(o, z) for o, z in zip(r.offsets, r.sizes, strict=True)) if verify else 0
+        if bad:
+            log.error("retrieve %s: %d chunk(s) failed L1 checksum verification", key.request_id, bad)
+            err = ProtocolError(
+                "corrupt",
+                f"{bad} of {r.count} chunk(s) failed checksum verification; nothing was copied",
+                fallback=fallback(),
+            )
+            return err, bad, 0
+        if r.hit < r.count:
+            missing = r.count - r.hit
+            err = ProtocolError(
+                "not_found", f"{missing} of {r.count} chunk(s) are no longer in L1", fallback=fallback()
+            )
+            return err, 0, missing
+    return None
+
+
+def store_start(
+    sh: Shared,
+    key: IPCCacheServerKey,
+    instance_id: int,
+    ctx: AnyContext,
+    mode: Literal["lmcache", "engine"],
+    plan: list[tuple[int, list[int], int]] | None,
+    *,
+    overloaded: str | None = None,
+) -> StoreStart:
+    """`ControlPlane.store_start`: the one call into the core where a store starts (the
+    range's hashes, the reservations of `plan`)."""
+    try:
+        return sh.control.store_start(key, instance_id, ctx.device, mode, plan, overloaded=overloaded)
+    except ControlError as e:
+        raise ProtocolError(*e.args) from None
