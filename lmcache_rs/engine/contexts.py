@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -9,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lmcache_rs import ControlPlane, KeyScope
+from lmcache_rs import ControlPlane
 from lmcache_rs.engine.groups import FULL_ATTENTION, ObjectGroup, ObjectLayout, object_groups
 from lmcache_rs.protocol.messages import (
     CpuShmHandle,
@@ -23,6 +24,7 @@ from lmcache_rs.transfer.cpu_shm import HandleError, MappedTensor, parse_dtype
 from lmcache_rs.transfer.gather import GroupLayout
 
 if TYPE_CHECKING:
+    from lmcache_rs._core import ReadStart, StoreStart
     from lmcache_rs.transfer.cuda import CudaMover
 
 
@@ -71,6 +73,11 @@ class KVContext:
     def object_layout(self) -> ObjectLayout:
         return self.objects
 
+    @functools.cached_property
+    def read_groups(self) -> list[tuple[int, int | None, int]]:
+        """What `ControlPlane.read_start` plans a retrieve from (`control_layout`)."""
+        return control_layout(self.objects)
+
     @property
     def layout_signature(self) -> Signature:
         """What every worker of one (model, world) must agree on: windows and object sizes."""
@@ -104,25 +111,24 @@ class KVContext:
 
 @dataclass
 class PreparedStore:
-    """A prepare_store waiting for its commit: chunks staged for this worker to write."""
+    """A prepare_store waiting for its commit: its started store (`ControlPlane.store_start`),
+    the chunks staged for this worker to write (one batch, object group 0)."""
 
-    scope: KeyScope
-    hashes: list[bytes]
-    offsets: list[int]
-    #: Chunks of the range that got no slot because L1 is full of locked objects.
-    oom: int
+    start: StoreStart
     at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
 class PreparedRetrieve:
-    """A prepare_retrieve waiting for its commit: the read lease on the chunks the worker
-    copies out of."""
+    """A prepare_retrieve waiting for its commit: its started retrieve
+    (`ControlPlane.read_start`), whose read lease holds the chunks the worker copies out of."""
 
-    scope: KeyScope
-    hashes: list[bytes]
-    lease: int
+    start: ReadStart
     at: float = field(default_factory=time.monotonic)
+
+    @property
+    def lease(self) -> int:
+        return self.start.lease
 
 
 #: (request_id, worker_id, start, end, cache_salt): what pairs a commit with its prepare.
@@ -495,6 +501,12 @@ class ContextRegistry:
                 else:
                     self._layouts[ctx.layout_key] = (objects, sig, refs - 1)
             return ctx
+
+    def find(self, instance_id: int) -> AnyContext | None:
+        """The context, without counting it as hearing from the worker (the data operations'
+        start calls into the control plane do that)."""
+        with self._lock:
+            return self._contexts.get(instance_id)
 
     def get(self, instance_id: int) -> AnyContext | None:
         """The context; a request of the worker counts as hearing from it."""

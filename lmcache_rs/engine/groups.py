@@ -27,8 +27,10 @@ the null block's bytes and a later lookup would serve them (spec C.6: wrong KV).
 * **Retrieve** reads, per group, only the chunks the window of the retrieved prefix covers and
   of the first of them only the tail rows, so it writes only in-window blocks (`read_plan`).
 
-The functions here are pure (no index, no I/O); engine.py calls them around its index calls,
-and `contexts.control_layout` hands the lookup what it needs of a layout.
+The functions here are pure (no index, no I/O); the data services (lmcache_driven.py) plan
+stores with them before their one call into the core, and `contexts.control_layout` hands the
+lookup and `ControlPlane.read_start` what they need of a layout: the read plan runs in
+rust/control/data.rs (`read_plan`, the same rules as `read_plan` here).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@
 //! are tested here without ZMQ.
 
 pub mod codec;
+pub mod data;
 pub mod groups;
 pub mod server;
 pub mod sessions;

@@ -14,7 +14,7 @@ use super::{hashes_of, ChainMemo, L1Index, ManualClock};
 use crate::clock::{Clock, MonotonicClock};
 use crate::control::server::{self, Fault, Native, OpRow, Route, ServerConfig};
 use crate::control::workers::{GroupSpec, Layout};
-use crate::control::{self, ControlConfig, KeyView, OpError};
+use crate::control::{self, data, ControlConfig, KeyView, OpError};
 use crate::hash;
 use crate::key::{self, ChunkHash};
 
@@ -336,6 +336,284 @@ impl ControlPlane {
     fn reset_counters(&self, py: Python<'_>) {
         py.detach(|| self.0.counters.reset());
     }
+
+    // ---- data operations: one call where they start, one where they end -------------------
+
+    /// The start of `retrieve` / `prepare_retrieve` (rust/control/data.rs): liveness of
+    /// `instance`, the range's hashes (ControlError `not_found` when its tokens fall short),
+    /// `overloaded` refuses it then, else `retrieves_submitted` and, with `lease`, a read lease
+    /// per read of the plan of `groups` (`(id, tail id, window span)` each, `set_layout`'s).
+    #[pyo3(signature = (key, instance, device, groups, *, overloaded = None, lease = true))]
+    #[allow(clippy::too_many_arguments)]
+    fn read_start(
+        &self,
+        py: Python<'_>,
+        key: &Bound<'_, PyAny>,
+        instance: u64,
+        device: &str,
+        groups: Vec<(u32, Option<u32>, usize)>,
+        overloaded: Option<String>,
+        lease: bool,
+    ) -> PyResult<ReadStart> {
+        let k = OwnedKey::read(key, self.0.config.chunk_size)?;
+        let groups = groups_of(groups);
+        let refuse = self::overloaded(overloaded);
+        let s = py
+            .detach(|| k.view(|v| self.0.read_start(v, instance, device, &groups, refuse, lease)))
+            .map_err(op_err)?;
+        let reads = PyList::empty(py);
+        for r in &s.reads {
+            reads.append(LeasedRead {
+                group: r.read.group,
+                first: r.read.first,
+                count: r.read.count,
+                first_of_window: r.read.first_of_window,
+                tail: r.tail,
+                lease: r.lease,
+                hit: r.hit,
+                offsets: r.offsets.clone(),
+                sizes: r.sizes.clone(),
+            })?;
+        }
+        Ok(ReadStart { c0: s.c0, n: s.n, reads: reads.unbind(), inner: parking_lot::Mutex::new(s) })
+    }
+
+    /// The end of a retrieve: `"done"` (copied: leases and the lookup share given back, the
+    /// read counted), `"prepared"` (prepare_retrieve: only the share; the commit ends it
+    /// `"done"`), or `"failed"` (`corrupt` chunks failed verification, else `missing` were not
+    /// in L1). Nothing is given back twice.
+    #[pyo3(signature = (start, end, *, corrupt = 0, missing = 0))]
+    fn read_finish(
+        &self,
+        py: Python<'_>,
+        start: &ReadStart,
+        end: &str,
+        corrupt: usize,
+        missing: usize,
+    ) -> PyResult<()> {
+        let end = match end {
+            "done" => data::ReadEnd::Done,
+            "prepared" => data::ReadEnd::Prepared,
+            "failed" => data::ReadEnd::Failed { corrupt, missing },
+            _ => return Err(PyValueError::new_err(format!("unknown end {end:?}"))),
+        };
+        let inner = &start.inner;
+        py.detach(|| self.0.read_finish(&mut inner.lock(), end));
+        Ok(())
+    }
+
+    /// The start of `store` (`mode="lmcache"`) / `prepare_store` (`"engine"`): liveness, the
+    /// range's hashes (the request's scopes recorded), the counters of `mode`, `overloaded`
+    /// refuses a non-empty range, and the chunks of `plan` (`(object group, chunks relative
+    /// to the range, object bytes)` per batch, planned for the whole range) reserved for
+    /// `instance`. Without `plan`, `store_reserve` reserves once the caller planned.
+    #[pyo3(signature = (key, instance, device, mode, plan, *, overloaded = None))]
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn store_start(
+        &self,
+        py: Python<'_>,
+        key: &Bound<'_, PyAny>,
+        instance: u64,
+        device: &str,
+        mode: &str,
+        plan: Option<Vec<(u32, Vec<usize>, u64)>>,
+        overloaded: Option<String>,
+    ) -> PyResult<StoreStart> {
+        let k = OwnedKey::read(key, self.0.config.chunk_size)?;
+        let mode = store_mode(mode)?;
+        let plan = plan.map(plan_of);
+        let refuse = self::overloaded(overloaded);
+        let s = py
+            .detach(|| k.view(|v| self.0.store_start(v, instance, device, mode, plan.as_deref(), refuse)))
+            .map_err(op_err)?;
+        Ok(StoreStart::new(s))
+    }
+
+    /// Reserves the chunks of `plan` for a store started without one.
+    #[allow(clippy::type_complexity)]
+    fn store_reserve(
+        &self,
+        py: Python<'_>,
+        key: &Bound<'_, PyAny>,
+        start: &StoreStart,
+        plan: Vec<(u32, Vec<usize>, u64)>,
+    ) -> PyResult<()> {
+        let k = OwnedKey::read(key, self.0.config.chunk_size)?;
+        let plan = plan_of(plan);
+        let inner = &start.inner;
+        py.detach(|| k.view(|v| self.0.store_reserve(v, &mut inner.lock(), &plan))).map_err(op_err)
+    }
+
+    /// Drops a started store's reservations.
+    fn store_abort(&self, py: Python<'_>, start: &StoreStart) {
+        let inner = &start.inner;
+        py.detach(|| self.0.store_abort(&mut inner.lock()));
+    }
+
+    /// Admits a started store's written objects and counts it.
+    fn store_finish(&self, py: Python<'_>, start: &StoreStart) -> PyResult<StoreDone> {
+        let inner = &start.inner;
+        let done = py.detach(|| self.0.store_finish(&mut inner.lock()));
+        let admitted = done
+            .admitted
+            .iter()
+            .map(|hs| hs.iter().map(|h| PyBytes::new(py, h.as_bytes()).unbind()).collect())
+            .collect();
+        Ok(StoreDone {
+            admitted,
+            admitted_count: done.admitted_count(),
+            expired: done.expired,
+            dropped: done.dropped,
+        })
+    }
+}
+
+// ---- the data operations' start and end (crate::control::data) ----------------------------
+
+fn groups_of(groups: Vec<(u32, Option<u32>, usize)>) -> Vec<GroupSpec> {
+    groups.into_iter().map(|(id, tail_id, span)| GroupSpec { id, tail_id, span }).collect()
+}
+
+/// A data operation refused for load (`overloaded`) once its range is known to be non-empty.
+fn overloaded(message: Option<String>) -> Option<OpError> {
+    message.map(|m| OpError::new("overloaded", m))
+}
+
+fn plan_of(plan: Vec<(u32, Vec<usize>, u64)>) -> Vec<data::PlannedWrite> {
+    plan.into_iter()
+        .map(|(object_group, chunks, nbytes)| data::PlannedWrite { object_group, chunks, nbytes })
+        .collect()
+}
+
+fn store_mode(mode: &str) -> PyResult<data::StoreMode> {
+    match mode {
+        "lmcache" => Ok(data::StoreMode::Lmcache),
+        "engine" => Ok(data::StoreMode::Engine),
+        _ => Err(PyValueError::new_err(format!("unknown store mode {mode:?}"))),
+    }
+}
+
+/// One leased read of a retrieve's plan: chunks `[first, first + count)` of object group
+/// `group` (its tail objects when `tail`), `hit` of them leased at `offsets`.
+#[pyclass(frozen, get_all, module = "lmcache_rs._core")]
+struct LeasedRead {
+    group: u32,
+    first: usize,
+    count: usize,
+    first_of_window: bool,
+    tail: bool,
+    lease: u64,
+    hit: usize,
+    offsets: Vec<u64>,
+    sizes: Vec<u64>,
+}
+
+/// A retrieve between `ControlPlane.read_start` and `read_finish`: the range's first chunk
+/// `c0`, its `n` chunks and the plan's leased reads (only the last may be short).
+#[pyclass(frozen, module = "lmcache_rs._core")]
+struct ReadStart {
+    inner: parking_lot::Mutex<data::ReadStart>,
+    #[pyo3(get)]
+    c0: usize,
+    #[pyo3(get)]
+    n: usize,
+    #[pyo3(get)]
+    reads: Py<PyList>,
+}
+
+#[pymethods]
+impl ReadStart {
+    /// The lease of the first read (engine-driven reads have one).
+    #[getter]
+    fn lease(&self) -> u64 {
+        self.inner.lock().reads.first().map_or(0, |r| r.lease)
+    }
+    fn __repr__(&self) -> String {
+        format!("ReadStart(c0={}, n={}, reads={})", self.c0, self.n, self.inner.lock().reads.len())
+    }
+}
+
+/// One batch of a started store: the chunks (relative to the range's first) reserved as
+/// objects of `nbytes` of `object_group`, at `offsets`.
+#[pyclass(frozen, get_all, module = "lmcache_rs._core")]
+struct StagedBatch {
+    scope: Py<super::KeyScope>,
+    object_group: u32,
+    nbytes: u64,
+    chunks: Vec<usize>,
+    offsets: Vec<u64>,
+    sizes: Vec<u64>,
+}
+
+/// A store between `ControlPlane.store_start` and `store_finish` / `store_abort`.
+#[pyclass(frozen, module = "lmcache_rs._core")]
+struct StoreStart {
+    inner: parking_lot::Mutex<data::StoreStart>,
+}
+
+impl StoreStart {
+    fn new(s: data::StoreStart) -> Self {
+        Self { inner: parking_lot::Mutex::new(s) }
+    }
+}
+
+#[pymethods]
+impl StoreStart {
+    /// Complete chunks of the range.
+    #[getter]
+    fn n(&self) -> usize {
+        self.inner.lock().n()
+    }
+    /// Chunk objects the plan asked for within the range.
+    #[getter]
+    fn want(&self) -> usize {
+        self.inner.lock().want
+    }
+    /// Chunk objects that found L1 full of locked objects.
+    #[getter]
+    fn oom(&self) -> usize {
+        self.inner.lock().oom
+    }
+    #[getter]
+    fn reserved(&self) -> usize {
+        self.inner.lock().reserved()
+    }
+    /// One per batch of the plan, in plan order (a new list each read: read it once).
+    #[getter]
+    fn batches<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let staged = self.inner.lock().batches.clone();
+        let list = PyList::empty(py);
+        for b in staged {
+            list.append(StagedBatch {
+                scope: Py::new(py, super::KeyScope(b.scope))?,
+                object_group: b.object_group,
+                nbytes: b.nbytes,
+                chunks: b.chunks,
+                offsets: b.offsets,
+                sizes: b.sizes,
+            })?;
+        }
+        Ok(list)
+    }
+    /// The reserved hashes of batch `i`.
+    fn hashes<'py>(&self, py: Python<'py>, i: usize) -> PyResult<Bound<'py, PyList>> {
+        let hs = self.inner.lock().batches.get(i).map(|b| b.hashes.clone()).unwrap_or_default();
+        hashes_of(py, &hs)
+    }
+    fn __repr__(&self) -> String {
+        let s = self.inner.lock();
+        format!("StoreStart(n={}, want={}, reserved={}, oom={})", s.n(), s.want, s.reserved(), s.oom)
+    }
+}
+
+/// What a store's end did: per batch the hashes admitted, and the reservations that expired
+/// before it or were dropped by a clear while written.
+#[pyclass(frozen, get_all, module = "lmcache_rs._core")]
+struct StoreDone {
+    admitted: Vec<Vec<Py<PyBytes>>>,
+    admitted_count: usize,
+    expired: usize,
+    dropped: usize,
 }
 
 /// A data request handed to a Python worker.
@@ -586,5 +864,10 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<IoStatus>()?;
     m.add_class::<RequestTiming>()?;
     m.add_class::<LogLine>()?;
+    m.add_class::<LeasedRead>()?;
+    m.add_class::<ReadStart>()?;
+    m.add_class::<StagedBatch>()?;
+    m.add_class::<StoreStart>()?;
+    m.add_class::<StoreDone>()?;
     Ok(())
 }
