@@ -14,6 +14,12 @@ from typing import Any
 
 from lmcache_rs.client.client import wait_for_server
 
+# The servers benchmarks start are throwaway: no warm-restart state. With the default state dir
+# a stopped server keeps its L1 pool in /dev/shm for the next start (docs/operations.md), and
+# benchmark servers use a new port each time, so every run would leave its pools behind.
+# bench_restart.py passes --state-dir itself.
+os.environ.setdefault("LMCACHE_RS_STATE_DIR", "")
+
 
 def free_port() -> int:
     with socket.socket() as s:
