@@ -123,32 +123,29 @@ def registered(sh: Shared, key: IPCCacheServerKey, instance_id: int, *, touch: b
     return ctx
 
 
-def worker_context(sh: Shared, key: IPCCacheServerKey, instance_id: int, *, touch: bool = True) -> KVContext:
-    """The context of an lmcache-driven worker (store/retrieve)."""
+def _typed_context(
+    sh: Shared, key: IPCCacheServerKey, instance_id: int, kind: type[Ctx], uses: str, touch: bool
+) -> Ctx:
     ctx = registered(sh, key, instance_id, touch=touch)
-    if not isinstance(ctx, KVContext):
+    if not isinstance(ctx, kind):
         if not touch:
             sh.contexts.touch(instance_id, pinged=False)
-        raise ProtocolError(
-            "wrong_transfer_mode",
-            f"instance {instance_id} registered engine-driven: it uses prepare/commit, not store/retrieve",
-        )
+        raise ProtocolError("wrong_transfer_mode", f"instance {instance_id} registered {uses}")
     return ctx
+
+
+def worker_context(sh: Shared, key: IPCCacheServerKey, instance_id: int, *, touch: bool = True) -> KVContext:
+    """The context of an lmcache-driven worker (store/retrieve)."""
+    uses = "engine-driven: it uses prepare/commit, not store/retrieve"
+    return _typed_context(sh, key, instance_id, KVContext, uses, touch)
 
 
 def engine_context(
     sh: Shared, key: IPCCacheServerKey, instance_id: int, *, touch: bool = True
 ) -> EngineDrivenContext:
     """The context of an engine-driven worker (prepare/commit)."""
-    ctx = registered(sh, key, instance_id, touch=touch)
-    if not isinstance(ctx, EngineDrivenContext):
-        if not touch:
-            sh.contexts.touch(instance_id, pinged=False)
-        raise ProtocolError(
-            "wrong_transfer_mode",
-            f"instance {instance_id} registered its KV cache (lmcache-driven): it uses store/retrieve",
-        )
-    return ctx
+    uses = "its KV cache (lmcache-driven): it uses store/retrieve"
+    return _typed_context(sh, key, instance_id, EngineDrivenContext, uses, touch)
 
 
 def done_event(ctx: KVContext, wait: bytes) -> bytes:
