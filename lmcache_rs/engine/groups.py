@@ -25,12 +25,12 @@ the null block's bytes and a later lookup would serve them (spec C.6: wrong KV).
   chunk of the prefix, a window only its last chunks; it runs natively on the request I/O
   thread (rust/control/groups.rs), which leases exactly the chunks (and kinds) each row needs.
 * **Retrieve** reads, per group, only the chunks the window of the retrieved prefix covers and
-  of the first of them only the tail rows, so it writes only in-window blocks (`read_plan`).
+  of the first of them only the tail rows (`first_rows`), so it writes only in-window blocks;
+  the plan is made in Rust by `ControlPlane.read_start` (rust/control/data.rs `read_plan`).
 
 The functions here are pure (no index, no I/O); the data services (lmcache_driven.py) plan
 stores with them before their one call into the core, and `contexts.control_layout` hands the
-lookup and `ControlPlane.read_start` what they need of a layout: the read plan runs in
-rust/control/data.rs (`read_plan`, the same rules as `read_plan` here).
+lookup and `ControlPlane.read_start` what they need of a layout.
 """
 
 from __future__ import annotations
@@ -222,34 +222,3 @@ def store_plan(
     if og.tail_rows is not None and og.tail_id is not None:
         out.append(StoreBatch(og, og.tail_id, og.tail_rows, (tail & ~whole).nonzero().flatten().tolist()))
     return [b for b in out if b.chunks]
-
-
-# ---- retrieve ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Read:
-    """Chunks a retrieve reads from one group and the blocks of each it writes."""
-
-    group: ObjectGroup
-    chunks: list[int]
-    #: Blocks per kernel group written of each chunk (its last ones).
-    rows: tuple[int, ...]
-    #: The window's first chunk of a group with tail objects: whole or tail object serve it.
-    first_of_window: bool = False
-
-
-def read_plan(og: ObjectGroup, c0: int, c1: int) -> list[Read]:
-    """What a retrieve of chunks [c0, c1) (a prefix of c1 chunks) reads from `og`: every chunk
-    for full attention; for a window, only the chunks it covers, of the first only the tail."""
-    if not og.windowed:
-        return [Read(og, list(range(c0, c1)), og.whole_rows)] if c1 > c0 else []
-    first = c1 - og.span
-    lo = max(c0, first, 0)
-    out = []
-    if lo == first and og.tail_rows is not None:
-        out.append(Read(og, [first], og.tail_rows, first_of_window=True))
-        lo += 1
-    if lo < c1:
-        out.append(Read(og, list(range(lo, c1)), og.whole_rows))
-    return out

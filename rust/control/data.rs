@@ -30,7 +30,7 @@ pub struct PlannedRead {
 
 /// What a retrieve of chunks `[c0, c1)` (a prefix of `c1` chunks) reads from each group:
 /// every chunk for full attention; for a window, only the chunks it covers, and of the first
-/// of them only the tail (the port of `engine/groups.py::read_plan`).
+/// of them only the tail (what the retrieve writes of each: `engine/groups.py` `first_rows`).
 pub fn read_plan(groups: &[GroupSpec], c0: usize, c1: usize) -> Vec<PlannedRead> {
     let mut out = Vec::new();
     for g in groups {

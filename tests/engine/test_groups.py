@@ -1,17 +1,18 @@
-"""engine/groups.py: object groups of hybrid (sliding-window) layouts, store selection and the
-retrieve plan, as pure functions (the lookup fold is tested in rust/control/groups.rs)."""
+"""engine/groups.py: object groups of hybrid (sliding-window) layouts and store selection, as pure
+functions (the lookup fold is tested in rust/control/groups.rs, the retrieve plan in
+rust/control/data/tests.rs)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from lmcache_rs.engine.contexts import control_layout
 from lmcache_rs.engine.groups import (
     FULL_ATTENTION,
     TAIL_ID_FLAG,
     chunk_blocks,
     object_groups,
-    read_plan,
     store_plan,
 )
 from lmcache_rs.transfer.gather import GroupLayout
@@ -118,18 +119,22 @@ def test_chunk_blocks_are_the_chunks_last_rows() -> None:
 
 
 @pytest.mark.parametrize(
-    ("window", "c0", "c1", "want"),
+    ("window", "span", "tail", "whole_rows", "first_rows"),
     [
-        (-1, 2, 5, [([2, 3, 4], BPC, False)]),
-        (512, 0, 8, [([6, 7], BPC, False)]),
-        (512, 7, 8, [([7], BPC, False)]),  # the engine holds chunk 6 itself
-        (512, 0, 1, [([0], BPC, False)]),
-        (384, 0, 8, [([6], 8, True), ([7], BPC, False)]),
-        (128, 0, 8, [([7], 8, False)]),
-        (1000, 0, 3, [([0, 1, 2], BPC, False)]),  # prefix shorter than the window: all whole
+        (-1, 0, False, BPC, BPC),
+        (512, 2, False, BPC, BPC),  # a window of whole chunks: no tail objects
+        (384, 2, True, BPC, 8),  # its first chunk: only the last 8 blocks, from a tail object
+        (128, 1, False, 8, 8),  # shorter than a chunk: every chunk's last 8 blocks
+        (1000, 4, True, BPC, 15),
     ],
 )
-def test_read_plan_reads_only_the_window(window: int, c0: int, c1: int, want: list) -> None:
+def test_a_retrieve_is_planned_from_the_span_the_tail_and_the_rows(
+    window: int, span: int, tail: bool, whole_rows: int, first_rows: int
+) -> None:
+    """What `ControlPlane.read_start` plans a window's reads from (`control_layout`: id, tail
+    id, span; rust/control/data/tests.rs checks the plan for these spans), and the blocks the
+    retrieve writes of a whole chunk and of the window's first."""
     og = layout([-1, window])[-1]
-    got = [(r.chunks, r.rows[0], r.first_of_window) for r in read_plan(og, c0, c1)]
-    assert got == want
+    assert control_layout([og]) == [(og.id, og.tail_id, span)]
+    assert (og.tail_id is not None) == tail
+    assert (og.whole_rows[0], og.first_rows[0]) == (whole_rows, first_rows)

@@ -75,6 +75,16 @@ fn read_plan_reads_every_chunk_for_full_attention_and_the_window_for_a_sliding_o
     assert_eq!(read_plan(&[g(1, None, 2)], 0, 5), vec![r(1, 3, 2, false)]);
     // A prefix shorter than the window.
     assert_eq!(read_plan(&w, 0, 1), vec![r(1, 0, 1, false)]);
+    // The layouts tests/engine/test_groups.py builds for windows of 512, 384, 128 and 1000
+    // tokens at 256 a chunk (spans 2, 2 with tails, 1, 4 with tails), prefix of 8 chunks.
+    assert_eq!(read_plan(&full(), 2, 5), vec![r(0, 2, 3, false)]);
+    let (w512, w384, w128, w1000) = ([g(1, None, 2)], w, [g(1, None, 1)], [g(1, Some(1 | 1 << 16), 4)]);
+    assert_eq!(read_plan(&w512, 0, 8), vec![r(1, 6, 2, false)]);
+    assert_eq!(read_plan(&w512, 7, 8), vec![r(1, 7, 1, false)]); // the engine holds chunk 6
+    assert_eq!(read_plan(&w512, 0, 1), vec![r(1, 0, 1, false)]);
+    assert_eq!(read_plan(&w384, 0, 8), vec![r(1, 6, 1, true), r(1, 7, 1, false)]);
+    assert_eq!(read_plan(&w128, 0, 8), vec![r(1, 7, 1, false)]);
+    assert_eq!(read_plan(&w1000, 0, 3), vec![r(1, 0, 3, false)]);
 }
 
 #[test]
