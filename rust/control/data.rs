@@ -11,7 +11,7 @@
 //! prepare started. Each start/finish pair owns its leases and reservations: finishing twice
 //! gives nothing back twice.
 
-use crate::index::{Finish, LeaseId, ReadGrant, Reserve};
+use crate::index::{Finish, LeaseId, Reserve};
 use crate::key::{ChunkHash, KeyScope};
 
 use super::workers::GroupSpec;
@@ -263,33 +263,24 @@ impl ControlPlane {
         let rank = k.worker_id.unwrap_or(0);
         for read in read_plan(groups, c0, c0 + s.n) {
             let hs = &hashes[read.first - c0..read.first - c0 + read.count];
-            let scoped = |g: u32| self.scope(k.model_name, k.world_size, rank, g, k.cache_salt);
-            let mut scope = match scoped(read.group) {
-                Ok(sc) => sc,
+            // The group's scope, or its tail objects' when the window's first chunk has no
+            // whole object resident.
+            let pick = || -> OpResult<(KeyScope, bool)> {
+                let scoped = |g: u32| self.scope(k.model_name, k.world_size, rank, g, k.cache_salt);
+                let whole = scoped(read.group)?;
+                match tail_of(groups, read.group).filter(|_| read.first_of_window) {
+                    Some(t) if self.index.peek(&whole, hs) == 0 => Ok((scoped(t)?, true)),
+                    _ => Ok((whole, false)),
+                }
+            };
+            let (scope, tail) = match pick() {
+                Ok(picked) => picked,
                 Err(e) => {
                     self.read_finish(&mut s, ReadEnd::Failed { corrupt: 0, missing: 0 });
                     return Err(e);
                 }
             };
-            let mut tail = false;
-            if let (true, Some(t)) = (read.first_of_window, tail_of(groups, read.group)) {
-                if self.index.peek(&scope, hs) == 0 {
-                    match scoped(t) {
-                        Ok(sc) => scope = sc,
-                        Err(e) => {
-                            self.read_finish(&mut s, ReadEnd::Failed { corrupt: 0, missing: 0 });
-                            return Err(e);
-                        }
-                    }
-                    tail = true;
-                }
-            }
-            // Fails only for 0 shares.
-            let g = self.index.lease_read(&scope, hs, 1, 0).unwrap_or(ReadGrant {
-                lease: 0,
-                hit: 0,
-                slots: vec![],
-            });
+            let g = self.lease_prefix_of(&scope, hs, 1);
             let short = g.hit < read.count;
             s.reads.push(LeasedRead {
                 read,

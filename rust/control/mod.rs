@@ -345,14 +345,7 @@ impl ControlPlane {
             let g = groups.binary_search(&group).expect("a group of the layout");
             &scopes[g * world as usize + rank as usize]
         };
-        let lease = |scope: &KeyScope, hs: &[ChunkHash]| -> ReadGrant {
-            // Fails only for 0 shares, which `readers` excludes.
-            self.index.lease_read(scope, hs, readers, 0).unwrap_or(ReadGrant {
-                lease: 0,
-                hit: 0,
-                slots: vec![],
-            })
-        };
+        let lease = |scope: &KeyScope, hs: &[ChunkHash]| self.lease_prefix_of(scope, hs, readers);
         let mut full: Vec<(u32, &KeyScope, ReadGrant)> = Vec::new();
         // (rank, whole scope, tail scope) of each windowed row, and its row.
         let mut windowed: Vec<(u32, &KeyScope, Option<&KeyScope>)> = Vec::new();
@@ -420,6 +413,17 @@ impl ControlPlane {
             held.push((r, Run { lease: g.lease, first: 0, count: hit }));
         }
         (hit, LookupLocks::of(held), short)
+    }
+
+    /// A read lease of `shares` (>= 1) on the resident prefix of `hashes` (none resident: lease
+    /// 0, hit 0).
+    fn lease_prefix_of(&self, scope: &KeyScope, hashes: &[ChunkHash], shares: u32) -> ReadGrant {
+        // lease_read fails only for 0 shares.
+        self.index.lease_read(scope, hashes, shares, 0).unwrap_or(ReadGrant {
+            lease: 0,
+            hit: 0,
+            slots: vec![],
+        })
     }
 
     fn count_hit(&self, model: &str, salt: &str, chunks: usize, tier: &str) {

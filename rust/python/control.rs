@@ -213,21 +213,6 @@ impl ControlPlane {
 
     // ---- sessions --------------------------------------------------------------------------
 
-    /// Hashes of the key's complete chunks up to `end` (the request's cached chain); with
-    /// `record_scopes` the request's scopes are kept for end_session's LRU touch. Raises
-    /// ControlError(code, message) for a bad key.
-    #[pyo3(signature = (key, record_scopes = false))]
-    fn prefix_hashes<'py>(
-        &self,
-        py: Python<'py>,
-        key: &Bound<'py, PyAny>,
-        record_scopes: bool,
-    ) -> PyResult<Bound<'py, PyList>> {
-        let k = OwnedKey::read(key, self.0.config.chunk_size)?;
-        let hashes = py.detach(|| k.view(|v| self.0.prefix_hashes(v, record_scopes))).map_err(op_err)?;
-        hashes_of(py, &hashes)
-    }
-
     /// Gives back one share of `rank`'s lookup leases on chunks `[c0, c1)`.
     fn release_share(&self, py: Python<'_>, request_id: &str, rank: u32, c0: usize, c1: usize) -> u64 {
         py.detach(|| self.0.release_share(request_id, rank, c0, c1))
