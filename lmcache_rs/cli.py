@@ -124,6 +124,13 @@ def _parser() -> argparse.ArgumentParser:
         "L1 stays private (engine-driven workers refused) if /dev/shm is too small; '': private",
     )
     g.add_argument(
+        "--cpu-copy-threads",
+        type=int,
+        default=mp.cpu_copy_threads,
+        help="threads copying one request's chunk objects to or from a CPU worker's KV, each "
+        "object whole (torch runs one intra-op thread); 0: the cores, at most 4",
+    )
+    g.add_argument(
         "--io-stall-timeout-seconds",
         type=float,
         default=mp.io_stall_timeout_seconds,
@@ -328,6 +335,7 @@ def build_config(ns: argparse.Namespace) -> ServerConfig:
             "supported_transfer_mode",
             "shm_name",
             "io_stall_timeout_seconds",
+            "cpu_copy_threads",
         )
     }
     if ns.instance_id:

@@ -82,6 +82,10 @@ class MPConfig(msgspec.Struct, kw_only=True):
     #: /healthcheck turns 503 when the request I/O loop has not ticked for this long (it ticks
     #: at least every 0.1 s when idle): a handler blocking it, a deadlock.
     io_stall_timeout_seconds: float = 10.0
+    #: Threads copying one request's chunk objects between L1 and CPU workers' KV (the
+    #: request's own thread and shared helpers), each object whole at one torch thread. 0: the
+    #: cores, at most 4 (transfer/copier.py says why not torch's intra-op threads).
+    cpu_copy_threads: int = 0
 
     def __post_init__(self) -> None:
         _check(0 < self.port < 65536, "--port", f"must be in 1..65535, got {self.port}")
@@ -108,6 +112,7 @@ class MPConfig(msgspec.Struct, kw_only=True):
         _check(self.session_ttl_seconds > 0, "--session-ttl-seconds", "must be > 0")
         _check(self.max_message_bytes >= 1 << 20, "--max-message-bytes", "must be >= 1 MiB")
         _check(self.max_pending_requests >= 1, "--max-pending-requests", "must be >= 1")
+        _check(self.cpu_copy_threads >= 0, "--cpu-copy-threads", f"must be >= 0, got {self.cpu_copy_threads}")
         _check(self.hash_memo_mib >= 0, "--hash-memo-mib", "must be >= 0 (0: off)")
         s = self.io_stall_timeout_seconds
         _check(math.isfinite(s) and s >= 1, "--io-stall-timeout-seconds", f"must be >= 1, got {s}")

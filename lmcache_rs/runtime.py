@@ -233,6 +233,7 @@ class Runtime:
         log.info("stopping: finishing in-flight requests")
         self.server.stop()
         self.engine.stop_prefetch_pump()
+        self.engine.close_copier()
         if self.l2 is not None:
             left = self.l2.drain()
             if left:

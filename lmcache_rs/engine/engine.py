@@ -39,6 +39,7 @@ from lmcache_rs.engine.registrations import Registrations
 from lmcache_rs.engine.shared import EngineStats, Shared
 from lmcache_rs.storage.l1 import L1Store
 from lmcache_rs.storage.l2.tier import L2Tier
+from lmcache_rs.transfer.copier import CpuCopier, default_threads
 
 if TYPE_CHECKING:
     from lmcache_rs._core import ClearReport
@@ -94,6 +95,7 @@ class Engine:
             control=control,
             contexts=ContextRegistry(control),
             stats=EngineStats(control),
+            copier=CpuCopier(cfg.mp.cpu_copy_threads or default_threads()),
         )
         self.cfg, self.l1, self.index = cfg, l1, l1.index
         self.chunk_size, self.null_block_id = sh.chunk_size, sh.null_block_id
@@ -135,6 +137,8 @@ class Engine:
         self.store, self.retrieve = lm.store, lm.retrieve
         self.start_prefetch_pump, self.stop_prefetch_pump = self.prefetch.start, self.prefetch.stop
         self.expire_sessions = self.maintenance.expire_sessions
+        #: Joins the copy helpers; call after the request server stopped.
+        self.close_copier = sh.copier.close
         self.evict_cycle = self.maintenance.evict_cycle
 
     @property

@@ -105,8 +105,8 @@ class LmcacheDriven:
                 done = ctx.mover.store(ctx.layer_tensors, copies, event)
             else:
                 done = STUB_EVENT
-                for c in copies:
-                    gather(c, ctx.layer_tensors)
+                layers = ctx.layer_tensors
+                sh.copier.run(lambda c: gather(c, layers), copies)
             digests = [l1.seal(off, size) for off, size in slots]
             if l1.journal is not None:
                 k = 0
@@ -190,8 +190,8 @@ class LmcacheDriven:
                 done = ctx.mover.retrieve(ctx.layer_tensors, copies, chunk, sh.null_block_id, event)
             else:
                 done = STUB_EVENT
-                for c in copies:
-                    scatter(c, ctx.layer_tensors, chunk, sh.null_block_id)
+                layers, null = ctx.layer_tensors, sh.null_block_id
+                sh.copier.run(lambda c: scatter(c, layers, chunk, null), copies)
             # Every copy out of the leased ranges is done here: the CUDA mover synchronizes
             # on its stream before it returns (CudaMover._finish).
             end = "done"

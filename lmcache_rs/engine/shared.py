@@ -25,6 +25,7 @@ from lmcache_rs.protocol.codec import ProtocolError
 from lmcache_rs.protocol.messages import STUB_EVENT, IPCCacheServerKey
 from lmcache_rs.storage.l1 import L1Store
 from lmcache_rs.storage.l2.tier import L2Tier
+from lmcache_rs.transfer.copier import CpuCopier
 
 if TYPE_CHECKING:
     from lmcache_rs._core import ReadStart, StoreStart
@@ -69,6 +70,8 @@ class Shared:
     control: ControlPlane
     contexts: ContextRegistry
     stats: EngineStats
+    #: CPU workers' object copies, spread over a few threads.
+    copier: CpuCopier
     #: The L2 tier, set by the runtime when adapters are configured.
     l2: L2Tier | None = None
 
