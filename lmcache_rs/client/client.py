@@ -44,6 +44,10 @@ class ServerError(RuntimeError):
         self.fallback = fallback
 
 
+#: Frames up to this size are copied into libzmq rather than sent zero-copy.
+COPY_THRESHOLD = 1 << 20
+
+
 class MPClient:
     def __init__(self, url: str = "tcp://127.0.0.1:5555", timeout: float = 30.0) -> None:
         if "://" not in url:
@@ -53,6 +57,10 @@ class MPClient:
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        # pyzmq sends frames over 64 KiB zero-copy, and frees each through its garbage-collector
+        # thread: a 32k-token key (130 KB) cost ~600 us of client CPU that way against a 10 us
+        # copy (benches/bench_control.py, 2-core VM). Keys of up to ~250k tokens are copied.
+        self._sock.copy_threshold = COPY_THRESHOLD
         self._sock.connect(url)
         self._uids = itertools.count()
         self._early: dict[bytes, list[bytes]] = {}

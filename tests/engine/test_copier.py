@@ -103,7 +103,8 @@ def test_a_busy_pool_does_not_hold_a_request_up() -> None:
         b = threading.Thread(target=copier.run, args=(done.append, [0, 1, 2]))
         b.start()
         b.join(30)
-        assert not b.is_alive() and sorted(done) == [0, 1, 2]
+        assert not b.is_alive()
+        assert sorted(done) == [0, 1, 2]
     finally:
         release.set()
         a.join(30)
