@@ -7,6 +7,8 @@ import threading
 import pytest
 import torch
 
+from lmcache_rs.cli import _parser, build_config
+from lmcache_rs.config import ConfigError, MPConfig
 from lmcache_rs.transfer.copier import CpuCopier, default_threads
 
 
@@ -109,3 +111,10 @@ def test_a_busy_pool_does_not_hold_a_request_up() -> None:
         release.set()
         a.join(30)
         copier.close()
+
+
+def test_the_flag_sets_the_copy_threads() -> None:
+    assert build_config(_parser().parse_args(["server", "--cpu-copy-threads", "3"])).mp.cpu_copy_threads == 3
+    assert build_config(_parser().parse_args(["server"])).mp.cpu_copy_threads == 0  # the cores, <= 4
+    with pytest.raises(ConfigError, match="--cpu-copy-threads"):
+        MPConfig(cpu_copy_threads=-1)
