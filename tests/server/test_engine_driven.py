@@ -358,20 +358,24 @@ def test_stale_pools_are_removed_and_live_ones_kept(tmp_path, server_factory) ->
 
 
 def test_pool_of_a_killed_server_is_reclaimed_on_restart(server_factory) -> None:
+    # Named, not auto-named: a server another test starts meanwhile would reclaim an unheld
+    # auto-named pool itself (test_stale_pools_... covers that), before the check below.
     port = free_port()
-    s = server_factory(port=port)
+    name = f"killed{port}"
+    path = os.path.join(SHM_DIR, POOL_PREFIX + name)
+    s = server_factory("--shm-name", name, port=port)
     with s.client() as c:
         ed_worker(c)
     s.kill()
-    assert os.path.exists(pool_path(port))  # SIGKILL: no chance to unlink
-    s2 = server_factory(port=port)
+    assert os.path.exists(path)  # SIGKILL: no chance to unlink
+    s2 = server_factory("--shm-name", name, port=port)
     with s2.client() as c:
         w = ed_worker(c, seed=1)
         t = tokens(C, seed=20)
         assert w.store(key(t, "s"), blocks(1, 1))
         assert lookup(c, t, "r") == 1
     assert s2.stop() == 0
-    assert not os.path.exists(pool_path(port))
+    assert not os.path.exists(path)
 
 
 def test_small_dev_shm_keeps_l1_private(monkeypatch, tmp_path) -> None:
