@@ -214,8 +214,10 @@ class Runtime:
             self.http.start()  # answers 503 on engine routes until the runtime is published
         self.periodic.start_all()
         self.engine.start_prefetch_pump()
-        self.server.start()
+        # Published to HTTP before the first request is answered: a client that got a reply
+        # finds /status serving (until the I/O thread starts, /healthcheck says it is not up).
         self.http_state.runtime = self
+        self.server.start()
         log.info(
             "lmcache-rs serving on %s: L1 %.2f GiB (%s%s), chunk %d tokens, policy %s, L2 %s",
             self.server.url,

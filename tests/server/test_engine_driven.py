@@ -401,7 +401,9 @@ def test_a_worker_gone_mid_transfer_is_reaped_with_its_slots(server_factory) -> 
     drops it and everything it held in L1; other workers are served throughout."""
     import time  # noqa: PLC0415
 
-    s = server_factory("--worker-reap-timeout-seconds", "1", "--worker-registration-grace-seconds", "1")
+    # The live worker pings every ~0.1 s against a 3 s reap timeout: it stays registered on a
+    # loaded machine (a 1 s timeout reaped it once at load average 10).
+    s = server_factory("--worker-reap-timeout-seconds", "3", "--worker-registration-grace-seconds", "3")
     with s.client() as c, s.client() as c2:
         w = ed_worker(c, seed=21)
         t = tokens(2 * C, seed=22)
@@ -414,10 +416,13 @@ def test_a_worker_gone_mid_transfer_is_reaped_with_its_slots(server_factory) -> 
         assert st["staging_objects"] == 1
         other = ed_worker(c2, seed=23)
         deadline = time.monotonic() + 30
-        while server_status(s)["staging_objects"] or server_status(s)["read_locked_objects"]:
+        while True:
             other.client.ping(other.instance_id)  # the live worker keeps pinging
+            st = server_status(s)
+            if not st["staging_objects"] and not st["read_locked_objects"]:
+                break
             assert time.monotonic() < deadline, "the silent worker was not reaped"
-            time.sleep(0.2)
+            time.sleep(0.1)
         with pytest.raises(ServerError) as e:
             c.commit_store(key(t, "s2"), w.instance_id)
         assert e.value.code == "unknown_instance"
