@@ -53,8 +53,9 @@ def key(t: list[int], rid: str, start: int = 0, end: int | None = None, worker_i
     return make_key(t, rid, model_name=MODEL, worker_id=worker_id, start=start, end=end)
 
 
-def pool_path(port: int) -> str:
-    return os.path.join(SHM_DIR, POOL_PREFIX + auto_name(port))
+def pool_path(port: int, name: str | None = None) -> str:
+    """The L1 pool of the server on `port` (`name`: its --shm-name, default auto)."""
+    return os.path.join(SHM_DIR, POOL_PREFIX + (name or auto_name(port)))
 
 
 @pytest.mark.parametrize(
@@ -362,7 +363,7 @@ def test_pool_of_a_killed_server_is_reclaimed_on_restart(server_factory) -> None
     # auto-named pool itself (test_stale_pools_... covers that), before the check below.
     port = free_port()
     name = f"killed{port}"
-    path = os.path.join(SHM_DIR, POOL_PREFIX + name)
+    path = pool_path(port, name)
     s = server_factory("--shm-name", name, port=port)
     with s.client() as c:
         ed_worker(c)
